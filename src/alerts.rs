@@ -1,0 +1,469 @@
+//! The alert lifecycle, per (rule, patient) — or (rule, device) when the device has no
+//! patient: pending → firing → acknowledged → resolved.
+//!
+//! Shards send [`Signal`]s: edges of a rule's condition for one device. The book turns them
+//! into at most one active alert per key, however long the condition persists and however many
+//! devices of the patient report it, and emits an [`AlertEvent`] for each transition.
+//! Clinicians (REST, socket.io) acknowledge and resolve through the same book.
+
+use crate::metrics::Metrics;
+use crate::model::{CorrelationId, Id, Millis, now_micros, now_millis};
+use crate::rules::threshold::Edge;
+use crate::rules::{Priority, Rule};
+use crossbeam_channel::Sender;
+use dashmap::DashMap;
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    /// The condition holds but has not yet held for the rule's delay.
+    Pending,
+    Firing,
+    Acknowledged,
+    Resolved,
+}
+
+/// What happened to an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transition {
+    Raised,
+    Acknowledged,
+    Resolved,
+}
+
+/// One alert, as clinicians and other services see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Alert {
+    pub alert_id: String,
+    pub rule_id: Arc<str>,
+    pub priority: Priority,
+    pub message: Arc<str>,
+    pub state: AlertState,
+    /// The patient, or the device when the device has no patient.
+    pub subject: Id,
+    pub patient_id: Option<Id>,
+    pub device_id: Id,
+    /// The value that triggered the alert (the vital, or the window aggregate).
+    pub value: f64,
+    /// The window `[start, end)` for window rules.
+    pub window: Option<(Millis, Millis)>,
+    /// The reading that caused the alert.
+    pub correlation_id: CorrelationId,
+    /// Event time of the triggering reading (threshold) or window end (window).
+    pub event_ts: Millis,
+    pub pending_at: Option<Millis>,
+    pub raised_at: Option<Millis>,
+    pub acknowledged_at: Option<Millis>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at: Option<Millis>,
+    /// Who resolved it; `None` when the condition cleared by itself.
+    pub resolved_by: Option<String>,
+    /// Devices whose condition currently holds.
+    #[serde(skip)]
+    holding: Vec<Id>,
+}
+
+/// One lifecycle transition, as written to the alert outputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertEvent {
+    pub event: Transition,
+    /// Wall-clock time of the transition, ms.
+    pub at: Millis,
+    #[serde(flatten)]
+    pub alert: Alert,
+}
+
+/// An edge of one rule's condition for one device.
+#[derive(Debug, Clone)]
+pub struct Signal {
+    pub rule: Arc<Rule>,
+    pub device_id: Id,
+    pub patient_id: Option<Id>,
+    pub edge: Edge,
+    pub value: f64,
+    pub window: Option<(Millis, Millis)>,
+    pub event_ts: Millis,
+    pub correlation_id: CorrelationId,
+    /// When the triggering reading was received, µs since the epoch.
+    pub received_us: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AlertKey {
+    rule_id: Arc<str>,
+    subject: Id,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LifecycleError {
+    #[error("no active alert with id {0}")]
+    NotFound(String),
+    #[error("alert {0} is pending: there is nothing to acknowledge yet")]
+    NotFiring(String),
+    #[error("alert {0} cannot be resolved while its condition still holds; acknowledge it instead")]
+    ConditionActive(String),
+}
+
+/// Active alerts, readable from any thread.
+pub struct AlertBook {
+    active: DashMap<AlertKey, Alert>,
+    by_id: DashMap<String, AlertKey>,
+    out: Sender<AlertEvent>,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+}
+
+impl AlertBook {
+    /// Transitions are sent on `out`; a full queue blocks, alerts are never dropped.
+    pub fn new(out: Sender<AlertEvent>, metrics: Arc<Metrics>) -> Self {
+        AlertBook {
+            active: DashMap::new(),
+            by_id: DashMap::new(),
+            out,
+            metrics,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn emit(&self, event: Transition, alert: &Alert) {
+        self.metrics.alert_events.fetch_add(1, Relaxed);
+        let counters = self.metrics.rule(&alert.rule_id);
+        match event {
+            Transition::Raised => counters.alerts_raised.fetch_add(1, Relaxed),
+            Transition::Resolved => counters.alerts_resolved.fetch_add(1, Relaxed),
+            Transition::Acknowledged => 0,
+        };
+        let event = AlertEvent {
+            event,
+            at: now_millis(),
+            alert: alert.clone(),
+        };
+        if self.out.send(event).is_err() {
+            tracing::error!(alert_id = %alert.alert_id, "alert output is closed; transition not delivered");
+        }
+    }
+
+    /// Applies one edge from a shard.
+    pub fn signal(&self, s: Signal) {
+        let subject = s.patient_id.clone().unwrap_or_else(|| s.device_id.clone());
+        let key = AlertKey {
+            rule_id: s.rule.id.clone(),
+            subject: subject.clone(),
+        };
+        let now = now_millis();
+        match s.edge {
+            Edge::Pending | Edge::Raise => {
+                let mut entry = self.active.entry(key.clone()).or_insert_with(|| {
+                    let alert_id =
+                        format!("alr-{:x}-{:x}", now, self.next_id.fetch_add(1, Relaxed));
+                    self.by_id.insert(alert_id.clone(), key);
+                    Alert {
+                        alert_id,
+                        rule_id: s.rule.id.clone(),
+                        priority: s.rule.priority,
+                        message: s.rule.message.clone(),
+                        state: AlertState::Pending,
+                        subject,
+                        patient_id: s.patient_id.clone(),
+                        device_id: s.device_id.clone(),
+                        value: s.value,
+                        window: s.window,
+                        correlation_id: s.correlation_id.clone(),
+                        event_ts: s.event_ts,
+                        pending_at: Some(now),
+                        raised_at: None,
+                        acknowledged_at: None,
+                        acknowledged_by: None,
+                        resolved_at: None,
+                        resolved_by: None,
+                        holding: Vec::new(),
+                    }
+                });
+                let alert = entry.value_mut();
+                if !alert.holding.contains(&s.device_id) {
+                    alert.holding.push(s.device_id.clone());
+                }
+                if s.edge == Edge::Raise && alert.state == AlertState::Pending {
+                    alert.state = AlertState::Firing;
+                    alert.raised_at = Some(now);
+                    alert.device_id = s.device_id;
+                    alert.value = s.value;
+                    alert.window = s.window;
+                    alert.correlation_id = s.correlation_id;
+                    alert.event_ts = s.event_ts;
+                    self.metrics
+                        .record_alert_latency(now_micros() - s.received_us);
+                    tracing::info!(
+                        alert_id = %alert.alert_id, rule = %alert.rule_id, subject = %alert.subject,
+                        correlation_id = %alert.correlation_id, value = alert.value, "alert raised"
+                    );
+                    self.emit(Transition::Raised, alert);
+                }
+            }
+            Edge::Cancel | Edge::Clear => self.release(&key, &s.device_id, now),
+        }
+    }
+
+    /// A device's condition stopped holding (or its state was evicted).
+    fn release(&self, key: &AlertKey, device: &Id, now: Millis) {
+        let Some(mut entry) = self.active.get_mut(key) else {
+            return;
+        };
+        let alert = entry.value_mut();
+        alert.holding.retain(|d| d != device);
+        if !alert.holding.is_empty() {
+            return;
+        }
+        let was_firing = alert.state != AlertState::Pending;
+        if was_firing {
+            alert.state = AlertState::Resolved;
+            alert.resolved_at = Some(now);
+            tracing::info!(alert_id = %alert.alert_id, rule = %alert.rule_id, subject = %alert.subject,
+                correlation_id = %alert.correlation_id, "alert resolved: condition cleared");
+            self.emit(Transition::Resolved, alert);
+        }
+        let id = alert.alert_id.clone();
+        drop(entry);
+        self.active.remove(key);
+        self.by_id.remove(&id);
+    }
+
+    /// Forgets a device whose state was evicted: a pending alert it alone held goes away; a
+    /// firing one stays until someone resolves it, which is then allowed.
+    pub fn forget_device(&self, rule_id: &Arc<str>, subject: &Id, device: &Id) {
+        let key = AlertKey {
+            rule_id: rule_id.clone(),
+            subject: subject.clone(),
+        };
+        let Some(mut entry) = self.active.get_mut(&key) else {
+            return;
+        };
+        entry.holding.retain(|d| d != device);
+        if entry.holding.is_empty() && entry.state == AlertState::Pending {
+            let id = entry.alert_id.clone();
+            drop(entry);
+            self.active.remove(&key);
+            self.by_id.remove(&id);
+        }
+    }
+
+    /// A clinician acknowledges a firing alert. Acknowledging twice is harmless.
+    pub fn acknowledge(&self, alert_id: &str, by: &str) -> Result<Alert, LifecycleError> {
+        let key = self
+            .by_id
+            .get(alert_id)
+            .map(|k| k.clone())
+            .ok_or_else(|| LifecycleError::NotFound(alert_id.to_string()))?;
+        let mut entry = self
+            .active
+            .get_mut(&key)
+            .ok_or_else(|| LifecycleError::NotFound(alert_id.to_string()))?;
+        let alert = entry.value_mut();
+        match alert.state {
+            AlertState::Pending => return Err(LifecycleError::NotFiring(alert_id.to_string())),
+            AlertState::Firing => {
+                alert.state = AlertState::Acknowledged;
+                alert.acknowledged_at = Some(now_millis());
+                alert.acknowledged_by = Some(by.to_string());
+                tracing::info!(alert_id, by, correlation_id = %alert.correlation_id, "alert acknowledged");
+                self.emit(Transition::Acknowledged, alert);
+            }
+            AlertState::Acknowledged | AlertState::Resolved => {}
+        }
+        Ok(alert.clone())
+    }
+
+    /// Resolves an alert by hand; refused while its condition still holds, so a resolved
+    /// alarm cannot hide a live one.
+    pub fn resolve(&self, alert_id: &str, by: &str) -> Result<Alert, LifecycleError> {
+        let key = self
+            .by_id
+            .get(alert_id)
+            .map(|k| k.clone())
+            .ok_or_else(|| LifecycleError::NotFound(alert_id.to_string()))?;
+        let mut entry = self
+            .active
+            .get_mut(&key)
+            .ok_or_else(|| LifecycleError::NotFound(alert_id.to_string()))?;
+        let alert = entry.value_mut();
+        if !alert.holding.is_empty() {
+            return Err(LifecycleError::ConditionActive(alert_id.to_string()));
+        }
+        alert.state = AlertState::Resolved;
+        alert.resolved_at = Some(now_millis());
+        alert.resolved_by = Some(by.to_string());
+        tracing::info!(alert_id, by, correlation_id = %alert.correlation_id, "alert resolved by hand");
+        self.emit(Transition::Resolved, alert);
+        let resolved = alert.clone();
+        drop(entry);
+        self.active.remove(&key);
+        self.by_id.remove(alert_id);
+        Ok(resolved)
+    }
+
+    /// Resolves every alert of a rule that was removed from the rule set.
+    pub fn retire_rule(&self, rule_id: &str) {
+        let keys: Vec<AlertKey> = self
+            .active
+            .iter()
+            .filter(|e| &*e.key().rule_id == rule_id)
+            .map(|e| e.key().clone())
+            .collect();
+        for key in keys {
+            if let Some((_, mut alert)) = self.active.remove(&key) {
+                self.by_id.remove(&alert.alert_id);
+                if alert.state != AlertState::Pending {
+                    alert.state = AlertState::Resolved;
+                    alert.resolved_at = Some(now_millis());
+                    alert.resolved_by = Some("rule removed".into());
+                    self.emit(Transition::Resolved, &alert);
+                }
+            }
+        }
+    }
+
+    /// Every active alert (pending, firing or acknowledged).
+    pub fn active(&self) -> Vec<Alert> {
+        let mut all: Vec<Alert> = self.active.iter().map(|e| e.value().clone()).collect();
+        all.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.pending_at.cmp(&b.pending_at))
+        });
+        all
+    }
+
+    pub fn get(&self, alert_id: &str) -> Option<Alert> {
+        let key = self.by_id.get(alert_id)?.clone();
+        self.active.get(&key).map(|a| a.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::parse_pipeline;
+
+    fn setup() -> (
+        AlertBook,
+        crossbeam_channel::Receiver<AlertEvent>,
+        Arc<Rule>,
+    ) {
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let set = parse_pipeline(
+            "[[rule]]\nid='hr_high'\nkind='threshold'\npriority='high'\nmessage='HR high'\ncondition='hr > 120'\n",
+        )
+        .unwrap();
+        (AlertBook::new(tx, Arc::default()), rx, set.rules[0].clone())
+    }
+
+    fn signal(rule: &Arc<Rule>, device: &str, patient: Option<&str>, edge: Edge) -> Signal {
+        Signal {
+            rule: rule.clone(),
+            device_id: device.into(),
+            patient_id: patient.map(Into::into),
+            edge,
+            value: 130.0,
+            window: None,
+            event_ts: 1,
+            correlation_id: CorrelationId::Given("c-1".into()),
+            received_us: now_micros(),
+        }
+    }
+
+    fn events(rx: &crossbeam_channel::Receiver<AlertEvent>) -> Vec<Transition> {
+        rx.try_iter().map(|e| e.event).collect()
+    }
+
+    #[test]
+    fn full_lifecycle() {
+        let (book, rx, rule) = setup();
+        book.signal(signal(&rule, "d1", Some("p1"), Edge::Pending));
+        assert_eq!(book.active()[0].state, AlertState::Pending);
+        assert!(events(&rx).is_empty(), "pending emits nothing");
+        let id = book.active()[0].alert_id.clone();
+        assert_eq!(
+            book.acknowledge(&id, "nurse").unwrap_err(),
+            LifecycleError::NotFiring(id.clone())
+        );
+        book.signal(signal(&rule, "d1", Some("p1"), Edge::Raise));
+        assert_eq!(book.get(&id).unwrap().state, AlertState::Firing);
+        let acked = book.acknowledge(&id, "nurse").unwrap();
+        assert_eq!(acked.state, AlertState::Acknowledged);
+        assert_eq!(acked.acknowledged_by.as_deref(), Some("nurse"));
+        book.acknowledge(&id, "nurse").unwrap();
+        book.signal(signal(&rule, "d1", Some("p1"), Edge::Clear));
+        assert!(book.active().is_empty());
+        assert_eq!(
+            events(&rx),
+            [
+                Transition::Raised,
+                Transition::Acknowledged,
+                Transition::Resolved
+            ]
+        );
+    }
+
+    #[test]
+    fn one_alert_per_patient_across_devices() {
+        let (book, rx, rule) = setup();
+        book.signal(signal(&rule, "monitor", Some("p1"), Edge::Raise));
+        book.signal(signal(&rule, "wearable", Some("p1"), Edge::Raise));
+        assert_eq!(book.active().len(), 1);
+        book.signal(signal(&rule, "monitor", Some("p1"), Edge::Clear));
+        assert_eq!(book.active().len(), 1, "still held by the wearable");
+        book.signal(signal(&rule, "wearable", Some("p1"), Edge::Clear));
+        assert!(book.active().is_empty());
+        assert_eq!(events(&rx), [Transition::Raised, Transition::Resolved]);
+    }
+
+    #[test]
+    fn unassigned_devices_are_their_own_subject() {
+        let (book, _rx, rule) = setup();
+        book.signal(signal(&rule, "d1", None, Edge::Raise));
+        book.signal(signal(&rule, "d2", None, Edge::Raise));
+        assert_eq!(book.active().len(), 2);
+        assert_eq!(book.active()[0].subject, book.active()[0].device_id);
+    }
+
+    #[test]
+    fn resolve_is_refused_while_the_condition_holds() {
+        let (book, rx, rule) = setup();
+        book.signal(signal(&rule, "d1", Some("p1"), Edge::Raise));
+        let id = book.active()[0].alert_id.clone();
+        assert_eq!(
+            book.resolve(&id, "dr").unwrap_err(),
+            LifecycleError::ConditionActive(id.clone())
+        );
+        book.forget_device(&rule.id, &"p1".into(), &"d1".into());
+        let resolved = book.resolve(&id, "dr").unwrap();
+        assert_eq!(resolved.resolved_by.as_deref(), Some("dr"));
+        assert_eq!(
+            book.resolve(&id, "dr").unwrap_err(),
+            LifecycleError::NotFound(id)
+        );
+        assert_eq!(events(&rx), [Transition::Raised, Transition::Resolved]);
+    }
+
+    #[test]
+    fn a_cancelled_pending_alert_leaves_no_trace() {
+        let (book, rx, rule) = setup();
+        book.signal(signal(&rule, "d1", None, Edge::Pending));
+        book.signal(signal(&rule, "d1", None, Edge::Cancel));
+        assert!(book.active().is_empty());
+        assert!(events(&rx).is_empty());
+    }
+
+    #[test]
+    fn retiring_a_rule_resolves_its_alerts() {
+        let (book, rx, rule) = setup();
+        book.signal(signal(&rule, "d1", None, Edge::Raise));
+        book.retire_rule("hr_high");
+        assert!(book.active().is_empty());
+        assert_eq!(events(&rx), [Transition::Raised, Transition::Resolved]);
+    }
+}

@@ -1,0 +1,259 @@
+//! Configuration: the embedded `config/default.toml`, then an optional file given with
+//! `--config` (only the keys it names change), then `VITALSTREAM__SECTION__KEY` environment
+//! variables. Unknown keys are errors, and [`Config::validate`] reports every problem at once.
+
+use crate::engine::EngineConfig;
+use crate::rules::{self, RuleSet};
+use crate::sinks::alert_log::AlertLogConfig;
+use crate::sinks::dead_letter::DeadLetterConfig;
+use crate::sinks::parquet::ParquetConfig;
+use crate::sources::simulator::SimulatorConfig;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+/// The embedded defaults.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Built-in pipelines, usable as `pipeline = "builtin:<name>"`.
+pub const BUILTIN_PIPELINES: [(&str, &str); 2] = [
+    ("icu", include_str!("../pipelines/icu.toml")),
+    ("reference", include_str!("../pipelines/reference.toml")),
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The rule set: a pipeline file path, or `builtin:icu` / `builtin:reference`.
+    pub pipeline: String,
+    /// How often the status line is printed.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+    pub engine: EngineConfig,
+    pub log: LogConfig,
+    /// Where readings come from. A config file that names `[[sources]]` replaces this list.
+    pub sources: Vec<SourceConfig>,
+    /// Where readings and alerts are stored; absent = not stored.
+    #[serde(default)]
+    pub storage: Option<StorageConfig>,
+    pub alert_log: AlertLogConfig,
+    pub dead_letter: DeadLetterConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter (`vitalstream=debug`).
+    pub level: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Source kinds; each entry of `[[sources]]` picks one with `type`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// Synthetic bedside devices with seeded anomaly episodes.
+    Simulator(SimulatorConfig),
+}
+
+/// Storage back ends; one is chosen with `type`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// Parquet files under a directory: the embedded default.
+    Parquet(ParquetConfig),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Defaults, then `file`, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with(file, &vars)
+    }
+
+    pub fn load_with(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(DEFAULT_TOML)
+            .map_err(|e| ConfigError::Parse(format!("embedded defaults: {e}")))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let overlay: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+            merge(&mut value, overlay);
+        }
+        for (key, raw) in env {
+            let Some(path) = key.strip_prefix("VITALSTREAM__") else {
+                continue;
+            };
+            let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            set_path(&mut value, &parts, parse_env_value(raw));
+        }
+        let config: Config = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every problem with the configuration, reported together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = self.engine.problems();
+        if let Err(e) = self.rules() {
+            problems.extend(e.problems);
+        }
+        if self.status_interval.is_zero() {
+            problems.push("status_interval must be positive".into());
+        }
+        for source in &self.sources {
+            match source {
+                SourceConfig::Simulator(sim) if sim.devices == 0 => {
+                    problems.push("sources: a simulator needs at least 1 device".into());
+                }
+                SourceConfig::Simulator(_) => {}
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Loads the configured rule set.
+    pub fn rules(&self) -> Result<RuleSet, rules::PipelineError> {
+        load_rules(&self.pipeline)
+    }
+}
+
+/// Loads a pipeline by path or `builtin:<name>`.
+pub fn load_rules(pipeline: &str) -> Result<RuleSet, rules::PipelineError> {
+    match pipeline.strip_prefix("builtin:") {
+        Some(name) => match BUILTIN_PIPELINES.iter().find(|(n, _)| *n == name) {
+            Some((_, text)) => rules::parse_pipeline(text),
+            None => Err(rules::PipelineError {
+                problems: vec![format!(
+                    "no built-in pipeline `{name}` (have: icu, reference)"
+                )],
+            }),
+        },
+        None => rules::load_pipeline(Path::new(pipeline)),
+    }
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (k, v) in overlay {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = entry {
+                set_path(t, rest, value);
+            }
+        }
+    }
+}
+
+/// An environment value is read as TOML when it parses as one (numbers, booleans), else as a
+/// string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_load() {
+        let c = Config::load_with(None, &[]).unwrap();
+        assert_eq!(c.pipeline, "builtin:icu");
+        assert!(matches!(c.sources[..], [SourceConfig::Simulator(_)]));
+        assert!(matches!(c.storage, Some(StorageConfig::Parquet(_))));
+    }
+
+    #[test]
+    fn file_then_environment_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[engine]\nshards = 3\n[[sources]]\ntype = \"simulator\"\ndevices = 7\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("VITALSTREAM__ENGINE__SHARDS".to_string(), "5".to_string()),
+            ("VITALSTREAM__LOG__LEVEL".to_string(), "debug".to_string()),
+        ];
+        let c = Config::load_with(Some(&path), &env).unwrap();
+        assert_eq!(c.engine.shards, 5);
+        let SourceConfig::Simulator(sim) = &c.sources[0];
+        assert_eq!(sim.devices, 7);
+        assert_eq!(c.log.level, "debug");
+        assert_eq!(
+            c.engine.allowed_lateness,
+            Duration::from_secs(5),
+            "untouched keys keep defaults"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[engine]\nshardz = 3\n").unwrap();
+        let err = Config::load_with(Some(&path), &[]).unwrap_err().to_string();
+        assert!(err.contains("shardz"), "{err}");
+
+        std::fs::write(
+            &path,
+            "pipeline = \"builtin:nope\"\n[engine]\nqueue_batches = 0\n",
+        )
+        .unwrap();
+        let err = Config::load_with(Some(&path), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("queue_batches") && err.contains("builtin:nope") || err.contains("`nope`"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,367 @@
+//! The engine: parse workers → router → shards, wired with bounded queues.
+//!
+//! ```text
+//! SourceHandle ─FrameBatch─▶ parse workers (N) ─ParsedBatch─▶ router (1) ─ShardMsg─▶ shards (N)
+//!                               │ rejects                        │ future_ts            │ readings
+//!                               ▼                                ▼                      ▼
+//!                            dead letter                      dead letter            storage
+//! ```
+//! Parse workers decode batches in parallel; the router puts them back in source order, keeps
+//! each source's clock and watermark, and hashes each reading to the shard that owns its
+//! device. Every queue is bounded: a full one blocks the stage before it, back to the source.
+
+mod dedup;
+mod route;
+mod shard;
+
+use crate::alerts::{AlertBook, AlertEvent};
+use crate::metrics::Metrics;
+use crate::model::{ClockMode, FrameBatch, Id, Rejected, Sample, SourceId};
+use crate::parse::{ParseOptions, Parser};
+use crate::rules::RuleSet;
+use crate::sources::SourceHandle;
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Engine settings (the `[engine]` section of the config).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Shard threads, each owning the state of its devices. 0 = one per core.
+    pub shards: usize,
+    /// Parse threads. 0 = one per core.
+    pub parse_workers: usize,
+    /// Batches each queue holds before the stage feeding it waits.
+    pub queue_batches: usize,
+    /// How far behind the newest event time a reading may arrive and still be evaluated.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// A device silent this long (processing time) has its open windows closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A device silent this long has its state dropped, so memory stays bounded.
+    #[serde(with = "humantime_serde")]
+    pub state_ttl: Duration,
+    /// Readings further than this ahead of their source's clock are rejected (`future_ts`).
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+    /// Frames larger than this are rejected (`too_large`) unparsed.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            shards: 0,
+            parse_workers: 0,
+            queue_batches: 4,
+            allowed_lateness: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            state_ttl: Duration::from_secs(600),
+            max_clock_skew: Duration::from_secs(300),
+            max_frame_bytes: 1 << 20,
+        }
+    }
+}
+
+impl EngineConfig {
+    fn cores() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.shards == 0 {
+            Self::cores()
+        } else {
+            self.shards
+        }
+    }
+
+    pub fn parse_worker_count(&self) -> usize {
+        if self.parse_workers == 0 {
+            Self::cores()
+        } else {
+            self.parse_workers
+        }
+    }
+
+    /// Every problem with the settings.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.queue_batches == 0 {
+            out.push("engine.queue_batches must be at least 1".into());
+        }
+        if self.idle_timeout.is_zero() {
+            out.push("engine.idle_timeout must be positive".into());
+        }
+        if self.state_ttl < self.idle_timeout {
+            out.push("engine.state_ttl must be at least engine.idle_timeout".into());
+        }
+        if self.max_frame_bytes < 64 {
+            out.push("engine.max_frame_bytes must be at least 64".into());
+        }
+        out
+    }
+}
+
+/// Where the engine's results go. Each is a bounded queue read by a sink thread.
+pub struct Outputs {
+    /// Alert transitions; never dropped (a full queue blocks).
+    pub alerts: Sender<AlertEvent>,
+    /// Accepted readings for storage, if any storage is configured.
+    pub readings: Option<Sender<Vec<Sample>>>,
+    /// Rejected frames for the dead-letter output.
+    pub rejects: Option<Sender<Vec<Rejected>>>,
+}
+
+/// Device → patient assignments, readable from every shard. Shards cache lookups per device
+/// and re-read only after `version` changes.
+#[derive(Debug, Default)]
+pub struct Assignments {
+    map: DashMap<Id, Id>,
+    version: AtomicU64,
+}
+
+impl Assignments {
+    pub fn assign(&self, device: Id, patient: Id) {
+        self.map.insert(device, patient);
+        self.version.fetch_add(1, Relaxed);
+    }
+
+    pub fn unassign(&self, device: &str) {
+        self.map.remove(device);
+        self.version.fetch_add(1, Relaxed);
+    }
+
+    pub fn patient_of(&self, device: &str) -> Option<Id> {
+        self.map.get(device).map(|p| p.clone())
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Relaxed)
+    }
+}
+
+/// Parsed frames of one batch, still in source order.
+struct ParsedBatch {
+    source: SourceId,
+    mode: ClockMode,
+    seq: u64,
+    samples: Vec<Sample>,
+    /// Original bytes of each sample, for readings the router rejects (`future_ts`).
+    raw: FrameBatch,
+    sample_frames: Vec<u32>,
+}
+
+/// A running engine. Feed it through [`Engine::source`]; stop it by dropping every source
+/// handle and calling [`Engine::join`], which drains every stage.
+pub struct Engine {
+    input: Option<Sender<FrameBatch>>,
+    next_source: SourceId,
+    threads: Vec<JoinHandle<()>>,
+    rules: Arc<ArcSwap<RuleSet>>,
+    pub book: Arc<AlertBook>,
+    pub metrics: Arc<Metrics>,
+    pub assignments: Arc<Assignments>,
+    queues: Arc<QueueDepths>,
+}
+
+/// Queue depths, for the status line.
+#[derive(Default)]
+pub struct QueueDepths {
+    input: std::sync::OnceLock<Receiver<FrameBatch>>,
+    shards: std::sync::OnceLock<Vec<Receiver<shard::ShardMsg>>>,
+}
+
+impl QueueDepths {
+    /// Batches waiting: (parse input, sum over shard inputs).
+    pub fn depths(&self) -> (usize, usize) {
+        let input = self.input.get().map_or(0, |r| r.len());
+        let shards = self
+            .shards
+            .get()
+            .map_or(0, |v| v.iter().map(|r| r.len()).sum());
+        (input, shards)
+    }
+}
+
+impl Engine {
+    pub fn start(config: &EngineConfig, rules: RuleSet, outputs: Outputs) -> Engine {
+        let metrics = Arc::new(Metrics::default());
+        for rule in &rules.rules {
+            metrics.rule(&rule.id);
+        }
+        let rules = Arc::new(ArcSwap::from_pointee(rules));
+        let book = Arc::new(AlertBook::new(outputs.alerts, metrics.clone()));
+        let assignments = Arc::new(Assignments::default());
+        let workers = config.parse_worker_count();
+        let shards = config.shard_count();
+        let (input_tx, input_rx) = bounded::<FrameBatch>(config.queue_batches * workers);
+        let (parsed_tx, parsed_rx) = bounded::<ParsedBatch>(config.queue_batches * workers);
+        let queues = Arc::new(QueueDepths::default());
+        let _ = queues.input.set(input_rx.clone());
+        let mut threads = Vec::new();
+
+        for w in 0..workers {
+            let rx = input_rx.clone();
+            let tx = parsed_tx.clone();
+            let rejects = outputs.rejects.clone();
+            let metrics = metrics.clone();
+            let options = ParseOptions {
+                max_frame_bytes: config.max_frame_bytes,
+                require_ts: false,
+            };
+            // Each worker generates correlation ids in its own range.
+            let base = (fastrand::u64(..) & 0xffff_0000_0000_0000) | ((w as u64) << 40);
+            threads.push(spawn(&format!("parse-{w}"), move || {
+                parse_worker(rx, tx, rejects, metrics, Parser::new(options, base))
+            }));
+        }
+        drop(parsed_tx);
+
+        let mut shard_txs = Vec::new();
+        let mut shard_rxs = Vec::new();
+        for s in 0..shards {
+            let (tx, rx) = bounded::<shard::ShardMsg>(config.queue_batches);
+            shard_txs.push(tx);
+            shard_rxs.push(rx.clone());
+            let shard = shard::Shard::new(
+                config,
+                rules.clone(),
+                book.clone(),
+                metrics.clone(),
+                assignments.clone(),
+                outputs.readings.clone(),
+            );
+            threads.push(spawn(&format!("shard-{s}"), move || shard.run(rx)));
+        }
+        let _ = queues.shards.set(shard_rxs);
+
+        let router =
+            route::Router::new(config, shard_txs, outputs.rejects.clone(), metrics.clone());
+        threads.push(spawn("router", move || router.run(parsed_rx)));
+
+        Engine {
+            input: Some(input_tx),
+            next_source: 0,
+            threads,
+            rules,
+            book,
+            metrics,
+            assignments,
+            queues,
+        }
+    }
+
+    /// A handle for a new source; each keeps its own clock and watermark.
+    pub fn source(&mut self, mode: ClockMode) -> SourceHandle {
+        let id = self.next_source;
+        self.next_source += 1;
+        SourceHandle {
+            id,
+            mode,
+            next_seq: 0,
+            tx: self
+                .input
+                .clone()
+                .expect("sources are added before the engine is joined"),
+        }
+    }
+
+    /// Replaces the rule set; shards switch at their next batch. Rules whose definition is
+    /// unchanged keep their state; alerts of removed rules are resolved.
+    pub fn set_rules(&self, rules: RuleSet) {
+        let old = self.rules.load_full();
+        for rule in &rules.rules {
+            self.metrics.rule(&rule.id);
+        }
+        self.rules.store(Arc::new(rules));
+        let new = self.rules.load();
+        for rule in &old.rules {
+            if new.get(&rule.id).is_none() {
+                self.book.retire_rule(&rule.id);
+            }
+        }
+    }
+
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.rules.load_full()
+    }
+
+    pub fn queue_depths(&self) -> (usize, usize) {
+        self.queues.depths()
+    }
+
+    /// Waits until every source handle is dropped and every stage has drained: all windows
+    /// are closed, all alerts emitted, all readings handed to storage.
+    pub fn join(mut self) {
+        self.input.take();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("an engine thread panicked");
+            }
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .expect("spawning an engine thread")
+}
+
+fn parse_worker(
+    rx: Receiver<FrameBatch>,
+    tx: Sender<ParsedBatch>,
+    rejects: Option<Sender<Vec<Rejected>>>,
+    metrics: Arc<Metrics>,
+    mut parser: Parser,
+) {
+    for batch in rx {
+        let mut samples = Vec::with_capacity(batch.len());
+        let mut sample_frames = Vec::with_capacity(batch.len());
+        let mut rejected = Vec::new();
+        parser.set_require_ts(matches!(batch.mode, ClockMode::Replay { .. }));
+        for (i, frame) in batch.frames.iter().enumerate() {
+            let payload = batch.payload(frame);
+            match parser.parse(payload, frame.device_hint.as_deref(), frame.received_us) {
+                Ok(sample) => {
+                    samples.push(sample);
+                    sample_frames.push(i as u32);
+                }
+                Err(reason) => {
+                    metrics.reject(reason, 1);
+                    tracing::debug!(%reason, source = batch.source, "frame rejected");
+                    rejected.push(Rejected {
+                        source: batch.source,
+                        reason,
+                        received_us: frame.received_us,
+                        payload: payload.to_vec(),
+                    });
+                }
+            }
+        }
+        metrics.frames.fetch_add(batch.len() as u64, Relaxed);
+        if let (Some(out), false) = (&rejects, rejected.is_empty()) {
+            let _ = out.send(rejected);
+        }
+        let parsed = ParsedBatch {
+            source: batch.source,
+            mode: batch.mode,
+            seq: batch.seq,
+            samples,
+            raw: batch,
+            sample_frames,
+        };
+        if tx.send(parsed).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The router: puts parsed batches back in source order, runs each source's clock
+//! (future-time check, watermark, lateness, replay pacing), and sends every reading to the
+//! shard that owns its device.
+
+use super::ParsedBatch;
+use super::shard::ShardMsg;
+use crate::engine::EngineConfig;
+use crate::metrics::Metrics;
+use crate::model::{ClockMode, Millis, RejectReason, Rejected, Sample, SourceId, now_millis};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+/// How often shards hear the time when no data flows (idle windows, state eviction).
+const TICK: Duration = Duration::from_millis(500);
+
+/// One source's ordering and clock.
+struct SourceClock {
+    next_seq: u64,
+    pending: BTreeMap<u64, ParsedBatch>,
+    /// Latest event time accepted.
+    max_ts: Option<Millis>,
+    last_batch: Instant,
+    /// Replay pacing: (first event time, wall instant it was replayed at).
+    pace_origin: Option<(Millis, Instant)>,
+}
+
+pub(super) struct Router {
+    shards: Vec<Sender<ShardMsg>>,
+    rejects: Option<Sender<Vec<Rejected>>>,
+    metrics: Arc<Metrics>,
+    lateness: Millis,
+    skew: Millis,
+    idle: Duration,
+    sources: HashMap<SourceId, SourceClock>,
+    /// Outgoing batches, one per shard, reused.
+    out: Vec<Vec<Sample>>,
+}
+
+/// The shard that owns a device: a stable hash of its id.
+pub fn shard_of(device_id: &str, shards: usize) -> usize {
+    let mut h = rustc_hash::FxBuildHasher.build_hasher();
+    h.write(device_id.as_bytes());
+    (h.finish() % shards as u64) as usize
+}
+
+impl Router {
+    pub(super) fn new(
+        config: &EngineConfig,
+        shards: Vec<Sender<ShardMsg>>,
+        rejects: Option<Sender<Vec<Rejected>>>,
+        metrics: Arc<Metrics>,
+    ) -> Router {
+        let n = shards.len();
+        Router {
+            shards,
+            rejects,
+            metrics,
+            lateness: config.allowed_lateness.as_millis() as Millis,
+            skew: config.max_clock_skew.as_millis() as Millis,
+            idle: config.idle_timeout,
+            sources: HashMap::new(),
+            out: (0..n).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    pub(super) fn run(mut self, input: Receiver<ParsedBatch>) {
+        let mut last_tick = Instant::now();
+        loop {
+            match input.recv_timeout(TICK) {
+                Ok(batch) => {
+                    let source = batch.source;
+                    let clock = self.sources.entry(source).or_insert_with(|| SourceClock {
+                        next_seq: 0,
+                        pending: BTreeMap::new(),
+                        max_ts: None,
+                        last_batch: Instant::now(),
+                        pace_origin: None,
+                    });
+                    clock.pending.insert(batch.seq, batch);
+                    while let Some(batch) = self.next_in_order(source) {
+                        if !self.route(batch) {
+                            return;
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                let msg = ShardMsg::Tick {
+                    now_ms: now_millis(),
+                    watermark: self.watermark(),
+                };
+                if self.shards.iter().any(|s| s.send(msg.clone()).is_err()) {
+                    return;
+                }
+            }
+        }
+        // End of input: the shards close every window when their queues disconnect.
+        let leftovers: usize = self.sources.values().map(|c| c.pending.len()).sum();
+        if leftovers > 0 {
+            tracing::error!(
+                leftovers,
+                "batches missing from a source's sequence at shutdown"
+            );
+        }
+    }
+
+    fn next_in_order(&mut self, source: SourceId) -> Option<ParsedBatch> {
+        let clock = self.sources.get_mut(&source)?;
+        let batch = clock.pending.remove(&clock.next_seq)?;
+        clock.next_seq += 1;
+        clock.last_batch = Instant::now();
+        Some(batch)
+    }
+
+    /// The engine's watermark: the slowest source that is still sending decides.
+    fn watermark(&self) -> Millis {
+        let of = |c: &SourceClock| c.max_ts.map_or(Millis::MIN, |m| m - self.lateness);
+        let active = self
+            .sources
+            .values()
+            .filter(|c| c.last_batch.elapsed() < self.idle)
+            .map(of)
+            .min();
+        active
+            .or_else(|| self.sources.values().map(of).max())
+            .unwrap_or(Millis::MIN)
+    }
+
+    /// Routes one batch; false when the shards are gone.
+    fn route(&mut self, mut batch: ParsedBatch) -> bool {
+        let wall = now_millis();
+        let shards = self.shards.len();
+        let clock = self
+            .sources
+            .get_mut(&batch.source)
+            .expect("source clock exists");
+        let mut rejected = Vec::new();
+        let mut accepted = 0u64;
+        for (sample, frame) in batch.samples.drain(..).zip(&batch.sample_frames) {
+            let mut sample = sample;
+            let limit = match batch.mode {
+                ClockMode::Live => sample.received_us.div_euclid(1000).max(wall) + self.skew,
+                ClockMode::Replay { .. } => match clock.max_ts {
+                    Some(max) => (max + self.skew).min(wall + self.skew),
+                    None => wall + self.skew,
+                },
+            };
+            if sample.ts > limit {
+                let frame = &batch.raw.frames[*frame as usize];
+                rejected.push(Rejected {
+                    source: batch.source,
+                    reason: RejectReason::FutureTs,
+                    received_us: frame.received_us,
+                    payload: batch.raw.payload(frame).to_vec(),
+                });
+                continue;
+            }
+            if let ClockMode::Replay { speed } = batch.mode
+                && speed > 0.0
+            {
+                pace(&mut clock.pace_origin, sample.ts, speed);
+            }
+            accepted += 1;
+            sample.late = clock
+                .max_ts
+                .is_some_and(|max| sample.ts < max - self.lateness);
+            clock.max_ts = Some(clock.max_ts.map_or(sample.ts, |m| m.max(sample.ts)));
+            let shard = if shards == 1 {
+                0
+            } else {
+                shard_of(&sample.device_id, shards)
+            };
+            self.out[shard].push(sample);
+        }
+        self.metrics.accepted.fetch_add(accepted, Relaxed);
+        if !rejected.is_empty() {
+            self.metrics
+                .reject(RejectReason::FutureTs, rejected.len() as u64);
+            if let Some(out) = &self.rejects {
+                let _ = out.send(rejected);
+            }
+        }
+        let watermark = self.watermark();
+        let now_ms = now_millis();
+        for (shard, tx) in self.shards.iter().enumerate() {
+            let samples = std::mem::take(&mut self.out[shard]);
+            if tx
+                .send(ShardMsg::Batch {
+                    samples,
+                    watermark,
+                    now_ms,
+                })
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Sleeps until event time `ts` is due at `speed` × real time.
+fn pace(origin: &mut Option<(Millis, Instant)>, ts: Millis, speed: f64) {
+    let (t0, start) = *origin.get_or_insert((ts, Instant::now()));
+    let due = Duration::from_secs_f64(((ts - t0).max(0) as f64 / 1000.0) / speed);
+    if let Some(wait) = due.checked_sub(start.elapsed()) {
+        std::thread::sleep(wait);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_of_is_stable_and_spreads() {
+        assert_eq!(shard_of("bed-1", 4), shard_of("bed-1", 4));
+        let mut seen = [0; 4];
+        for i in 0..1000 {
+            seen[shard_of(&format!("bed-{i}"), 4)] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
+    }
+}

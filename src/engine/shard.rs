@@ -1,0 +1,473 @@
+//! A shard owns the state of its devices outright — no locks on the hot path: duplicate
+//! history, threshold state machines, open windows. It evaluates the rule set on each
+//! reading, closes windows as the watermark passes them, and signals alert edges to the
+//! [`AlertBook`].
+
+use super::dedup::Dedup;
+use super::{Assignments, EngineConfig};
+use crate::alerts::{AlertBook, Signal};
+use crate::metrics::{Metrics, RuleCounters};
+use crate::model::{Id, Millis, Sample};
+use crate::rules::threshold::ThresholdState;
+use crate::rules::window::{WindowOutcome, WindowState};
+use crate::rules::{Rule, RuleKind, RuleSet};
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, Sender};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+#[derive(Debug, Clone)]
+pub(crate) enum ShardMsg {
+    /// Readings in source order, and the engine watermark after them.
+    Batch {
+        samples: Vec<Sample>,
+        watermark: Millis,
+        now_ms: Millis,
+    },
+    /// Time passes with no data.
+    Tick { now_ms: Millis, watermark: Millis },
+}
+
+/// One device known to this shard.
+struct Device {
+    id: Id,
+    /// Last patient seen in a reading or assignment, for alert keys.
+    patient: Option<Id>,
+    /// Cached assignment and the version it was read at.
+    assigned: Option<Id>,
+    assigned_version: u64,
+    /// Processing time of the last reading, ms.
+    last_seen: Millis,
+    dedup: Dedup,
+}
+
+/// A rule and the state of every device of this shard for it, indexed by device slot.
+struct RuleRuntime {
+    rule: Arc<Rule>,
+    counters: Arc<RuleCounters>,
+    matches: u64,
+    state: RuntimeState,
+}
+
+enum RuntimeState {
+    Threshold(Vec<ThresholdState>),
+    Window {
+        states: Vec<WindowState>,
+        /// Window end → devices with a window ending then (possibly stale entries).
+        schedule: BTreeMap<Millis, Vec<u32>>,
+        /// The end each device is scheduled at.
+        scheduled: Vec<Option<Millis>>,
+    },
+}
+
+impl RuleRuntime {
+    fn new(rule: Arc<Rule>, metrics: &Metrics, slots: usize) -> Self {
+        let state = match &rule.kind {
+            RuleKind::Threshold(_) => {
+                RuntimeState::Threshold(vec![ThresholdState::default(); slots])
+            }
+            RuleKind::Window(_) => RuntimeState::Window {
+                states: (0..slots).map(|_| WindowState::new()).collect(),
+                schedule: BTreeMap::new(),
+                scheduled: vec![None; slots],
+            },
+        };
+        RuleRuntime {
+            counters: metrics.rule(&rule.id),
+            rule,
+            matches: 0,
+            state,
+        }
+    }
+
+    fn grow(&mut self, slots: usize) {
+        match &mut self.state {
+            RuntimeState::Threshold(v) => v.resize(slots, ThresholdState::default()),
+            RuntimeState::Window {
+                states, scheduled, ..
+            } => {
+                states.resize_with(slots, WindowState::new);
+                scheduled.resize(slots, None);
+            }
+        }
+    }
+
+    fn flush_counters(&mut self) {
+        if self.matches > 0 {
+            self.counters.matches.fetch_add(self.matches, Relaxed);
+            self.matches = 0;
+        }
+    }
+}
+
+pub(crate) struct Shard {
+    rules_source: Arc<ArcSwap<RuleSet>>,
+    rules: Arc<RuleSet>,
+    runtimes: Vec<RuleRuntime>,
+    index: FxHashMap<Id, u32>,
+    devices: Vec<Option<Device>>,
+    free: Vec<u32>,
+    book: Arc<AlertBook>,
+    metrics: Arc<Metrics>,
+    assignments: Arc<Assignments>,
+    storage: Option<Sender<Vec<Sample>>>,
+    watermark: Millis,
+    idle_ms: Millis,
+    ttl_ms: Millis,
+    last_scan: Millis,
+    outcomes: Vec<WindowOutcome>,
+    late: u64,
+    duplicates: u64,
+}
+
+impl Shard {
+    pub(crate) fn new(
+        config: &EngineConfig,
+        rules_source: Arc<ArcSwap<RuleSet>>,
+        book: Arc<AlertBook>,
+        metrics: Arc<Metrics>,
+        assignments: Arc<Assignments>,
+        storage: Option<Sender<Vec<Sample>>>,
+    ) -> Shard {
+        let rules = rules_source.load_full();
+        let runtimes = rules
+            .rules
+            .iter()
+            .map(|r| RuleRuntime::new(r.clone(), &metrics, 0))
+            .collect();
+        Shard {
+            rules_source,
+            rules,
+            runtimes,
+            index: FxHashMap::default(),
+            devices: Vec::new(),
+            free: Vec::new(),
+            book,
+            metrics,
+            assignments,
+            storage,
+            watermark: Millis::MIN,
+            idle_ms: config.idle_timeout.as_millis() as Millis,
+            ttl_ms: config.state_ttl.as_millis() as Millis,
+            last_scan: 0,
+            outcomes: Vec::new(),
+            late: 0,
+            duplicates: 0,
+        }
+    }
+
+    pub(crate) fn run(mut self, input: Receiver<ShardMsg>) {
+        for msg in input {
+            match msg {
+                ShardMsg::Batch {
+                    samples,
+                    watermark,
+                    now_ms,
+                } => {
+                    self.refresh_rules();
+                    let keep = self.process(samples, now_ms);
+                    self.advance(watermark);
+                    self.maintain(now_ms);
+                    self.flush_counters();
+                    if let (Some(storage), false) = (&self.storage, keep.is_empty()) {
+                        self.metrics.stored.fetch_add(keep.len() as u64, Relaxed);
+                        if storage.send(keep).is_err() {
+                            tracing::error!("storage queue closed; readings not stored");
+                        }
+                    }
+                }
+                ShardMsg::Tick { now_ms, watermark } => {
+                    self.refresh_rules();
+                    self.advance(watermark);
+                    self.maintain(now_ms);
+                    self.flush_counters();
+                }
+            }
+        }
+        // End of input: every window closes.
+        self.advance(Millis::MAX);
+        self.flush_counters();
+    }
+
+    /// Switches to a new rule set, keeping the state of rules whose definition is unchanged.
+    fn refresh_rules(&mut self) {
+        let latest = self.rules_source.load();
+        if Arc::ptr_eq(&latest, &self.rules) {
+            return;
+        }
+        let latest = arc_swap::Guard::into_inner(latest);
+        let mut old: Vec<RuleRuntime> = std::mem::take(&mut self.runtimes);
+        for rule in &latest.rules {
+            let kept = old.iter().position(|rt| *rt.rule == **rule);
+            let runtime = match kept {
+                Some(i) => old.swap_remove(i),
+                None => RuleRuntime::new(rule.clone(), &self.metrics, self.devices.len()),
+            };
+            self.runtimes.push(runtime);
+        }
+        for mut rt in old {
+            rt.flush_counters();
+        }
+        tracing::info!(rules = latest.rules.len(), "shard switched rule set");
+        self.rules = latest;
+    }
+
+    fn slot(&mut self, sample: &Sample, now_ms: Millis) -> u32 {
+        if let Some(&i) = self.index.get(&sample.device_id) {
+            return i;
+        }
+        let device = Device {
+            id: sample.device_id.clone(),
+            patient: None,
+            assigned: None,
+            assigned_version: u64::MAX,
+            last_seen: now_ms,
+            dedup: Dedup::default(),
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.devices[i as usize] = Some(device);
+                i
+            }
+            None => {
+                self.devices.push(Some(device));
+                let slots = self.devices.len();
+                for rt in &mut self.runtimes {
+                    rt.grow(slots);
+                }
+                (slots - 1) as u32
+            }
+        };
+        self.index.insert(sample.device_id.clone(), i);
+        i
+    }
+
+    /// Evaluates a batch; returns the readings to store (all but duplicates).
+    fn process(&mut self, mut samples: Vec<Sample>, now_ms: Millis) -> Vec<Sample> {
+        let version = self.assignments.version();
+        let mut duplicates = Vec::new();
+        for (n, sample) in samples.iter().enumerate() {
+            let slot = self.slot(sample, now_ms);
+            let device = self.devices[slot as usize].as_mut().expect("slot in use");
+            device.last_seen = now_ms;
+            if device.dedup.is_duplicate(sample.ts, sample.seq) {
+                self.duplicates += 1;
+                duplicates.push(n);
+                continue;
+            }
+            if sample.late {
+                self.late += 1;
+                continue;
+            }
+            if device.assigned_version != version {
+                device.assigned = self.assignments.patient_of(&device.id);
+                device.assigned_version = version;
+            }
+            let patient = sample
+                .patient_id
+                .clone()
+                .or_else(|| device.assigned.clone());
+            if patient.is_some() {
+                device.patient.clone_from(&patient);
+            }
+            for rt in &mut self.runtimes {
+                let vital = rt.rule.vital();
+                let Some(value) = sample.vitals.get(vital) else {
+                    continue;
+                };
+                match (&rt.rule.kind, &mut rt.state) {
+                    (RuleKind::Threshold(rule), RuntimeState::Threshold(states)) => {
+                        let eval = rule.evaluate(&mut states[slot as usize], value, sample.ts);
+                        rt.matches += eval.matched as u64;
+                        if let Some(edge) = eval.edge {
+                            self.book.signal(Signal {
+                                rule: rt.rule.clone(),
+                                device_id: sample.device_id.clone(),
+                                patient_id: patient.clone(),
+                                edge,
+                                value,
+                                window: None,
+                                event_ts: sample.ts,
+                                correlation_id: sample.correlation_id.clone(),
+                                received_us: sample.received_us,
+                            });
+                        }
+                    }
+                    (
+                        RuleKind::Window(rule),
+                        RuntimeState::Window {
+                            states,
+                            schedule,
+                            scheduled,
+                        },
+                    ) => {
+                        let state = &mut states[slot as usize];
+                        if rule.add(
+                            state,
+                            sample.ts,
+                            value,
+                            &sample.correlation_id,
+                            sample.received_us,
+                        ) && let Some(end) = state.next_end(rule)
+                            && scheduled[slot as usize].is_none_or(|s| end < s)
+                        {
+                            scheduled[slot as usize] = Some(end);
+                            schedule.entry(end).or_default().push(slot);
+                        }
+                    }
+                    _ => unreachable!("a runtime's state matches its rule kind"),
+                }
+            }
+        }
+        if self.storage.is_none() {
+            return Vec::new();
+        }
+        for n in duplicates.into_iter().rev() {
+            samples.swap_remove(n);
+        }
+        samples
+    }
+
+    /// Closes every window whose end the watermark has passed.
+    fn advance(&mut self, watermark: Millis) {
+        if watermark <= self.watermark {
+            return;
+        }
+        self.watermark = watermark;
+        for r in 0..self.runtimes.len() {
+            loop {
+                let rt = &mut self.runtimes[r];
+                let RuntimeState::Window { schedule, .. } = &mut rt.state else {
+                    break;
+                };
+                let Some(entry) = schedule.first_entry() else {
+                    break;
+                };
+                if *entry.key() > watermark {
+                    break;
+                }
+                let (end, slots) = entry.remove_entry();
+                for slot in slots {
+                    self.close_device(r, slot, watermark, Some(end));
+                }
+            }
+        }
+    }
+
+    /// Evaluates a device's windows for one rule up to `watermark`, then reschedules it.
+    /// `due` is the schedule entry being served; a stale entry is skipped.
+    fn close_device(&mut self, r: usize, slot: u32, watermark: Millis, due: Option<Millis>) {
+        let rt = &mut self.runtimes[r];
+        let RuleKind::Window(rule) = &rt.rule.kind else {
+            return;
+        };
+        let RuntimeState::Window {
+            states,
+            schedule,
+            scheduled,
+        } = &mut rt.state
+        else {
+            return;
+        };
+        let s = slot as usize;
+        if due.is_some() && scheduled[s] != due {
+            return;
+        }
+        scheduled[s] = None;
+        let state = &mut states[s];
+        self.outcomes.clear();
+        rule.close(state, watermark, &mut self.outcomes);
+        if let Some(end) = state.next_end(rule) {
+            scheduled[s] = Some(end);
+            schedule.entry(end).or_default().push(slot);
+        }
+        let Some(device) = self.devices[s].as_ref() else {
+            return;
+        };
+        for outcome in self.outcomes.drain(..) {
+            rt.matches += outcome.matched as u64;
+            if let Some(edge) = outcome.edge {
+                self.book.signal(Signal {
+                    rule: rt.rule.clone(),
+                    device_id: device.id.clone(),
+                    patient_id: device.patient.clone(),
+                    edge,
+                    value: outcome.value,
+                    window: Some((outcome.start, outcome.end)),
+                    event_ts: outcome.end,
+                    correlation_id: outcome.correlation_id,
+                    received_us: outcome.received_us,
+                });
+            }
+        }
+    }
+
+    /// Once a second: closes the windows of idle devices and evicts devices past their TTL.
+    fn maintain(&mut self, now_ms: Millis) {
+        if now_ms - self.last_scan < 1000 {
+            return;
+        }
+        self.last_scan = now_ms;
+        for slot in 0..self.devices.len() {
+            let Some(device) = &self.devices[slot] else {
+                continue;
+            };
+            let silent = now_ms - device.last_seen;
+            if silent < self.idle_ms {
+                continue;
+            }
+            for r in 0..self.runtimes.len() {
+                if matches!(&self.runtimes[r].state, RuntimeState::Window { states, .. } if !states[slot].is_empty())
+                {
+                    self.close_device(r, slot as u32, Millis::MAX, None);
+                }
+            }
+            if silent >= self.ttl_ms {
+                self.evict(slot);
+            }
+        }
+    }
+
+    fn evict(&mut self, slot: usize) {
+        let Some(device) = self.devices[slot].take() else {
+            return;
+        };
+        let subject = device.patient.clone().unwrap_or_else(|| device.id.clone());
+        for rt in &mut self.runtimes {
+            let active = match &mut rt.state {
+                RuntimeState::Threshold(states) => {
+                    std::mem::take(&mut states[slot]) != ThresholdState::Normal
+                }
+                RuntimeState::Window {
+                    states, scheduled, ..
+                } => {
+                    scheduled[slot] = None;
+                    std::mem::replace(&mut states[slot], WindowState::new()).alarm()
+                }
+            };
+            if active {
+                self.book.forget_device(&rt.rule.id, &subject, &device.id);
+            }
+        }
+        self.index.remove(&device.id);
+        self.free.push(slot as u32);
+        self.metrics.evicted.fetch_add(1, Relaxed);
+        tracing::debug!(device = %device.id, "device state evicted after its TTL");
+    }
+
+    fn flush_counters(&mut self) {
+        for rt in &mut self.runtimes {
+            rt.flush_counters();
+        }
+        if self.late > 0 {
+            self.metrics.late.fetch_add(self.late, Relaxed);
+            self.late = 0;
+        }
+        if self.duplicates > 0 {
+            self.metrics.duplicates.fetch_add(self.duplicates, Relaxed);
+            self.duplicates = 0;
+        }
+    }
+}

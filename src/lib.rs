@@ -1,0 +1,38 @@
+//! vitalstream: the ingest tier for bedside vital signs. It takes readings in at device
+//! rate, decides within milliseconds whether a patient needs someone, stores every reading,
+//! and tells the people and services who care.
+//!
+//! # Layout
+//!
+//! The path of one reading, in the order it meets the modules:
+//!
+//! 1. [`sources`] — a source (the [`sources::simulator`], an NDJSON [`sources::replay`];
+//!    MQTT and Kafka later) reads bytes, stamps the receive time, and hands a
+//!    [`model::FrameBatch`] to the engine through a [`sources::SourceHandle`]. It never parses.
+//! 2. [`parse`] — a parse worker decodes each frame with simd-json into a [`model::Sample`],
+//!    or rejects it with a named [`model::RejectReason`]; rejects are counted
+//!    ([`metrics`]) and go to the dead-letter output with their original bytes.
+//! 3. [`engine`] — the router puts batches back in source order, rejects readings from the
+//!    future, marks late ones against the source's watermark, and hashes each reading to
+//!    the shard that owns its device. A shard (one thread, no locks on the hot path) drops
+//!    duplicates, evaluates the [`rules`] — threshold rules per reading, window rules when
+//!    the watermark closes a window — and sends alert edges to the [`alerts`] book.
+//! 4. [`alerts`] — the lifecycle per (rule, patient): pending → firing → acknowledged →
+//!    resolved; one active alert per key, however long the condition lasts.
+//! 5. [`sinks`] — alert transitions go to the alert log (NDJSON); readings and alerts to
+//!    [`sinks::Storage`] (Parquet files by default); rejects to the dead-letter output.
+//!
+//! [`service`] wires these together for `vitalstream run` and `vitalstream replay`;
+//! [`config`] loads the settings. Every queue between stages is bounded: a full queue blocks
+//! the stage before it, back to the source, and nothing is dropped to make room.
+
+pub mod alerts;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod model;
+pub mod parse;
+pub mod rules;
+pub mod service;
+pub mod sinks;
+pub mod sources;

@@ -1,0 +1,135 @@
+//! The `vitalstream` command: reads flags and config, then calls the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use vitalstream::config::{Config, LogFormat, load_rules};
+use vitalstream::service::{self, ReplayOptions};
+use vitalstream::sinks::alert_log::AlertLogConfig;
+use vitalstream::sinks::dead_letter::DeadLetterConfig;
+
+#[derive(Parser)]
+#[command(version, about = "Ingest tier for bedside vital signs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the default): with no config, simulator → engine → Parquet + alert log.
+    Run {
+        /// A config file; only the keys it names override the embedded defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Push a recording through the engine and write a JSON report.
+    Replay {
+        /// NDJSON recording, or `-` for stdin.
+        #[arg(long)]
+        input: String,
+        /// Pipeline file (or builtin:reference, builtin:icu).
+        #[arg(long)]
+        pipeline: String,
+        /// Where the report goes (`-` = stdout).
+        #[arg(long, default_value = "-")]
+        report: String,
+        /// Write rejected lines here (NDJSON with the original bytes).
+        #[arg(long)]
+        rejects: Option<PathBuf>,
+        /// Write alert transitions here (NDJSON).
+        #[arg(long)]
+        alerts: Option<PathBuf>,
+        /// Replay at this multiple of event time (default: as fast as possible).
+        #[arg(long, default_value_t = 0.0)]
+        speed: f64,
+        /// Engine settings from this config file's [engine] section.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a pipeline file and list every problem.
+    Check {
+        #[arg(long)]
+        pipeline: String,
+    },
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run { config: None }) {
+        Command::Run { config } => {
+            let config = Config::load(config.as_deref())?;
+            init_logging(&config.log.level, config.log.format);
+            let stop = Arc::new(AtomicBool::new(false));
+            service::stop_on_signal(stop.clone());
+            service::run(&config, stop)?;
+        }
+        Command::Replay {
+            input,
+            pipeline,
+            report,
+            rejects,
+            alerts,
+            speed,
+            config,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            init_logging("warn", config.log.format);
+            let rules = load_rules(&pipeline)?;
+            let options = ReplayOptions {
+                engine: config.engine,
+                rules,
+                speed,
+                rejects: rejects.map(|p| DeadLetterConfig { path: Some(p) }),
+                alerts: alerts.map(|p| AlertLogConfig { path: Some(p) }),
+            };
+            let result = if input == "-" {
+                service::replay(std::io::stdin().lock(), options)?
+            } else {
+                let file =
+                    std::fs::File::open(&input).with_context(|| format!("opening {input}"))?;
+                service::replay(file, options)?
+            };
+            let json = serde_json::to_string_pretty(&result)?;
+            if report == "-" {
+                println!("{json}");
+            } else {
+                std::fs::write(&report, json + "\n")
+                    .with_context(|| format!("writing {report}"))?;
+            }
+        }
+        Command::Check { pipeline } => match load_rules(&pipeline) {
+            Ok(set) => {
+                println!("{pipeline}: {} rules, all valid", set.rules.len());
+                for rule in &set.rules {
+                    println!(
+                        "  {} ({:?}, {:?}): {}",
+                        rule.id, rule.spec.kind, rule.priority, rule.spec.condition
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("{pipeline}: {} problem(s)", e.problems.len());
+                for p in &e.problems {
+                    eprintln!("  - {p}");
+                }
+                std::process::exit(1);
+            }
+        },
+    }
+    Ok(())
+}

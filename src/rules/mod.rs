@@ -1,0 +1,329 @@
+//! Rules: what the shards evaluate, one file per rule kind.
+//!
+//! A [`RuleSet`] is an immutable value. The engine holds it in an `ArcSwap`; replacing it
+//! is atomic, shards pick up the new set at their next batch, and rules whose definition did
+//! not change keep their state.
+//!
+//! Pipeline files (`pipelines/*.toml`) hold a list of `[[rule]]` tables; see the README.
+
+pub mod expr;
+pub mod threshold;
+pub mod window;
+
+use crate::model::{Millis, Vital};
+use expr::{Expr, Operand};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Alarm priority, after IEC 60601-1-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    Medium,
+    High,
+}
+
+/// A rule as written in a pipeline file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Stable identifier: `^[a-z0-9_]{1,64}$`.
+    pub id: String,
+    /// `threshold` or `window`.
+    pub kind: RuleKindName,
+    pub priority: Priority,
+    /// Shown to clinicians with the alert.
+    pub message: String,
+    /// The alarm condition. Threshold: on the reading's vital (`hr > 120 or hr < 40`);
+    /// window: on aggregates of one vital (`avg(spo2) < 90`).
+    pub condition: String,
+    /// When the alarm clears; by default when the condition no longer holds. A clear
+    /// condition stricter than `not condition` gives hysteresis.
+    #[serde(default)]
+    pub clear: Option<String>,
+    /// Threshold only: the condition must hold this long (event time) before the alarm fires.
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    pub for_duration: Option<Duration>,
+    /// Window only: window length, aligned to the epoch.
+    #[serde(default, with = "humantime_serde")]
+    pub window: Option<Duration>,
+    /// Window only: how far consecutive windows advance; equal to `window` (tumbling) by default.
+    #[serde(default, with = "humantime_serde")]
+    pub slide: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleKindName {
+    Threshold,
+    Window,
+}
+
+/// A validated, ready-to-run rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub id: Arc<str>,
+    pub priority: Priority,
+    pub message: Arc<str>,
+    pub kind: RuleKind,
+    pub spec: RuleSpec,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuleKind {
+    Threshold(threshold::ThresholdRule),
+    Window(window::WindowRule),
+}
+
+impl Rule {
+    /// The one vital the rule reads.
+    pub fn vital(&self) -> Vital {
+        match &self.kind {
+            RuleKind::Threshold(t) => t.vital,
+            RuleKind::Window(w) => w.vital,
+        }
+    }
+}
+
+/// The rules in force, swapped as a whole.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    pub rules: Vec<Arc<Rule>>,
+}
+
+impl RuleSet {
+    pub fn get(&self, id: &str) -> Option<&Arc<Rule>> {
+        self.rules.iter().find(|r| &*r.id == id)
+    }
+}
+
+/// A pipeline file: `[[rule]]` tables.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// What the pipeline is for.
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleSpec>,
+}
+
+/// Every problem found in a pipeline, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct PipelineError {
+    pub problems: Vec<String>,
+}
+
+fn to_millis(d: Duration) -> Millis {
+    d.as_millis().min(i64::MAX as u128) as Millis
+}
+
+fn valid_rule_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Validates one rule spec; pushes every problem it finds.
+pub fn compile_rule(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Rule> {
+    let before = problems.len();
+    let id = &spec.id;
+    let mut problem = |msg: String| problems.push(format!("rule `{id}`: {msg}"));
+    if !valid_rule_id(id) {
+        problem("id must be 1-64 characters of a-z, 0-9 and _".into());
+    }
+    if spec.message.trim().is_empty() {
+        problem("message must not be empty".into());
+    }
+    let mut parse = |what: &str, src: &str| match expr::parse(src) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            problem(format!("{what} `{src}`: {e}"));
+            None
+        }
+    };
+    let condition = parse("condition", &spec.condition);
+    let clear = spec.clear.as_deref().and_then(|c| parse("clear", c));
+    let mut problem = |msg: String| problems.push(format!("rule `{id}`: {msg}"));
+    let (Some(condition), clear_ok) = (condition, spec.clear.is_none() || clear.is_some()) else {
+        return None;
+    };
+    if !clear_ok {
+        return None;
+    }
+    let operands: Vec<Operand> = condition
+        .operands()
+        .into_iter()
+        .chain(clear.iter().flat_map(Expr::operands))
+        .collect();
+    let vital = operands[0].vital();
+    if operands.iter().any(|o| o.vital() != vital) {
+        problem("condition and clear must read one vital".into());
+    }
+    let kind = match spec.kind {
+        RuleKindName::Threshold => {
+            if operands.iter().any(|o| matches!(o, Operand::Agg(..))) {
+                problem("a threshold rule compares the reading's vital, not aggregates (use kind = \"window\")".into());
+            }
+            if spec.window.is_some() || spec.slide.is_some() {
+                problem("`window` and `slide` belong to window rules".into());
+            }
+            RuleKind::Threshold(threshold::ThresholdRule {
+                vital,
+                condition,
+                clear,
+                for_ms: spec.for_duration.map_or(0, to_millis),
+            })
+        }
+        RuleKindName::Window => {
+            if operands.iter().any(|o| matches!(o, Operand::Vital(_))) {
+                problem(
+                    "a window rule compares aggregates such as avg(spo2), not a bare vital".into(),
+                );
+            }
+            if spec.for_duration.is_some() {
+                problem(
+                    "`for` belongs to threshold rules; a window rule already spans time".into(),
+                );
+            }
+            let size = spec.window.map(to_millis).unwrap_or(0);
+            let slide = spec.slide.map(to_millis).unwrap_or(size);
+            if size <= 0 {
+                problem("`window` is required and must be at least 1ms".into());
+            } else if slide <= 0 || slide > size || size % slide != 0 {
+                problem("`slide` must be positive, at most `window`, and divide it evenly".into());
+            } else if size / slide > 1000 {
+                problem("`window` / `slide` must be at most 1000".into());
+            }
+            RuleKind::Window(window::WindowRule {
+                vital,
+                condition,
+                clear,
+                size,
+                slide,
+            })
+        }
+    };
+    (problems.len() == before).then(|| Rule {
+        id: Arc::from(spec.id.as_str()),
+        priority: spec.priority,
+        message: Arc::from(spec.message.as_str()),
+        kind,
+        spec: spec.clone(),
+    })
+}
+
+/// Validates a list of rule specs into a rule set, or every problem found.
+pub fn compile(specs: &[RuleSpec]) -> Result<RuleSet, PipelineError> {
+    let mut problems = Vec::new();
+    let mut rules = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        if specs[..i].iter().any(|s| s.id == spec.id) {
+            problems.push(format!("rule `{}`: id used more than once", spec.id));
+        }
+        if let Some(rule) = compile_rule(spec, &mut problems) {
+            rules.push(Arc::new(rule));
+        }
+    }
+    if problems.is_empty() {
+        Ok(RuleSet { rules })
+    } else {
+        Err(PipelineError { problems })
+    }
+}
+
+/// Parses and validates pipeline text.
+pub fn parse_pipeline(text: &str) -> Result<RuleSet, PipelineError> {
+    let file: PipelineFile = toml::from_str(text).map_err(|e| PipelineError {
+        problems: vec![e.to_string()],
+    })?;
+    if file.rules.is_empty() {
+        return Err(PipelineError {
+            problems: vec!["the pipeline has no [[rule]]".into()],
+        });
+    }
+    compile(&file.rules)
+}
+
+/// Loads and validates a pipeline file.
+pub fn load_pipeline(path: &Path) -> Result<RuleSet, PipelineError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError {
+        problems: vec![format!("{}: {e}", path.display())],
+    })?;
+    parse_pipeline(&text).map_err(|mut e| {
+        for p in &mut e.problems {
+            *p = format!("{}: {p}", path.display());
+        }
+        e
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let text = r#"
+            [[rule]]
+            id = "Bad Id"
+            kind = "threshold"
+            priority = "high"
+            message = ""
+            condition = "hr > 120"
+
+            [[rule]]
+            id = "w"
+            kind = "window"
+            priority = "low"
+            message = "m"
+            condition = "avg(spo2) < 90 or hr > 3"
+            window = "10s"
+            slide = "3s"
+
+            [[rule]]
+            id = "w"
+            kind = "threshold"
+            priority = "medium"
+            message = "m"
+            condition = "hr >> 1"
+        "#;
+        let err = parse_pipeline(text).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("`Bad Id`: id must be"), "{all}");
+        assert!(all.contains("message must not be empty"), "{all}");
+        assert!(all.contains("one vital"), "{all}");
+        assert!(all.contains("`slide` must"), "{all}");
+        assert!(all.contains("id used more than once"), "{all}");
+        assert!(all.contains("at position 4"), "{all}");
+        assert_eq!(err.problems.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = parse_pipeline(
+            "[[rule]]\nid='a'\nkind='threshold'\npriority='high'\nmessage='m'\ncondition='hr>1'\nthreshold=5\n",
+        )
+        .unwrap_err();
+        assert!(err.problems[0].contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn shipped_pipelines_are_valid() {
+        for name in ["reference", "icu"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("pipelines/{name}.toml"));
+            let set = load_pipeline(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!set.rules.is_empty());
+        }
+        let reference =
+            load_pipeline(&Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/reference.toml"))
+                .unwrap();
+        let ids: Vec<&str> = reference.rules.iter().map(|r| &*r.id).collect();
+        assert_eq!(ids, ["r1_hr_abnormal", "r2_spo2_low_10s", "r3_fever_60s"]);
+    }
+}

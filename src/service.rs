@@ -1,0 +1,350 @@
+//! Wiring: starts the sink threads, the engine and the sources for `vitalstream run` and
+//! `vitalstream replay`, and shuts them down in order — sources first, then the engine
+//! drains, then every sink flushes and closes.
+
+use crate::alerts::AlertEvent;
+use crate::config::{Config, SourceConfig, StorageConfig};
+use crate::engine::{Engine, EngineConfig, Outputs};
+use crate::metrics::Snapshot;
+use crate::model::{ClockMode, Rejected, Sample};
+use crate::rules::RuleSet;
+use crate::sinks::Storage;
+use crate::sinks::alert_log::{AlertLog, AlertLogConfig};
+use crate::sinks::dead_letter::{DeadLetter, DeadLetterConfig};
+use crate::sinks::parquet::ParquetStorage;
+use crate::sources::{replay, simulator};
+use anyhow::Context;
+use crossbeam_channel::{Receiver, bounded, select};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Readings are written to storage at least this often.
+const STORAGE_LINGER: Duration = Duration::from_secs(1);
+
+/// The sink threads, joined after the engine has drained.
+struct Sinks {
+    threads: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Sinks {
+    fn join(self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!("sink failed: {e:#}");
+                    result = Err(e);
+                }
+                Err(_) => result = Err(anyhow::anyhow!("a sink thread panicked")),
+            }
+        }
+        result
+    }
+}
+
+/// Starts the sinks and returns the engine outputs that feed them.
+fn start_sinks(
+    alert_log: Option<&AlertLogConfig>,
+    dead_letter: Option<&DeadLetterConfig>,
+    storage: Option<Box<dyn Storage>>,
+) -> anyhow::Result<(Outputs, Sinks)> {
+    let mut threads = Vec::new();
+    let (alert_tx, alert_rx) = bounded::<AlertEvent>(4096);
+    let (stored_alerts_tx, stored_alerts_rx) = bounded::<Vec<AlertEvent>>(64);
+    let mut log = alert_log
+        .map(AlertLog::open)
+        .transpose()
+        .context("opening the alert log")?;
+    let to_storage = storage.is_some().then_some(stored_alerts_tx);
+    threads.push(spawn("alert-sink", move || {
+        for event in &alert_rx {
+            let mut batch = vec![event];
+            batch.extend(alert_rx.try_iter().take(1023));
+            if let Some(log) = &mut log {
+                for e in &batch {
+                    log.write(e).context("writing the alert log")?;
+                }
+                log.flush().context("flushing the alert log")?;
+            }
+            if let Some(tx) = &to_storage {
+                let _ = tx.send(batch);
+            }
+        }
+        Ok(())
+    }));
+
+    let readings = match storage {
+        Some(storage) => {
+            let (tx, rx) = bounded::<Vec<Sample>>(16);
+            threads.push(spawn("storage", move || {
+                run_storage(storage, rx, stored_alerts_rx)
+            }));
+            Some(tx)
+        }
+        None => None,
+    };
+
+    let rejects = match dead_letter {
+        Some(config) => {
+            let mut dlq = DeadLetter::open(config).context("opening the dead-letter output")?;
+            let (tx, rx) = bounded::<Vec<Rejected>>(64);
+            threads.push(spawn("dead-letter", move || {
+                for batch in rx {
+                    for r in &batch {
+                        dlq.write(r).context("writing the dead-letter output")?;
+                    }
+                    dlq.flush().context("flushing the dead-letter output")?;
+                }
+                Ok(())
+            }));
+            Some(tx)
+        }
+        None => None,
+    };
+    let outputs = Outputs {
+        alerts: alert_tx,
+        readings,
+        rejects,
+    };
+    Ok((outputs, Sinks { threads }))
+}
+
+fn spawn(
+    name: &str,
+    f: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
+) -> JoinHandle<anyhow::Result<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("spawning a sink thread")
+}
+
+/// The storage thread: writes readings and alerts as they come, flushes at least once per
+/// [`STORAGE_LINGER`], and closes the store when both inputs have ended.
+fn run_storage(
+    mut storage: Box<dyn Storage>,
+    readings: Receiver<Vec<Sample>>,
+    alerts: Receiver<Vec<AlertEvent>>,
+) -> anyhow::Result<()> {
+    let mut readings_open = true;
+    let mut alerts_open = true;
+    let mut last_flush = Instant::now();
+    let mut dirty = false;
+    while readings_open || alerts_open {
+        let timeout = crossbeam_channel::after(STORAGE_LINGER);
+        let (no_readings, no_alerts) = (crossbeam_channel::never(), crossbeam_channel::never());
+        select! {
+            recv(if readings_open { &readings } else { &no_readings }) -> msg => match msg {
+                Ok(batch) => { storage.write_readings(&batch)?; dirty = true; }
+                Err(_) => readings_open = false,
+            },
+            recv(if alerts_open { &alerts } else { &no_alerts }) -> msg => match msg {
+                Ok(batch) => { storage.write_alerts(&batch)?; dirty = true; }
+                Err(_) => alerts_open = false,
+            },
+            recv(timeout) -> _ => {},
+        }
+        if dirty && last_flush.elapsed() >= STORAGE_LINGER {
+            storage.flush()?;
+            dirty = false;
+            last_flush = Instant::now();
+        }
+    }
+    storage.close()?;
+    Ok(())
+}
+
+/// `vitalstream run`: the service, until `stop` is set.
+pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
+    let rules = config.rules()?;
+    tracing::info!(pipeline = %config.pipeline, rules = rules.rules.len(), "starting");
+    let storage: Option<Box<dyn Storage>> = match &config.storage {
+        Some(StorageConfig::Parquet(p)) => {
+            Some(Box::new(ParquetStorage::open(p).with_context(|| {
+                format!("opening Parquet storage in {}", p.dir.display())
+            })?))
+        }
+        None => None,
+    };
+    let (outputs, sinks) =
+        start_sinks(Some(&config.alert_log), Some(&config.dead_letter), storage)?;
+    let mut engine = Engine::start(&config.engine, rules, outputs);
+    let mut sources = Vec::new();
+    for source in &config.sources {
+        match source {
+            SourceConfig::Simulator(sim) => {
+                let handle = engine.source(ClockMode::Live);
+                let sim = sim.clone();
+                let stop = stop.clone();
+                sources.push(
+                    std::thread::Builder::new()
+                        .name("simulator".into())
+                        .spawn(move || {
+                            let stats = simulator::run(&sim, handle, &stop);
+                            tracing::info!(
+                                readings = stats.readings,
+                                episodes = stats.episodes,
+                                "simulator stopped"
+                            );
+                        })
+                        .expect("spawning the simulator"),
+                );
+            }
+        }
+    }
+    let mut last = (Instant::now(), engine.metrics.snapshot());
+    while !stop.load(Ordering::Relaxed) && !sources.iter().all(|s| s.is_finished()) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last.0.elapsed() >= config.status_interval {
+            let now = engine.metrics.snapshot();
+            let secs = last.0.elapsed().as_secs_f64();
+            let (input_q, shard_q) = engine.queue_depths();
+            tracing::info!(
+                readings_per_s = ((now.accepted - last.1.accepted) as f64 / secs).round(),
+                accepted = now.accepted,
+                rejected = now.rejected,
+                late = now.late,
+                duplicates = now.duplicates,
+                alert_events = now.alert_events,
+                active_alerts = engine.book.active().len(),
+                input_queue = input_q,
+                shard_queues = shard_q,
+                "status"
+            );
+            last = (Instant::now(), now);
+        }
+    }
+    tracing::info!("stopping: draining sources, engine and sinks");
+    stop.store(true, Ordering::Relaxed);
+    for s in sources {
+        let _ = s.join();
+    }
+    let metrics = engine.metrics.clone();
+    engine.join();
+    sinks.join()?;
+    let snapshot = metrics.snapshot();
+    tracing::info!(
+        accepted = snapshot.accepted,
+        rejected = snapshot.rejected,
+        "stopped cleanly"
+    );
+    Ok(snapshot)
+}
+
+/// Options for `vitalstream replay`.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub engine: EngineConfig,
+    pub rules: RuleSet,
+    /// Replay at this multiple of event time; 0 = as fast as possible.
+    pub speed: f64,
+    pub rejects: Option<DeadLetterConfig>,
+    pub alerts: Option<AlertLogConfig>,
+}
+
+/// The replay report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    pub lines: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub late: u64,
+    pub duplicates: u64,
+    pub rules: BTreeMap<String, RuleReport>,
+    pub elapsed_s: f64,
+    pub readings_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleReport {
+    pub matches: u64,
+    pub alerts_raised: u64,
+    pub alerts_resolved: u64,
+}
+
+/// `vitalstream replay`: pushes a recording through the engine and reports what happened.
+pub fn replay(input: impl Read, options: ReplayOptions) -> anyhow::Result<ReplayReport> {
+    let started = Instant::now();
+    let (outputs, sinks) = start_sinks(options.alerts.as_ref(), options.rejects.as_ref(), None)?;
+    let rule_ids: Vec<String> = options
+        .rules
+        .rules
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    let mut engine = Engine::start(&options.engine, options.rules, outputs);
+    let handle = engine.source(ClockMode::Replay {
+        speed: options.speed,
+    });
+    let stats = replay::run(input, handle, options.speed > 0.0).context("reading the recording")?;
+    let metrics = engine.metrics.clone();
+    engine.join();
+    sinks.join()?;
+    let elapsed_s = started.elapsed().as_secs_f64();
+    let snap = metrics.snapshot();
+    let rules = rule_ids
+        .into_iter()
+        .map(|id| {
+            let r = snap.rules.get(&id).cloned().unwrap_or_default();
+            (
+                id,
+                RuleReport {
+                    matches: r.matches,
+                    alerts_raised: r.alerts_raised,
+                    alerts_resolved: r.alerts_resolved,
+                },
+            )
+        })
+        .collect();
+    Ok(ReplayReport {
+        lines: stats.lines,
+        accepted: snap.accepted,
+        rejected: snap.rejected,
+        rejected_by_reason: snap.rejected_by_reason,
+        late: snap.late,
+        duplicates: snap.duplicates,
+        rules,
+        elapsed_s,
+        readings_per_s: if elapsed_s > 0.0 {
+            stats.lines as f64 / elapsed_s
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Waits for SIGINT or SIGTERM, then sets `stop`.
+pub fn stop_on_signal(stop: Arc<AtomicBool>) {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cannot listen for signals: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("installing the SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                }
+            });
+            stop.store(true, Ordering::Relaxed);
+        })
+        .expect("spawning the signal thread");
+}

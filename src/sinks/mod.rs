@@ -1,0 +1,45 @@
+//! Sinks: where readings, alerts and rejects go. Each runs on its own thread behind a
+//! bounded queue, so a slow sink slows only what must wait for it.
+//!
+//! - [`Storage`] is the contract every reading store implements: the embedded Parquet
+//!   writer ([`parquet`]) now, the TimescaleDB / PostgreSQL writer later.
+//! - [`alert_log`] writes alert transitions as NDJSON (stdout or a file).
+//! - [`dead_letter`] writes rejected frames, original bytes included, as NDJSON.
+
+pub mod alert_log;
+pub mod dead_letter;
+pub mod parquet;
+
+use crate::alerts::AlertEvent;
+use crate::model::Sample;
+
+/// Why a storage call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("parquet: {0}")]
+    Parquet(#[from] ::parquet::errors::ParquetError),
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+/// The storage contract. Calls come from one thread, in order. `Ok` from `write_readings`
+/// or `write_alerts` means the data is handed over and will be durable once `flush` returns.
+pub trait Storage: Send {
+    /// Appends readings (accepted, non-duplicate; late ones included).
+    fn write_readings(&mut self, readings: &[Sample]) -> Result<(), StorageError>;
+    /// Appends alert lifecycle transitions.
+    fn write_alerts(&mut self, events: &[AlertEvent]) -> Result<(), StorageError>;
+    /// Makes everything written so far durable.
+    fn flush(&mut self) -> Result<(), StorageError>;
+    /// Flushes and releases resources; called once, at shutdown.
+    fn close(&mut self) -> Result<(), StorageError>;
+}
+
+/// What the storage thread receives.
+#[derive(Debug)]
+pub enum StorageMsg {
+    Readings(Vec<Sample>),
+    Alerts(Vec<AlertEvent>),
+}

@@ -1,0 +1,107 @@
+//! Test helpers shared by the integration tests: an engine with in-memory outputs, and a
+//! way to feed it readings.
+
+#![allow(dead_code)]
+
+use crossbeam_channel::{Receiver, bounded, unbounded};
+use std::time::Duration;
+use vitalstream::alerts::{AlertEvent, Transition};
+use vitalstream::engine::{Engine, EngineConfig, Outputs};
+use vitalstream::model::{ClockMode, Rejected, Sample, now_micros};
+use vitalstream::rules::{RuleSet, parse_pipeline};
+use vitalstream::sources::SourceHandle;
+
+pub fn rules(toml: &str) -> RuleSet {
+    parse_pipeline(toml).expect("valid test pipeline")
+}
+
+/// A small engine config for tests: 2 shards, 2 parse workers.
+pub fn config() -> EngineConfig {
+    EngineConfig {
+        shards: 2,
+        parse_workers: 2,
+        ..EngineConfig::default()
+    }
+}
+
+/// An engine whose outputs are plain channels the test reads.
+pub struct Harness {
+    pub engine: Engine,
+    pub alerts: Receiver<AlertEvent>,
+    pub readings: Receiver<Vec<Sample>>,
+    pub rejects: Receiver<Vec<Rejected>>,
+}
+
+impl Harness {
+    pub fn start(config: &EngineConfig, rules: RuleSet) -> Harness {
+        let (alerts_tx, alerts) = unbounded();
+        let (readings_tx, readings) = unbounded();
+        let (rejects_tx, rejects) = unbounded();
+        let outputs = Outputs {
+            alerts: alerts_tx,
+            readings: Some(readings_tx),
+            rejects: Some(rejects_tx),
+        };
+        Harness {
+            engine: Engine::start(config, rules, outputs),
+            alerts,
+            readings,
+            rejects,
+        }
+    }
+
+    /// Like `start`, but storage accepts only `capacity` batches until someone reads them.
+    pub fn with_slow_storage(config: &EngineConfig, rules: RuleSet, capacity: usize) -> Harness {
+        let (alerts_tx, alerts) = unbounded();
+        let (readings_tx, readings) = bounded(capacity);
+        let (rejects_tx, rejects) = unbounded();
+        let outputs = Outputs {
+            alerts: alerts_tx,
+            readings: Some(readings_tx),
+            rejects: Some(rejects_tx),
+        };
+        Harness {
+            engine: Engine::start(config, rules, outputs),
+            alerts,
+            readings,
+            rejects,
+        }
+    }
+
+    pub fn replay_source(&mut self) -> SourceHandle {
+        self.engine.source(ClockMode::Replay { speed: 0.0 })
+    }
+
+    /// Stops the engine and returns every alert transition it emitted.
+    pub fn finish(self) -> (vitalstream::metrics::Snapshot, Vec<AlertEvent>, usize) {
+        let metrics = self.engine.metrics.clone();
+        self.engine.join();
+        let alerts: Vec<AlertEvent> = self.alerts.try_iter().collect();
+        let stored = self.readings.try_iter().map(|b| b.len()).sum();
+        (metrics.snapshot(), alerts, stored)
+    }
+}
+
+/// Sends lines as one batch each `per_batch` lines.
+pub fn send_lines(handle: &mut SourceHandle, lines: &[String], per_batch: usize) {
+    for chunk in lines.chunks(per_batch.max(1)) {
+        let mut batch = handle.batch();
+        for line in chunk {
+            batch.push(line.as_bytes(), now_micros(), None);
+        }
+        assert!(handle.send(batch), "engine accepts input");
+    }
+}
+
+pub fn reading(device: &str, ts: i64, field: &str, value: f64) -> String {
+    format!(r#"{{"device_id":"{device}","ts":{ts},"{field}":{value}}}"#)
+}
+
+pub fn count(events: &[AlertEvent], rule: &str, t: Transition) -> usize {
+    events
+        .iter()
+        .filter(|e| &*e.alert.rule_id == rule && e.event == t)
+        .count()
+}
+
+pub const WAIT: Duration = Duration::from_secs(10);

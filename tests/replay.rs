@@ -1,0 +1,182 @@
+//! `vitalstream replay` and `vitalstream check` as a user runs them, against recordings whose
+//! counts come from an independent reference implementation (tests/reference/).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn vitalstream(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vitalstream"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("running vitalstream")
+}
+
+fn replay(input: &Path) -> Value {
+    let out = vitalstream(&[
+        "replay",
+        "--input",
+        input.to_str().unwrap(),
+        "--pipeline",
+        "pipelines/reference.toml",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the report is JSON")
+}
+
+/// The fields an independent implementation must agree on exactly.
+fn assert_same_counts(ours: &Value, reference: &Value) {
+    for key in [
+        "lines",
+        "accepted",
+        "rejected",
+        "late",
+        "duplicates",
+        "rejected_by_reason",
+    ] {
+        assert_eq!(
+            ours[key], reference[key],
+            "`{key}` differs\nours: {ours:#}\nreference: {reference:#}"
+        );
+    }
+    for rule in ["r1_hr_abnormal", "r2_spo2_low_10s", "r3_fever_60s"] {
+        assert_eq!(
+            ours["rules"][rule]["matches"], reference["rules"][rule]["matches"],
+            "matches of {rule} differ"
+        );
+    }
+}
+
+#[test]
+fn the_checked_in_fixture_gives_the_reference_counts() {
+    let report = replay(&root().join("tests/fixtures/small.ndjson"));
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/small.expected.json")).unwrap(),
+    )
+    .unwrap();
+    assert_same_counts(&report, &expected);
+    assert!(
+        report["rules"]["r1_hr_abnormal"]["alerts_raised"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(report["elapsed_s"].as_f64().unwrap() > 0.0);
+    assert!(report["readings_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn fresh_recordings_match_the_reference_implementation() {
+    let dir = tempfile::tempdir().unwrap();
+    for seed in [11, 12] {
+        let recording = dir.path().join(format!("rec-{seed}.ndjson"));
+        let generated = Command::new("python3")
+            .arg(root().join("tests/reference/gen_recording.py"))
+            .args([
+                "--devices",
+                "300",
+                "--seconds",
+                "120",
+                "--seed",
+                &seed.to_string(),
+            ])
+            .args(["--bad-rate", "0.01", "--out"])
+            .arg(&recording)
+            .status()
+            .expect("python3 runs the recording generator");
+        assert!(generated.success());
+        let reference = Command::new("python3")
+            .arg(root().join("tests/reference/replay_reference.py"))
+            .arg("--input")
+            .arg(&recording)
+            .output()
+            .expect("python3 runs the reference implementation");
+        assert!(
+            reference.status.success(),
+            "{}",
+            String::from_utf8_lossy(&reference.stderr)
+        );
+        let reference: Value = serde_json::from_slice(&reference.stdout).unwrap();
+        assert_same_counts(&replay(&recording), &reference);
+    }
+}
+
+#[test]
+fn rejects_are_written_with_their_original_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.ndjson");
+    let rejects = dir.path().join("rejects.ndjson");
+    std::fs::write(
+        &input,
+        b"{\"device_id\":\"a\",\"ts\":1767225600000,\"hr\":80}\n{\"device_id\":\"a\",\"hr\":\"x\",\"ts\":1}\n\xff\xfe\n",
+    )
+    .unwrap();
+    let out = vitalstream(&[
+        "replay",
+        "--input",
+        input.to_str().unwrap(),
+        "--pipeline",
+        "builtin:reference",
+        "--rejects",
+        rejects.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["accepted"], 1);
+    assert_eq!(report["rejected"], 2);
+    let text = std::fs::read_to_string(&rejects).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let by_reason = |r: &str| {
+        lines
+            .iter()
+            .find(|l| l["reason"] == r)
+            .unwrap_or_else(|| panic!("{r} in {text}"))
+    };
+    assert_eq!(
+        by_reason("bad_type:hr")["payload"],
+        r#"{"device_id":"a","hr":"x","ts":1}"#
+    );
+    assert_eq!(by_reason("invalid_json")["payload_hex"], "fffe");
+}
+
+#[test]
+fn check_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[rule]]\nid='a'\nkind='threshold'\npriority='high'\nmessage='m'\ncondition='pulse > 1'\n\
+         [[rule]]\nid='b'\nkind='window'\npriority='low'\nmessage='m'\ncondition='avg(hr) > 1'\n",
+    )
+    .unwrap();
+    let out = vitalstream(&["check", "--pipeline", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+    assert!(stderr.contains("unknown name `pulse`"), "{stderr}");
+    assert!(stderr.contains("`window` is required"), "{stderr}");
+
+    let out = vitalstream(&["check", "--pipeline", "pipelines/icu.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
