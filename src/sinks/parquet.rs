@@ -340,7 +340,7 @@ impl Columns for ReadingColumns {
                 false,
             ),
             Field::new("correlation_id", DataType::Utf8, false),
-            Field::new("late", DataType::Boolean, true),
+            Field::new("late", DataType::Boolean, false),
         ]);
         Schema::new(fields)
     }

@@ -504,13 +504,4 @@ mod tests {
         };
         assert_eq!(bad.validate().len(), 3);
     }
-
-    #[test]
-    #[ignore]
-    fn tmp_cpu_probe() {
-        let config = SimulatorConfig { duration: Some(Duration::from_secs(10)), ..SimulatorConfig::default() };
-        let (handle, rx) = test_handle(1024);
-        let stats = run(&config, handle, &AtomicBool::new(false));
-        eprintln!("{stats:?} batches={}", rx.try_iter().count());
-    }
 }
