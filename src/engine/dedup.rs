@@ -5,16 +5,31 @@
 //! reading seen; only out-of-order readings search the recent history.
 
 use crate::model::Millis;
-use std::collections::VecDeque;
 
-/// How many recent readings per device are remembered (a minute at 1 Hz).
-pub const HISTORY: usize = 64;
+/// How many recent readings per device are remembered (half a minute at 1 Hz). Kept inline,
+/// so checking a reading touches the device's own memory only.
+pub const HISTORY: usize = 32;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Dedup {
-    recent: VecDeque<(Millis, Option<u64>)>,
+    /// A ring of (event time, sequence number); `len` entries are filled.
+    recent: [(Millis, Option<u64>); HISTORY],
+    len: usize,
+    next: usize,
     max_ts: Option<Millis>,
     max_seq: Option<u64>,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Dedup {
+            recent: [(0, None); HISTORY],
+            len: 0,
+            next: 0,
+            max_ts: None,
+            max_seq: None,
+        }
+    }
 }
 
 impl Dedup {
@@ -26,17 +41,15 @@ impl Dedup {
             _ => true,
         };
         let seen = !(newer_ts && newer_seq)
-            && self
-                .recent
+            && self.recent[..self.len]
                 .iter()
                 .any(|&(t, s)| t == ts || (seq.is_some() && s == seq));
         if seen {
             return true;
         }
-        if self.recent.len() == HISTORY {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((ts, seq));
+        self.recent[self.next] = (ts, seq);
+        self.next = (self.next + 1) % HISTORY;
+        self.len = (self.len + 1).min(HISTORY);
         self.max_ts = Some(self.max_ts.map_or(ts, |m| m.max(ts)));
         if let Some(s) = seq {
             self.max_seq = Some(self.max_seq.map_or(s, |m| m.max(s)));
@@ -67,7 +80,7 @@ mod tests {
         for i in 0..1000 {
             assert!(!d.is_duplicate(i * 1000, Some(i as u64)));
         }
-        assert_eq!(d.recent.len(), HISTORY);
+        assert_eq!(d.len, HISTORY);
         assert!(d.is_duplicate(999_000, Some(999)));
     }
 }

@@ -30,7 +30,8 @@ pub(crate) enum ShardMsg {
     Tick { now_ms: Millis, watermark: Millis },
 }
 
-/// One device known to this shard.
+/// One device known to this shard, with all of its state in one place, so evaluating a
+/// reading touches as little memory as possible.
 struct Device {
     id: Id,
     /// Last patient seen in a reading or assignment, for alert keys.
@@ -41,56 +42,56 @@ struct Device {
     /// Processing time of the last reading, ms.
     last_seen: Millis,
     dedup: Dedup,
+    /// One state per rule, in the order of the shard's runtimes.
+    rules: Vec<RuleState>,
 }
 
-/// A rule and the state of every device of this shard for it, indexed by device slot.
+enum RuleState {
+    Threshold(ThresholdState),
+    Window {
+        state: WindowState,
+        /// The schedule entry this device waits in, if any.
+        scheduled: Option<Millis>,
+    },
+}
+
+impl RuleState {
+    fn new(rule: &Rule) -> Self {
+        match rule.kind {
+            RuleKind::Threshold(_) => RuleState::Threshold(ThresholdState::default()),
+            RuleKind::Window(_) => RuleState::Window {
+                state: WindowState::new(),
+                scheduled: None,
+            },
+        }
+    }
+
+    /// The device's alarm for this rule is on (or pending).
+    fn active(&self) -> bool {
+        match self {
+            RuleState::Threshold(s) => *s != ThresholdState::Normal,
+            RuleState::Window { state, .. } => state.alarm(),
+        }
+    }
+}
+
+/// A rule in force in this shard.
 struct RuleRuntime {
     rule: Arc<Rule>,
     counters: Arc<RuleCounters>,
     matches: u64,
-    state: RuntimeState,
-}
-
-enum RuntimeState {
-    Threshold(Vec<ThresholdState>),
-    Window {
-        states: Vec<WindowState>,
-        /// Window end → devices with a window ending then (possibly stale entries).
-        schedule: BTreeMap<Millis, Vec<u32>>,
-        /// The end each device is scheduled at.
-        scheduled: Vec<Option<Millis>>,
-    },
+    /// Window rules: window end → device slots with a window ending then (entries whose
+    /// device has since been rescheduled are skipped).
+    schedule: BTreeMap<Millis, Vec<u32>>,
 }
 
 impl RuleRuntime {
-    fn new(rule: Arc<Rule>, metrics: &Metrics, slots: usize) -> Self {
-        let state = match &rule.kind {
-            RuleKind::Threshold(_) => {
-                RuntimeState::Threshold(vec![ThresholdState::default(); slots])
-            }
-            RuleKind::Window(_) => RuntimeState::Window {
-                states: (0..slots).map(|_| WindowState::new()).collect(),
-                schedule: BTreeMap::new(),
-                scheduled: vec![None; slots],
-            },
-        };
+    fn new(rule: Arc<Rule>, metrics: &Metrics) -> Self {
         RuleRuntime {
             counters: metrics.rule(&rule.id),
             rule,
             matches: 0,
-            state,
-        }
-    }
-
-    fn grow(&mut self, slots: usize) {
-        match &mut self.state {
-            RuntimeState::Threshold(v) => v.resize(slots, ThresholdState::default()),
-            RuntimeState::Window {
-                states, scheduled, ..
-            } => {
-                states.resize_with(slots, WindowState::new);
-                scheduled.resize(slots, None);
-            }
+            schedule: BTreeMap::new(),
         }
     }
 
@@ -135,7 +136,7 @@ impl Shard {
         let runtimes = rules
             .rules
             .iter()
-            .map(|r| RuleRuntime::new(r.clone(), &metrics, 0))
+            .map(|r| RuleRuntime::new(r.clone(), &metrics))
             .collect();
         Shard {
             rules_source,
@@ -198,17 +199,33 @@ impl Shard {
             return;
         }
         let latest = arc_swap::Guard::into_inner(latest);
-        let mut old: Vec<RuleRuntime> = std::mem::take(&mut self.runtimes);
+        let mut old: Vec<Option<RuleRuntime>> = self.runtimes.drain(..).map(Some).collect();
+        // For each new rule, the index of the old runtime it keeps, if unchanged.
+        let mut kept = Vec::with_capacity(latest.rules.len());
         for rule in &latest.rules {
-            let kept = old.iter().position(|rt| *rt.rule == **rule);
-            let runtime = match kept {
-                Some(i) => old.swap_remove(i),
-                None => RuleRuntime::new(rule.clone(), &self.metrics, self.devices.len()),
+            let same = old
+                .iter()
+                .position(|rt| rt.as_ref().is_some_and(|rt| *rt.rule == **rule));
+            let runtime = match same {
+                Some(i) => old[i].take().expect("taken once"),
+                None => RuleRuntime::new(rule.clone(), &self.metrics),
             };
+            kept.push(same);
             self.runtimes.push(runtime);
         }
-        for mut rt in old {
+        for mut rt in old.into_iter().flatten() {
             rt.flush_counters();
+        }
+        for device in self.devices.iter_mut().flatten() {
+            let mut states: Vec<Option<RuleState>> = device.rules.drain(..).map(Some).collect();
+            device.rules = kept
+                .iter()
+                .zip(&latest.rules)
+                .map(|(same, rule)| match same {
+                    Some(i) => states[*i].take().expect("taken once"),
+                    None => RuleState::new(rule),
+                })
+                .collect();
         }
         tracing::info!(rules = latest.rules.len(), "shard switched rule set");
         self.rules = latest;
@@ -225,6 +242,11 @@ impl Shard {
             assigned_version: u64::MAX,
             last_seen: now_ms,
             dedup: Dedup::default(),
+            rules: self
+                .runtimes
+                .iter()
+                .map(|rt| RuleState::new(&rt.rule))
+                .collect(),
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -233,11 +255,7 @@ impl Shard {
             }
             None => {
                 self.devices.push(Some(device));
-                let slots = self.devices.len();
-                for rt in &mut self.runtimes {
-                    rt.grow(slots);
-                }
-                (slots - 1) as u32
+                (self.devices.len() - 1) as u32
             }
         };
         self.index.insert(sample.device_id.clone(), i);
@@ -272,14 +290,13 @@ impl Shard {
             if patient.is_some() {
                 device.patient.clone_from(&patient);
             }
-            for rt in &mut self.runtimes {
-                let vital = rt.rule.vital();
-                let Some(value) = sample.vitals.get(vital) else {
+            for (rt, state) in self.runtimes.iter_mut().zip(&mut device.rules) {
+                let Some(value) = sample.vitals.get(rt.rule.vital()) else {
                     continue;
                 };
-                match (&rt.rule.kind, &mut rt.state) {
-                    (RuleKind::Threshold(rule), RuntimeState::Threshold(states)) => {
-                        let eval = rule.evaluate(&mut states[slot as usize], value, sample.ts);
+                match (&rt.rule.kind, state) {
+                    (RuleKind::Threshold(rule), RuleState::Threshold(state)) => {
+                        let eval = rule.evaluate(state, value, sample.ts);
                         rt.matches += eval.matched as u64;
                         if let Some(edge) = eval.edge {
                             self.book.signal(Signal {
@@ -295,15 +312,7 @@ impl Shard {
                             });
                         }
                     }
-                    (
-                        RuleKind::Window(rule),
-                        RuntimeState::Window {
-                            states,
-                            schedule,
-                            scheduled,
-                        },
-                    ) => {
-                        let state = &mut states[slot as usize];
+                    (RuleKind::Window(rule), RuleState::Window { state, scheduled }) => {
                         if rule.add(
                             state,
                             sample.ts,
@@ -311,13 +320,13 @@ impl Shard {
                             &sample.correlation_id,
                             sample.received_us,
                         ) && let Some(end) = state.next_end(rule)
-                            && scheduled[slot as usize].is_none_or(|s| end < s)
+                            && scheduled.is_none_or(|s| end < s)
                         {
-                            scheduled[slot as usize] = Some(end);
-                            schedule.entry(end).or_default().push(slot);
+                            *scheduled = Some(end);
+                            rt.schedule.entry(end).or_default().push(slot);
                         }
                     }
-                    _ => unreachable!("a runtime's state matches its rule kind"),
+                    _ => unreachable!("a device's rule state matches its rule kind"),
                 }
             }
         }
@@ -338,11 +347,7 @@ impl Shard {
         self.watermark = watermark;
         for r in 0..self.runtimes.len() {
             loop {
-                let rt = &mut self.runtimes[r];
-                let RuntimeState::Window { schedule, .. } = &mut rt.state else {
-                    break;
-                };
-                let Some(entry) = schedule.first_entry() else {
+                let Some(entry) = self.runtimes[r].schedule.first_entry() else {
                     break;
                 };
                 if *entry.key() > watermark {
@@ -363,29 +368,22 @@ impl Shard {
         let RuleKind::Window(rule) = &rt.rule.kind else {
             return;
         };
-        let RuntimeState::Window {
-            states,
-            schedule,
-            scheduled,
-        } = &mut rt.state
-        else {
+        let Some(device) = self.devices[slot as usize].as_mut() else {
             return;
         };
-        let s = slot as usize;
-        if due.is_some() && scheduled[s] != due {
+        let RuleState::Window { state, scheduled } = &mut device.rules[r] else {
+            return;
+        };
+        if due.is_some() && *scheduled != due {
             return;
         }
-        scheduled[s] = None;
-        let state = &mut states[s];
+        *scheduled = None;
         self.outcomes.clear();
         rule.close(state, watermark, &mut self.outcomes);
         if let Some(end) = state.next_end(rule) {
-            scheduled[s] = Some(end);
-            schedule.entry(end).or_default().push(slot);
+            *scheduled = Some(end);
+            rt.schedule.entry(end).or_default().push(slot);
         }
-        let Some(device) = self.devices[s].as_ref() else {
-            return;
-        };
         for outcome in self.outcomes.drain(..) {
             rt.matches += outcome.matched as u64;
             if let Some(edge) = outcome.edge {
@@ -418,11 +416,12 @@ impl Shard {
             if silent < self.idle_ms {
                 continue;
             }
-            for r in 0..self.runtimes.len() {
-                if matches!(&self.runtimes[r].state, RuntimeState::Window { states, .. } if !states[slot].is_empty())
-                {
-                    self.close_device(r, slot as u32, Millis::MAX, None);
-                }
+            let open: Vec<usize> = (device.rules.iter().enumerate())
+                .filter(|(_, s)| matches!(s, RuleState::Window { state, .. } if !state.is_empty()))
+                .map(|(r, _)| r)
+                .collect();
+            for r in open {
+                self.close_device(r, slot as u32, Millis::MAX, None);
             }
             if silent >= self.ttl_ms {
                 self.evict(slot);
@@ -435,19 +434,8 @@ impl Shard {
             return;
         };
         let subject = device.patient.clone().unwrap_or_else(|| device.id.clone());
-        for rt in &mut self.runtimes {
-            let active = match &mut rt.state {
-                RuntimeState::Threshold(states) => {
-                    std::mem::take(&mut states[slot]) != ThresholdState::Normal
-                }
-                RuntimeState::Window {
-                    states, scheduled, ..
-                } => {
-                    scheduled[slot] = None;
-                    std::mem::replace(&mut states[slot], WindowState::new()).alarm()
-                }
-            };
-            if active {
+        for (rt, state) in self.runtimes.iter().zip(&device.rules) {
+            if state.active() {
                 self.book.forget_device(&rt.rule.id, &subject, &device.id);
             }
         }

@@ -94,6 +94,14 @@ struct Pane {
     received_us: i64,
 }
 
+impl Pane {
+    fn add(&mut self, ts: Millis, value: f64, correlation_id: &CorrelationId, received_us: i64) {
+        self.agg.add(ts, value);
+        self.correlation_id.clone_from(correlation_id);
+        self.received_us = received_us;
+    }
+}
+
 /// One device's state for one window rule.
 #[derive(Debug, Clone, Default)]
 pub struct WindowState {
@@ -163,13 +171,15 @@ impl WindowRule {
         if start + self.size <= state.evaluated_through {
             return false;
         }
-        let at = state.panes.partition_point(|p| p.start < start);
+        // Readings mostly arrive in order: the newest pane is checked before searching.
+        let at = match state.panes.back() {
+            None => 0,
+            Some(back) if back.start < start => state.panes.len(),
+            Some(back) if back.start == start => state.panes.len() - 1,
+            Some(_) => state.panes.partition_point(|p| p.start < start),
+        };
         match state.panes.get_mut(at) {
-            Some(pane) if pane.start == start => {
-                pane.agg.add(ts, value);
-                pane.correlation_id.clone_from(correlation_id);
-                pane.received_us = received_us;
-            }
+            Some(pane) if pane.start == start => pane.add(ts, value, correlation_id, received_us),
             _ => state.panes.insert(
                 at,
                 Pane {

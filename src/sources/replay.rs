@@ -53,7 +53,7 @@ pub fn run(
             break;
         }
         if skipping {
-            match data.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', &data) {
                 Some(i) => {
                     data.drain(..=i);
                     skipping = false;
@@ -66,7 +66,7 @@ pub fn run(
         let cut = if eof {
             data.len()
         } else {
-            match data.iter().rposition(|&b| b == b'\n') {
+            match memchr::memrchr(b'\n', &data) {
                 Some(i) => i + 1,
                 // A line longer than a block: keep reading until it ends.
                 None if data.len() < MAX_LINE_BYTES => {
@@ -85,11 +85,9 @@ pub fn run(
         let mut batch = handle.batch();
         let received_us = now_micros();
         let mut line_start = 0usize;
-        for (i, &b) in data.iter().enumerate() {
-            if b == b'\n' {
-                batch.frames.push(frame(line_start, i, received_us));
-                line_start = i + 1;
-            }
+        for i in memchr::memchr_iter(b'\n', &data) {
+            batch.frames.push(frame(line_start, i, received_us));
+            line_start = i + 1;
         }
         if line_start < data.len() {
             batch
