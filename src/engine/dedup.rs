@@ -33,6 +33,11 @@ impl Default for Dedup {
 }
 
 impl Dedup {
+    /// Starts loading the history slot the next reading writes.
+    pub fn prefetch(&self) {
+        super::shard::prefetch(&self.recent[self.next]);
+    }
+
     /// Records the reading and tells whether it was seen before.
     pub fn is_duplicate(&mut self, ts: Millis, seq: Option<u64>) -> bool {
         let newer_ts = self.max_ts.is_none_or(|m| ts > m);

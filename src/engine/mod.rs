@@ -14,6 +14,8 @@ mod dedup;
 mod route;
 mod shard;
 
+pub(crate) use shard::prefetch;
+
 use crate::alerts::{AlertBook, AlertEvent};
 use crate::metrics::Metrics;
 use crate::model::{ClockMode, FrameBatch, Id, Rejected, Sample, SourceId};

@@ -139,6 +139,13 @@ impl WindowState {
         self.panes.is_empty()
     }
 
+    /// Starts loading the newest pane, which the next in-order reading updates.
+    pub fn prefetch(&self) {
+        if let Some(pane) = self.panes.back() {
+            crate::engine::prefetch(pane);
+        }
+    }
+
     /// Whether this device's alarm for the rule is on.
     pub fn alarm(&self) -> bool {
         self.alarm
