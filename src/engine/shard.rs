@@ -382,10 +382,7 @@ impl Shard {
         }
         self.watermark = watermark;
         for r in 0..self.runtimes.len() {
-            loop {
-                let Some(entry) = self.runtimes[r].schedule.first_entry() else {
-                    break;
-                };
+            while let Some(entry) = self.runtimes[r].schedule.first_entry() {
                 if *entry.key() > watermark {
                     break;
                 }
