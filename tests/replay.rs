@@ -77,7 +77,9 @@ fn the_checked_in_fixture_gives_the_reference_counts() {
 #[test]
 fn fresh_recordings_match_the_reference_implementation() {
     let dir = tempfile::tempdir().unwrap();
-    for seed in [11, 12] {
+    // The second recording is out of order by up to 8 s, past the 5 s allowed lateness, so
+    // late readings are exercised too.
+    for (seed, disorder_ms) in [(11, "2000"), (12, "8000")] {
         let recording = dir.path().join(format!("rec-{seed}.ndjson"));
         let generated = Command::new("python3")
             .arg(root().join("tests/reference/gen_recording.py"))
@@ -89,6 +91,7 @@ fn fresh_recordings_match_the_reference_implementation() {
                 "--seed",
                 &seed.to_string(),
             ])
+            .args(["--disorder-ms", disorder_ms])
             .args(["--bad-rate", "0.01", "--out"])
             .arg(&recording)
             .status()
