@@ -10,14 +10,16 @@ use crate::model::Millis;
 /// so checking a reading touches the device's own memory only.
 pub const HISTORY: usize = 32;
 
+/// `repr(C)`: the small fields come first, so the ring's bulk does not push them apart.
 #[derive(Debug, Clone)]
+#[repr(C)]
 pub struct Dedup {
-    /// A ring of (event time, sequence number); `len` entries are filled.
-    recent: [(Millis, Option<u64>); HISTORY],
-    len: usize,
-    next: usize,
     max_ts: Option<Millis>,
     max_seq: Option<u64>,
+    len: usize,
+    next: usize,
+    /// A ring of (event time, sequence number); `len` entries are filled.
+    recent: [(Millis, Option<u64>); HISTORY],
 }
 
 impl Default for Dedup {
