@@ -2,7 +2,7 @@
 //! rules, from frames to alerts (no file I/O, no sinks beyond counting).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use vitalstream::engine::{Engine, EngineConfig, Outputs};
+use vitalstream::engine::{EndOfInput, Engine, EngineConfig, Outputs};
 use vitalstream::model::{ClockMode, FrameBatch};
 use vitalstream::rules::parse_pipeline;
 
@@ -46,7 +46,7 @@ fn engine(c: &mut Criterion) {
                     source.send(batch);
                 }
                 drop(source);
-                engine.join();
+                engine.join(EndOfInput::CloseWindows);
                 alerts_rx.len()
             },
             criterion::BatchSize::PerIteration,

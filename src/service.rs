@@ -4,7 +4,7 @@
 
 use crate::alerts::AlertEvent;
 use crate::config::{Config, SourceConfig, StorageConfig};
-use crate::engine::{Engine, EngineConfig, Outputs};
+use crate::engine::{EndOfInput, Engine, EngineConfig, Outputs};
 use crate::metrics::Snapshot;
 use crate::model::{ClockMode, Rejected, Sample};
 use crate::rules::RuleSet;
@@ -226,7 +226,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         let _ = s.join();
     }
     let metrics = engine.metrics.clone();
-    engine.join();
+    engine.join(EndOfInput::KeepOpen);
     sinks.join()?;
     let snapshot = metrics.snapshot();
     tracing::info!(
@@ -285,7 +285,7 @@ pub fn replay(input: impl Read, options: ReplayOptions) -> anyhow::Result<Replay
     });
     let stats = replay::run(input, handle, options.speed > 0.0).context("reading the recording")?;
     let metrics = engine.metrics.clone();
-    engine.join();
+    engine.join(EndOfInput::CloseWindows);
     sinks.join()?;
     let elapsed_s = started.elapsed().as_secs_f64();
     let snap = metrics.snapshot();

@@ -102,9 +102,11 @@ def ts_ms_expr(handle_rfc3339: bool) -> str:
 def build_ddl(path: str, min_ts: int, max_ts: int, handle_rfc3339: bool) -> str:
     ts_ms = ts_ms_expr(handle_rfc3339)
     # One computed column may not reference another, so the bound check is inlined.
+    # The watermark assigner rejects NULL row times, so unusable rows get epoch 0:
+    # it never advances the watermark, and the readings view drops those rows.
     rowtime = (
         f"CASE WHEN {ts_ms} BETWEEN {min_ts} AND {max_ts} "
-        f"THEN TO_TIMESTAMP_LTZ({ts_ms}, 3) END"
+        f"THEN TO_TIMESTAMP_LTZ({ts_ms}, 3) ELSE TO_TIMESTAMP_LTZ(0, 3) END"
     )
     return f"""
 CREATE TEMPORARY TABLE raw_readings (
@@ -134,7 +136,7 @@ READINGS_VIEW = f"""
 CREATE TEMPORARY VIEW readings AS
 SELECT device_id, rowtime, hr, spo2, temp
 FROM raw_readings
-WHERE rowtime IS NOT NULL
+WHERE rowtime > TO_TIMESTAMP_LTZ(0, 3)
   AND device_id IS NOT NULL
   AND REGEXP(device_id, {sql_str(DEVICE_ID_RE)})
   AND (hr     IS NULL OR hr     BETWEEN 0 AND 300)
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
         default=None,
         help="readings with a later ts are dropped before the watermark (default: now + 300 s)",
     )
-    p.add_argument("--min-ts-ms", type=int, default=0)
+    p.add_argument("--min-ts-ms", type=int, default=1)
     p.add_argument(
         "--int-ts-only",
         action="store_true",

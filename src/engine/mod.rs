@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -150,6 +150,15 @@ impl Assignments {
     }
 }
 
+/// What happens to open windows when the input ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndOfInput {
+    /// The data is complete (a recording): evaluate every open window.
+    CloseWindows,
+    /// The service is stopping: open windows are incomplete, leave them unevaluated.
+    KeepOpen,
+}
+
 /// Parsed frames of one batch, still in source order.
 struct ParsedBatch {
     source: SourceId,
@@ -172,6 +181,7 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     pub assignments: Arc<Assignments>,
     queues: Arc<QueueDepths>,
+    close_at_end: Arc<AtomicBool>,
 }
 
 /// Queue depths, for the status line.
@@ -207,6 +217,7 @@ impl Engine {
         let (input_tx, input_rx) = bounded::<FrameBatch>(config.queue_batches * workers);
         let (parsed_tx, parsed_rx) = bounded::<ParsedBatch>(config.queue_batches * workers);
         let queues = Arc::new(QueueDepths::default());
+        let close_at_end = Arc::new(AtomicBool::new(true));
         let _ = queues.input.set(input_rx.clone());
         let mut threads = Vec::new();
 
@@ -240,6 +251,7 @@ impl Engine {
                 metrics.clone(),
                 assignments.clone(),
                 outputs.readings.clone(),
+                close_at_end.clone(),
             );
             threads.push(spawn(&format!("shard-{s}"), move || shard.run(rx)));
         }
@@ -258,6 +270,7 @@ impl Engine {
             metrics,
             assignments,
             queues,
+            close_at_end,
         }
     }
 
@@ -300,9 +313,14 @@ impl Engine {
         self.queues.depths()
     }
 
-    /// Waits until every source handle is dropped and every stage has drained: all windows
-    /// are closed, all alerts emitted, all readings handed to storage.
-    pub fn join(mut self) {
+    /// Waits until every source handle is dropped and every stage has drained: all alerts
+    /// emitted, all readings handed to storage. With [`EndOfInput::CloseWindows`] (a
+    /// recording has ended) every open window is evaluated first; with
+    /// [`EndOfInput::KeepOpen`] (a live service stops) windows still open are not evaluated,
+    /// since they are incomplete, not over.
+    pub fn join(mut self, end: EndOfInput) {
+        self.close_at_end
+            .store(end == EndOfInput::CloseWindows, Relaxed);
         self.input.take();
         for t in self.threads.drain(..) {
             if t.join().is_err() {

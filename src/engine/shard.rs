@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 #[derive(Debug, Clone)]
 pub(crate) enum ShardMsg {
@@ -124,6 +124,8 @@ pub(crate) struct Shard {
     outcomes: Vec<WindowOutcome>,
     /// The device slot of each reading of the batch being processed (reused).
     slots: Vec<u32>,
+    /// Read when the input ends: evaluate every open window, or leave them.
+    close_at_end: Arc<AtomicBool>,
     late: u64,
     duplicates: u64,
 }
@@ -136,6 +138,7 @@ impl Shard {
         metrics: Arc<Metrics>,
         assignments: Arc<Assignments>,
         storage: Option<Sender<Vec<Sample>>>,
+        close_at_end: Arc<AtomicBool>,
     ) -> Shard {
         let rules = rules_source.load_full();
         let runtimes = rules
@@ -160,6 +163,7 @@ impl Shard {
             last_scan: 0,
             outcomes: Vec::new(),
             slots: Vec::new(),
+            close_at_end,
             late: 0,
             duplicates: 0,
         }
@@ -193,8 +197,9 @@ impl Shard {
                 }
             }
         }
-        // End of input: every window closes.
-        self.advance(Millis::MAX);
+        if self.close_at_end.load(Relaxed) {
+            self.advance(Millis::MAX);
+        }
         self.flush_counters();
     }
 

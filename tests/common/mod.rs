@@ -6,7 +6,7 @@
 use crossbeam_channel::{Receiver, bounded, unbounded};
 use std::time::Duration;
 use vitalstream::alerts::{AlertEvent, Transition};
-use vitalstream::engine::{Engine, EngineConfig, Outputs};
+use vitalstream::engine::{EndOfInput, Engine, EngineConfig, Outputs};
 use vitalstream::model::{ClockMode, Rejected, Sample, now_micros};
 use vitalstream::rules::{RuleSet, parse_pipeline};
 use vitalstream::sources::SourceHandle;
@@ -75,7 +75,7 @@ impl Harness {
     /// Stops the engine and returns every alert transition it emitted.
     pub fn finish(self) -> (vitalstream::metrics::Snapshot, Vec<AlertEvent>, usize) {
         let metrics = self.engine.metrics.clone();
-        self.engine.join();
+        self.engine.join(EndOfInput::CloseWindows);
         let alerts: Vec<AlertEvent> = self.alerts.try_iter().collect();
         let stored = self.readings.try_iter().map(|b| b.len()).sum();
         (metrics.snapshot(), alerts, stored)

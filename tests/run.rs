@@ -1,0 +1,105 @@
+//! `vitalstream run` as an operator runs it: the simulator feeds the engine, alerts appear,
+//! and SIGINT stops it cleanly with every accepted reading in complete Parquet files.
+
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde_json::Value;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn parquet_rows(dir: &std::path::Path, prefix: &str) -> usize {
+    let mut rows = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            !name.ends_with(".tmp"),
+            "a half-written file was left: {name}"
+        );
+        if name.starts_with(prefix) && name.ends_with(".parquet") {
+            let file = std::fs::File::open(&path).unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap_or_else(|e| panic!("{name} is not a complete Parquet file: {e}"))
+                .build()
+                .unwrap();
+            rows += reader.map(|b| b.unwrap().num_rows()).sum::<usize>();
+        }
+    }
+    rows
+}
+
+#[test]
+fn runs_the_simulator_and_stops_cleanly_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let alerts = dir.path().join("alerts.ndjson");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+status_interval = "1s"
+[log]
+format = "json"
+[[sources]]
+type = "simulator"
+devices = 40
+rate_hz = 10.0
+anomaly_rate = 1.0
+[storage]
+dir = "{data}"
+[alert_log]
+path = "{alerts}"
+[dead_letter]
+path = "{data}/dead-letter.ndjson"
+"#,
+            data = data.display(),
+            alerts = alerts.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vitalstream"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it run until alerts have been raised (anomalies start within seconds), and for long
+    // enough to print status lines.
+    std::thread::sleep(Duration::from_millis(2500));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&alerts).map_or(true, |t| !t.contains("\"raised\"")) {
+        assert!(Instant::now() < deadline, "no alert within 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit status {:?}\n{log}", out.status);
+
+    let stopped: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "stopped cleanly")
+        .unwrap_or_else(|| panic!("no clean stop in the log:\n{log}"));
+    let accepted = stopped["fields"]["accepted"].as_u64().unwrap() as usize;
+    assert!(accepted > 0);
+    assert!(
+        log.contains("\"message\":\"status\""),
+        "status lines are printed"
+    );
+    assert_eq!(
+        parquet_rows(&data, "readings-"),
+        accepted,
+        "every accepted reading is stored"
+    );
+    let alert_lines = std::fs::read_to_string(&alerts).unwrap().lines().count();
+    assert_eq!(
+        parquet_rows(&data, "alerts-"),
+        alert_lines,
+        "every alert transition is stored"
+    );
+}
