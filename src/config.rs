@@ -127,12 +127,13 @@ impl Config {
         if self.status_interval.is_zero() {
             problems.push("status_interval must be positive".into());
         }
-        for source in &self.sources {
+        for (i, source) in self.sources.iter().enumerate() {
             match source {
-                SourceConfig::Simulator(sim) if sim.devices == 0 => {
-                    problems.push("sources: a simulator needs at least 1 device".into());
-                }
-                SourceConfig::Simulator(_) => {}
+                SourceConfig::Simulator(sim) => problems.extend(
+                    sim.validate()
+                        .into_iter()
+                        .map(|p| format!("sources[{i}] (simulator): {p}")),
+                ),
             }
         }
         if problems.is_empty() {

@@ -189,3 +189,38 @@ fn check_lists_every_problem() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn speed_paces_the_replay_at_a_multiple_of_event_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("paced.ndjson");
+    let t0 = 1_767_225_600_000i64;
+    let lines: String = (0..4)
+        .map(|i| {
+            format!(
+                "{{\"device_id\":\"a\",\"ts\":{},\"hr\":80}}\n",
+                t0 + i * 1000
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let started = std::time::Instant::now();
+    let out = vitalstream(&[
+        "replay",
+        "--input",
+        input.to_str().unwrap(),
+        "--pipeline",
+        "builtin:reference",
+        "--speed",
+        "10",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 3 s of event time at 10× takes at least 0.3 s; as fast as possible it takes far less.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["accepted"], 4);
+}
