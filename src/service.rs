@@ -5,7 +5,7 @@
 use crate::alerts::AlertEvent;
 use crate::config::{Config, SourceConfig, StorageConfig};
 use crate::engine::{EndOfInput, Engine, EngineConfig, Outputs};
-use crate::metrics::Snapshot;
+use crate::metrics::{LatencySnapshot, Snapshot};
 use crate::model::{ClockMode, Rejected, Sample};
 use crate::rules::RuleSet;
 use crate::sinks::Storage;
@@ -260,6 +260,8 @@ pub struct ReplayReport {
     pub rules: BTreeMap<String, RuleReport>,
     pub elapsed_s: f64,
     pub readings_per_s: f64,
+    /// Microseconds from a reading's receipt to the alert it raised.
+    pub alert_latency_us: LatencySnapshot,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -317,6 +319,7 @@ pub fn replay(input: impl Read, options: ReplayOptions) -> anyhow::Result<Replay
         } else {
             0.0
         },
+        alert_latency_us: snap.alert_latency_us,
     })
 }
 

@@ -44,10 +44,9 @@ pub fn run(
     let mut skipping = false;
     loop {
         let mut data = std::mem::take(&mut carry);
-        let start = data.len();
-        data.resize(start + block, 0);
-        let n = read_full(&mut input, &mut data[start..])?;
-        data.truncate(start + n);
+        data.reserve(block);
+        // `read_to_end` on a `take` fills the spare capacity without zeroing it first.
+        let n = input.by_ref().take(block as u64).read_to_end(&mut data)?;
         let eof = n == 0;
         if eof && data.is_empty() {
             break;
@@ -113,20 +112,6 @@ fn frame(start: usize, end: usize, received_us: i64) -> crate::model::FrameMeta 
         received_us,
         device_hint: None,
     }
-}
-
-/// Reads until `buf` is full or the input ends.
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]
