@@ -379,6 +379,26 @@ mod tests {
     }
 
     #[test]
+    fn nesting_up_to_128_levels_is_allowed() {
+        // The object itself is level 1; `x` adds `n` more.
+        let nested = |n: usize| {
+            format!(
+                r#"{{"device_id":"a","ts":1,"hr":1,"x":{}{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        assert!(parse(&nested(127)).is_ok());
+        assert_eq!(parse(&nested(128)).unwrap_err(), RejectReason::InvalidJson);
+    }
+
+    #[test]
+    fn crlf_line_endings_are_whitespace() {
+        assert!(parse("{\"device_id\":\"a\",\"ts\":1,\"hr\":1}\r").is_ok());
+        assert!(parse(" \t{\"device_id\":\"a\",\"ts\":1,\"hr\":1} ").is_ok());
+    }
+
+    #[test]
     fn device_id_rules() {
         assert_eq!(reason(r#"{"ts":1,"hr":1}"#), "missing_device_id");
         for id in [
