@@ -46,15 +46,8 @@ pub struct Alert {
     /// The patient, or the device when the device has no patient.
     pub subject: Id,
     pub patient_id: Option<Id>,
-    pub device_id: Id,
-    /// The value that triggered the alert (the vital, or the window aggregate).
-    pub value: f64,
-    /// The window `[start, end)` for window rules.
-    pub window: Option<(Millis, Millis)>,
-    /// The reading that caused the alert.
-    pub correlation_id: CorrelationId,
-    /// Event time of the triggering reading (threshold) or window end (window).
-    pub event_ts: Millis,
+    #[serde(flatten)]
+    pub trigger: Trigger,
     pub pending_at: Option<Millis>,
     pub raised_at: Option<Millis>,
     pub acknowledged_at: Option<Millis>,
@@ -65,6 +58,20 @@ pub struct Alert {
     /// Devices whose condition currently holds.
     #[serde(skip)]
     holding: Vec<Id>,
+}
+
+/// What set an alert off: the reading (threshold rules) or window (window rules).
+#[derive(Debug, Clone, Serialize)]
+pub struct Trigger {
+    pub device_id: Id,
+    /// The vital's value, or the window's aggregate.
+    pub value: f64,
+    /// The window `[start, end)` for window rules.
+    pub window: Option<(Millis, Millis)>,
+    /// The reading that caused the alert.
+    pub correlation_id: CorrelationId,
+    /// Event time of the reading (threshold) or the window's end (window).
+    pub event_ts: Millis,
 }
 
 /// One lifecycle transition, as written to the alert outputs.
@@ -81,13 +88,9 @@ pub struct AlertEvent {
 #[derive(Debug, Clone)]
 pub struct Signal {
     pub rule: Arc<Rule>,
-    pub device_id: Id,
     pub patient_id: Option<Id>,
     pub edge: Edge,
-    pub value: f64,
-    pub window: Option<(Millis, Millis)>,
-    pub event_ts: Millis,
-    pub correlation_id: CorrelationId,
+    pub trigger: Trigger,
     /// When the triggering reading was received, µs since the epoch.
     pub received_us: i64,
 }
@@ -149,7 +152,8 @@ impl AlertBook {
 
     /// Applies one edge from a shard.
     pub fn signal(&self, s: Signal) {
-        let subject = s.patient_id.clone().unwrap_or_else(|| s.device_id.clone());
+        let device = s.trigger.device_id.clone();
+        let subject = s.patient_id.clone().unwrap_or_else(|| device.clone());
         let key = AlertKey {
             rule_id: s.rule.id.clone(),
             subject: subject.clone(),
@@ -169,11 +173,7 @@ impl AlertBook {
                         state: AlertState::Pending,
                         subject,
                         patient_id: s.patient_id.clone(),
-                        device_id: s.device_id.clone(),
-                        value: s.value,
-                        window: s.window,
-                        correlation_id: s.correlation_id.clone(),
-                        event_ts: s.event_ts,
+                        trigger: s.trigger.clone(),
                         pending_at: Some(now),
                         raised_at: None,
                         acknowledged_at: None,
@@ -184,27 +184,23 @@ impl AlertBook {
                     }
                 });
                 let alert = entry.value_mut();
-                if !alert.holding.contains(&s.device_id) {
-                    alert.holding.push(s.device_id.clone());
+                if !alert.holding.contains(&device) {
+                    alert.holding.push(device);
                 }
                 if s.edge == Edge::Raise && alert.state == AlertState::Pending {
                     alert.state = AlertState::Firing;
                     alert.raised_at = Some(now);
-                    alert.device_id = s.device_id;
-                    alert.value = s.value;
-                    alert.window = s.window;
-                    alert.correlation_id = s.correlation_id;
-                    alert.event_ts = s.event_ts;
+                    alert.trigger = s.trigger;
                     self.metrics
                         .record_alert_latency(now_micros() - s.received_us);
                     tracing::info!(
                         alert_id = %alert.alert_id, rule = %alert.rule_id, subject = %alert.subject,
-                        correlation_id = %alert.correlation_id, value = alert.value, "alert raised"
+                        correlation_id = %alert.trigger.correlation_id, value = alert.trigger.value, "alert raised"
                     );
                     self.emit(Transition::Raised, alert);
                 }
             }
-            Edge::Cancel | Edge::Clear => self.release(&key, &s.device_id, now),
+            Edge::Cancel | Edge::Clear => self.release(&key, &device, now),
         }
     }
 
@@ -223,7 +219,7 @@ impl AlertBook {
             alert.state = AlertState::Resolved;
             alert.resolved_at = Some(now);
             tracing::info!(alert_id = %alert.alert_id, rule = %alert.rule_id, subject = %alert.subject,
-                correlation_id = %alert.correlation_id, "alert resolved: condition cleared");
+                correlation_id = %alert.trigger.correlation_id, "alert resolved: condition cleared");
             self.emit(Transition::Resolved, alert);
         }
         let id = alert.alert_id.clone();
@@ -269,7 +265,7 @@ impl AlertBook {
                 alert.state = AlertState::Acknowledged;
                 alert.acknowledged_at = Some(now_millis());
                 alert.acknowledged_by = Some(by.to_string());
-                tracing::info!(alert_id, by, correlation_id = %alert.correlation_id, "alert acknowledged");
+                tracing::info!(alert_id, by, correlation_id = %alert.trigger.correlation_id, "alert acknowledged");
                 self.emit(Transition::Acknowledged, alert);
             }
             AlertState::Acknowledged | AlertState::Resolved => {}
@@ -296,7 +292,7 @@ impl AlertBook {
         alert.state = AlertState::Resolved;
         alert.resolved_at = Some(now_millis());
         alert.resolved_by = Some(by.to_string());
-        tracing::info!(alert_id, by, correlation_id = %alert.correlation_id, "alert resolved by hand");
+        tracing::info!(alert_id, by, correlation_id = %alert.trigger.correlation_id, "alert resolved by hand");
         self.emit(Transition::Resolved, alert);
         let resolved = alert.clone();
         drop(entry);
@@ -364,13 +360,15 @@ mod tests {
     fn signal(rule: &Arc<Rule>, device: &str, patient: Option<&str>, edge: Edge) -> Signal {
         Signal {
             rule: rule.clone(),
-            device_id: device.into(),
             patient_id: patient.map(Into::into),
             edge,
-            value: 130.0,
-            window: None,
-            event_ts: 1,
-            correlation_id: CorrelationId::Given("c-1".into()),
+            trigger: Trigger {
+                device_id: device.into(),
+                value: 130.0,
+                window: None,
+                correlation_id: CorrelationId::Given("c-1".into()),
+                event_ts: 1,
+            },
             received_us: now_micros(),
         }
     }
@@ -427,7 +425,7 @@ mod tests {
         book.signal(signal(&rule, "d1", None, Edge::Raise));
         book.signal(signal(&rule, "d2", None, Edge::Raise));
         assert_eq!(book.active().len(), 2);
-        assert_eq!(book.active()[0].subject, book.active()[0].device_id);
+        assert_eq!(book.active()[0].subject, book.active()[0].trigger.device_id);
     }
 
     #[test]

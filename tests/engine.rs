@@ -49,7 +49,7 @@ fn late_readings_are_counted_stored_and_not_evaluated() {
     assert_eq!(stored, 3, "late readings are still stored");
     assert_eq!(m.rules["hr_high"].matches, 1);
     assert_eq!(count(&alerts, "hr_high", Transition::Raised), 1);
-    assert_eq!(alerts[0].alert.device_id, "c");
+    assert_eq!(alerts[0].alert.trigger.device_id, "c");
 }
 
 #[test]
@@ -114,8 +114,8 @@ fn windows_close_on_the_watermark_and_at_end_of_input() {
         .collect();
     assert_eq!(raised.len(), 1);
     assert_eq!(raised[0].alert.subject, "a");
-    assert_eq!(raised[0].alert.window, Some((T0, T0 + 10_000)));
-    assert_eq!(raised[0].alert.value, 85.0);
+    assert_eq!(raised[0].alert.trigger.window, Some((T0, T0 + 10_000)));
+    assert_eq!(raised[0].alert.trigger.value, 85.0);
 }
 
 #[test]
@@ -194,7 +194,7 @@ for = "10s"
         .iter()
         .find(|e| &*e.alert.rule_id == "hr_delayed" && e.event == Transition::Raised)
         .expect("delayed rule fired");
-    assert_eq!(raised.alert.event_ts, T0 + 10_000);
+    assert_eq!(raised.alert.trigger.event_ts, T0 + 10_000);
     assert_eq!(
         m.rules["hr_high"].matches, 6,
         "the new rule sees only readings after the swap"

@@ -48,7 +48,16 @@ T_START = time.perf_counter()
 
 
 def count_lines(path: str) -> int:
-    """Lines as vitalstream counts them: pieces split on b"\\n", minus a final empty one."""
+    """Lines as vitalstream counts them: pieces split on b"\\n", minus a final empty one.
+
+    A directory (input pre-split into several files) counts the lines of all its files.
+    """
+    if os.path.isdir(path):
+        return sum(
+            count_lines(os.path.join(path, f))
+            for f in sorted(os.listdir(path))
+            if not f.startswith((".", "_"))
+        )
     n = 0
     last = b"\n"
     with open(path, "rb") as f:
@@ -175,7 +184,7 @@ HAVING MAX(temp) > 39.0
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--input", required=True, help="NDJSON recording")
+    p.add_argument("--input", required=True, help="NDJSON recording (file, or a directory of parts)")
     p.add_argument("--parallelism", type=int, default=2)
     p.add_argument("--mode", choices=("count", "blackhole"), default="count")
     p.add_argument(

@@ -5,7 +5,7 @@
 
 use super::dedup::Dedup;
 use super::{Assignments, EngineConfig};
-use crate::alerts::{AlertBook, Signal};
+use crate::alerts::{AlertBook, Signal, Trigger};
 use crate::metrics::{Metrics, RuleCounters};
 use crate::model::{Id, Millis, Sample};
 use crate::rules::threshold::ThresholdState;
@@ -318,13 +318,15 @@ impl Shard {
                         if let Some(edge) = eval.edge {
                             self.book.signal(Signal {
                                 rule: rt.rule.clone(),
-                                device_id: sample.device_id.clone(),
                                 patient_id: patient.clone(),
                                 edge,
-                                value,
-                                window: None,
-                                event_ts: sample.ts,
-                                correlation_id: sample.correlation_id.clone(),
+                                trigger: Trigger {
+                                    device_id: sample.device_id.clone(),
+                                    value,
+                                    window: None,
+                                    correlation_id: sample.correlation_id.clone(),
+                                    event_ts: sample.ts,
+                                },
                                 received_us: sample.received_us,
                             });
                         }
@@ -437,13 +439,15 @@ impl Shard {
             if let Some(edge) = outcome.edge {
                 self.book.signal(Signal {
                     rule: rt.rule.clone(),
-                    device_id: device.id.clone(),
                     patient_id: device.patient.clone(),
                     edge,
-                    value: outcome.value,
-                    window: Some((outcome.start, outcome.end)),
-                    event_ts: outcome.end,
-                    correlation_id: outcome.correlation_id,
+                    trigger: Trigger {
+                        device_id: device.id.clone(),
+                        value: outcome.value,
+                        window: Some((outcome.start, outcome.end)),
+                        correlation_id: outcome.correlation_id,
+                        event_ts: outcome.end,
+                    },
                     received_us: outcome.received_us,
                 });
             }

@@ -54,7 +54,7 @@ impl AlertLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::{AlertBook, Signal};
+    use crate::alerts::{AlertBook, Signal, Trigger};
     use crate::model::{CorrelationId, now_micros};
     use crate::rules::parse_pipeline;
     use crate::rules::threshold::Edge;
@@ -73,13 +73,15 @@ mod tests {
         for edge in [Edge::Raise, Edge::Clear] {
             book.signal(Signal {
                 rule: rule.clone(),
-                device_id: "dev-1".into(),
                 patient_id: Some("pat-1".into()),
                 edge,
-                value: 86.0,
-                window: None,
-                event_ts: 1_700_000_000_000,
-                correlation_id: CorrelationId::Given("c-42".into()),
+                trigger: Trigger {
+                    device_id: "dev-1".into(),
+                    value: 86.0,
+                    window: None,
+                    correlation_id: CorrelationId::Given("c-42".into()),
+                    event_ts: 1_700_000_000_000,
+                },
                 received_us: now_micros(),
             });
         }

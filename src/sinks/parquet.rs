@@ -454,13 +454,14 @@ impl Columns for AlertColumns {
         self.state.append_value(state_name(a.state));
         self.subject.append_value(&a.subject);
         self.patient_id.append_option(a.patient_id.as_ref());
-        self.device_id.append_value(&a.device_id);
+        let t = &a.trigger;
+        self.device_id.append_value(&t.device_id);
         self.value
-            .append_option((!a.value.is_nan()).then_some(a.value));
-        self.window_start.append_option(a.window.map(|w| w.0));
-        self.window_end.append_option(a.window.map(|w| w.1));
-        append_display(&mut self.correlation_id, &mut self.text, &a.correlation_id);
-        self.event_ts.append_value(a.event_ts);
+            .append_option((!t.value.is_nan()).then_some(t.value));
+        self.window_start.append_option(t.window.map(|w| w.0));
+        self.window_end.append_option(t.window.map(|w| w.1));
+        append_display(&mut self.correlation_id, &mut self.text, &t.correlation_id);
+        self.event_ts.append_value(t.event_ts);
     }
 
     fn finish(&mut self) -> Vec<ArrayRef> {
@@ -571,13 +572,15 @@ mod tests {
             .clone();
         book.signal(crate::alerts::Signal {
             rule,
-            device_id: "dev-1".into(),
             patient_id: None,
             edge: crate::rules::threshold::Edge::Raise,
-            value,
-            window,
-            event_ts: 1_700_000_000_000,
-            correlation_id: CorrelationId::Given("c-1".into()),
+            trigger: crate::alerts::Trigger {
+                device_id: "dev-1".into(),
+                value,
+                window,
+                correlation_id: CorrelationId::Given("c-1".into()),
+                event_ts: 1_700_000_000_000,
+            },
             received_us: crate::model::now_micros(),
         });
         rx.try_recv().unwrap().alert

@@ -34,26 +34,17 @@ pub struct Harness {
 
 impl Harness {
     pub fn start(config: &EngineConfig, rules: RuleSet) -> Harness {
-        let (alerts_tx, alerts) = unbounded();
-        let (readings_tx, readings) = unbounded();
-        let (rejects_tx, rejects) = unbounded();
-        let outputs = Outputs {
-            alerts: alerts_tx,
-            readings: Some(readings_tx),
-            rejects: Some(rejects_tx),
-        };
-        Harness {
-            engine: Engine::start(config, rules, outputs),
-            alerts,
-            readings,
-            rejects,
-        }
+        Self::with_storage(config, rules, None)
     }
 
     /// Like `start`, but storage accepts only `capacity` batches until someone reads them.
     pub fn with_slow_storage(config: &EngineConfig, rules: RuleSet, capacity: usize) -> Harness {
+        Self::with_storage(config, rules, Some(capacity))
+    }
+
+    fn with_storage(config: &EngineConfig, rules: RuleSet, capacity: Option<usize>) -> Harness {
         let (alerts_tx, alerts) = unbounded();
-        let (readings_tx, readings) = bounded(capacity);
+        let (readings_tx, readings) = capacity.map_or_else(unbounded, bounded);
         let (rejects_tx, rejects) = unbounded();
         let outputs = Outputs {
             alerts: alerts_tx,
