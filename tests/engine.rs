@@ -317,7 +317,11 @@ fn readings_from_the_future_are_rejected() {
     assert_eq!(m.late, 0, "the bad clock did not make the others late");
     let dead: Vec<_> = rejects.try_iter().flatten().collect();
     assert_eq!(dead.len(), 2);
-    assert_eq!(dead[0].payload, lines[1].as_bytes(), "original bytes kept");
+    // The two sources are parsed in parallel, so their rejects may come in either order.
+    assert!(
+        dead.iter().any(|r| r.payload == lines[1].as_bytes()),
+        "original bytes kept"
+    );
 }
 
 #[test]
