@@ -2,7 +2,6 @@
 
 use crate::alerts::AlertEvent;
 use serde::{Deserialize, Serialize};
-use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 
@@ -25,15 +24,7 @@ impl AlertLog {
     pub fn open(config: &AlertLogConfig) -> io::Result<Self> {
         let out: Box<dyn Write + Send> = match &config.path {
             None => Box::new(io::stdout()),
-            Some(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("alert log {}: {e}", path.display()))
-                    })?,
-            ),
+            Some(path) => Box::new(super::open_append(path, "alert log")?),
         };
         Ok(AlertLog {
             out: BufWriter::new(out),

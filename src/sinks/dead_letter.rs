@@ -7,7 +7,7 @@
 
 use crate::model::{Rejected, SourceId};
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 
@@ -44,18 +44,10 @@ impl DeadLetter {
     pub fn open(config: &DeadLetterConfig) -> io::Result<Self> {
         let out = match &config.path {
             None => None,
-            Some(path) => Some(BufWriter::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("dead-letter file {}: {e}", path.display()),
-                        )
-                    })?,
-            )),
+            Some(path) => Some(BufWriter::new(super::open_append(
+                path,
+                "dead-letter file",
+            )?)),
         };
         Ok(DeadLetter {
             out,

@@ -37,9 +37,32 @@ pub trait Storage: Send {
     fn close(&mut self) -> Result<(), StorageError>;
 }
 
-/// What the storage thread receives.
-#[derive(Debug)]
-pub enum StorageMsg {
-    Readings(Vec<Sample>),
-    Alerts(Vec<AlertEvent>),
+/// Opens `path` for appending, creating it and its directory if needed; errors name `what`
+/// and the path.
+pub(crate) fn open_append(path: &std::path::Path, what: &str) -> std::io::Result<std::fs::File> {
+    let named = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(named)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(named)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn open_append_creates_the_directory_and_names_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/deeper/out.ndjson");
+        super::open_append(&path, "test output").unwrap();
+        assert!(path.exists());
+        let blocked = dir.path().join("nested/deeper/out.ndjson/child");
+        let err = super::open_append(&blocked, "test output").unwrap_err();
+        assert!(err.to_string().starts_with("test output "), "{err}");
+    }
 }
