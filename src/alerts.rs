@@ -115,6 +115,8 @@ pub enum LifecycleError {
 pub struct AlertBook {
     active: DashMap<AlertKey, Alert>,
     by_id: DashMap<String, AlertKey>,
+    /// (rule, device) → the alert that device's condition holds.
+    holders: DashMap<(Arc<str>, Id), AlertKey>,
     out: Sender<AlertEvent>,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
@@ -126,6 +128,7 @@ impl AlertBook {
         AlertBook {
             active: DashMap::new(),
             by_id: DashMap::new(),
+            holders: DashMap::new(),
             out,
             metrics,
             next_id: AtomicU64::new(1),
@@ -153,14 +156,22 @@ impl AlertBook {
     /// Applies one edge from a shard.
     pub fn signal(&self, s: Signal) {
         let device = s.trigger.device_id.clone();
-        let subject = s.patient_id.clone().unwrap_or_else(|| device.clone());
-        let key = AlertKey {
-            rule_id: s.rule.id.clone(),
-            subject: subject.clone(),
-        };
+        let holder = (s.rule.id.clone(), device.clone());
         let now = now_millis();
         match s.edge {
             Edge::Pending | Edge::Raise => {
+                let subject = s.patient_id.clone().unwrap_or_else(|| device.clone());
+                let key = AlertKey {
+                    rule_id: s.rule.id.clone(),
+                    subject: subject.clone(),
+                };
+                // A device whose patient changed while its condition held lets go of the
+                // old patient's alert.
+                if let Some(previous) = self.holders.insert(holder, key.clone())
+                    && previous != key
+                {
+                    self.release(&previous, &device, now);
+                }
                 let mut entry = self.active.entry(key.clone()).or_insert_with(|| {
                     let alert_id =
                         format!("alr-{:x}-{:x}", now, self.next_id.fetch_add(1, Relaxed));
@@ -200,7 +211,12 @@ impl AlertBook {
                     self.emit(Transition::Raised, alert);
                 }
             }
-            Edge::Cancel | Edge::Clear => self.release(&key, &device, now),
+            Edge::Cancel | Edge::Clear => {
+                // The alert the device holds, whatever its patient is now.
+                if let Some((_, key)) = self.holders.remove(&holder) {
+                    self.release(&key, &device, now);
+                }
+            }
         }
     }
 
@@ -230,10 +246,9 @@ impl AlertBook {
 
     /// Forgets a device whose state was evicted: a pending alert it alone held goes away; a
     /// firing one stays until someone resolves it, which is then allowed.
-    pub fn forget_device(&self, rule_id: &Arc<str>, subject: &Id, device: &Id) {
-        let key = AlertKey {
-            rule_id: rule_id.clone(),
-            subject: subject.clone(),
+    pub fn forget_device(&self, rule_id: &Arc<str>, device: &Id) {
+        let Some((_, key)) = self.holders.remove(&(rule_id.clone(), device.clone())) else {
+            return;
         };
         let Some(mut entry) = self.active.get_mut(&key) else {
             return;
@@ -303,6 +318,7 @@ impl AlertBook {
 
     /// Resolves every alert of a rule that was removed from the rule set.
     pub fn retire_rule(&self, rule_id: &str) {
+        self.holders.retain(|(rule, _), _| &**rule != rule_id);
         let keys: Vec<AlertKey> = self
             .active
             .iter()
@@ -437,7 +453,7 @@ mod tests {
             book.resolve(&id, "dr").unwrap_err(),
             LifecycleError::ConditionActive(id.clone())
         );
-        book.forget_device(&rule.id, &"p1".into(), &"d1".into());
+        book.forget_device(&rule.id, &"d1".into());
         let resolved = book.resolve(&id, "dr").unwrap();
         assert_eq!(resolved.resolved_by.as_deref(), Some("dr"));
         assert_eq!(
@@ -445,6 +461,29 @@ mod tests {
             LifecycleError::NotFound(id)
         );
         assert_eq!(events(&rx), [Transition::Raised, Transition::Resolved]);
+    }
+
+    #[test]
+    fn a_device_moved_to_another_patient_releases_the_old_alert() {
+        let (book, rx, rule) = setup();
+        book.signal(signal(&rule, "d1", None, Edge::Raise));
+        // The device is assigned to a patient while its condition still holds.
+        book.signal(signal(&rule, "d1", Some("p1"), Edge::Raise));
+        let active = book.active();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].subject, "p1");
+        // The clear reaches the alert the device holds now, whatever the signal says.
+        book.signal(signal(&rule, "d1", None, Edge::Clear));
+        assert!(book.active().is_empty());
+        assert_eq!(
+            events(&rx),
+            [
+                Transition::Raised,
+                Transition::Resolved,
+                Transition::Raised,
+                Transition::Resolved
+            ]
+        );
     }
 
     #[test]

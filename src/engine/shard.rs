@@ -353,9 +353,13 @@ impl Shard {
         if self.storage.is_none() {
             return Vec::new();
         }
-        for n in duplicates.into_iter().rev() {
-            samples.swap_remove(n);
-        }
+        let mut duplicates = duplicates.into_iter().peekable();
+        let mut n = 0;
+        samples.retain(|_| {
+            let duplicate = duplicates.next_if_eq(&n).is_some();
+            n += 1;
+            !duplicate
+        });
         samples
     }
 
@@ -485,10 +489,9 @@ impl Shard {
         let Some(device) = self.devices[slot].take() else {
             return;
         };
-        let subject = device.patient.clone().unwrap_or_else(|| device.id.clone());
         for (rt, state) in self.runtimes.iter().zip(&device.rules) {
             if state.active() {
-                self.book.forget_device(&rt.rule.id, &subject, &device.id);
+                self.book.forget_device(&rt.rule.id, &device.id);
             }
         }
         self.index.remove(&device.id);
