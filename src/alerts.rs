@@ -262,17 +262,24 @@ impl AlertBook {
         }
     }
 
-    /// A clinician acknowledges a firing alert. Acknowledging twice is harmless.
-    pub fn acknowledge(&self, alert_id: &str, by: &str) -> Result<Alert, LifecycleError> {
+    /// The active alert with this id, locked for update.
+    fn find(
+        &self,
+        alert_id: &str,
+    ) -> Result<(AlertKey, dashmap::mapref::one::RefMut<'_, AlertKey, Alert>), LifecycleError> {
+        let not_found = || LifecycleError::NotFound(alert_id.to_string());
         let key = self
             .by_id
             .get(alert_id)
             .map(|k| k.clone())
-            .ok_or_else(|| LifecycleError::NotFound(alert_id.to_string()))?;
-        let mut entry = self
-            .active
-            .get_mut(&key)
-            .ok_or_else(|| LifecycleError::NotFound(alert_id.to_string()))?;
+            .ok_or_else(not_found)?;
+        let entry = self.active.get_mut(&key).ok_or_else(not_found)?;
+        Ok((key, entry))
+    }
+
+    /// A clinician acknowledges a firing alert. Acknowledging twice is harmless.
+    pub fn acknowledge(&self, alert_id: &str, by: &str) -> Result<Alert, LifecycleError> {
+        let (_, mut entry) = self.find(alert_id)?;
         let alert = entry.value_mut();
         match alert.state {
             AlertState::Pending => return Err(LifecycleError::NotFiring(alert_id.to_string())),
@@ -291,15 +298,7 @@ impl AlertBook {
     /// Resolves an alert by hand; refused while its condition still holds, so a resolved
     /// alarm cannot hide a live one.
     pub fn resolve(&self, alert_id: &str, by: &str) -> Result<Alert, LifecycleError> {
-        let key = self
-            .by_id
-            .get(alert_id)
-            .map(|k| k.clone())
-            .ok_or_else(|| LifecycleError::NotFound(alert_id.to_string()))?;
-        let mut entry = self
-            .active
-            .get_mut(&key)
-            .ok_or_else(|| LifecycleError::NotFound(alert_id.to_string()))?;
+        let (key, mut entry) = self.find(alert_id)?;
         let alert = entry.value_mut();
         if !alert.holding.is_empty() {
             return Err(LifecycleError::ConditionActive(alert_id.to_string()));
