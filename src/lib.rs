@@ -22,10 +22,14 @@
 //! 5. [`sinks`] — alert transitions go to the alert log (NDJSON); readings and alerts to
 //!    [`sinks::Storage`] (Parquet files by default); rejects to the dead-letter output.
 //!
+//! Sources that must acknowledge upstream attach an [`ack::Ack`] to a batch; every piece of
+//! it carries a share until it is durable, so nothing is acknowledged before it is safe.
+//!
 //! [`service`] wires these together for `vitalstream run` and `vitalstream replay`;
 //! [`config`] loads the settings. Every queue between stages is bounded: a full queue blocks
 //! the stage before it, back to the source, and nothing is dropped to make room.
 
+pub mod ack;
 pub mod alerts;
 pub mod config;
 pub mod engine;

@@ -124,6 +124,8 @@ pub struct FrameBatch {
     pub mode: ClockMode,
     /// Order of this batch within its source, stamped by the source handle.
     pub seq: u64,
+    /// Runs once every frame of the batch is durable (or dead-lettered).
+    pub ack: Option<crate::ack::Ack>,
     /// Payload bytes, one frame after another.
     pub data: Vec<u8>,
     pub frames: Vec<FrameMeta>,
@@ -147,6 +149,7 @@ impl FrameBatch {
             source,
             mode,
             seq: 0,
+            ack: None,
             data: Vec::new(),
             frames: Vec::new(),
         }

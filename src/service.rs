@@ -2,11 +2,12 @@
 //! `vitalstream replay`, and shuts them down in order — sources first, then the engine
 //! drains, then every sink flushes and closes.
 
+use crate::ack::{self, Ack};
 use crate::alerts::AlertEvent;
 use crate::config::{Config, SourceConfig, StorageConfig};
-use crate::engine::{EndOfInput, Engine, EngineConfig, Outputs};
+use crate::engine::{EndOfInput, Engine, EngineConfig, Outputs, ReadingBatch, RejectBatch};
 use crate::metrics::{LatencySnapshot, Snapshot};
-use crate::model::{ClockMode, Rejected, Sample};
+use crate::model::ClockMode;
 use crate::rules::RuleSet;
 use crate::sinks::Storage;
 use crate::sinks::alert_log::{AlertLog, AlertLogConfig};
@@ -81,7 +82,7 @@ fn start_sinks(
 
     let readings = match storage {
         Some(storage) => {
-            let (tx, rx) = bounded::<Vec<Sample>>(16);
+            let (tx, rx) = bounded::<ReadingBatch>(16);
             threads.push(spawn("storage", move || {
                 run_storage(storage, rx, stored_alerts_rx)
             }));
@@ -93,13 +94,16 @@ fn start_sinks(
     let rejects = match dead_letter {
         Some(config) => {
             let mut dlq = DeadLetter::open(config).context("opening the dead-letter output")?;
-            let (tx, rx) = bounded::<Vec<Rejected>>(64);
+            let (tx, rx) = bounded::<RejectBatch>(64);
             threads.push(spawn("dead-letter", move || {
                 for batch in rx {
-                    for r in &batch {
+                    for r in &batch.rejects {
                         dlq.write(r).context("writing the dead-letter output")?;
                     }
                     dlq.flush().context("flushing the dead-letter output")?;
+                    if let Some(ack) = batch.ack {
+                        ack.done();
+                    }
                 }
                 Ok(())
             }));
@@ -126,12 +130,15 @@ fn spawn(
 }
 
 /// The storage thread: writes readings and alerts as they come, flushes at least once per
-/// [`STORAGE_LINGER`], and closes the store when both inputs have ended.
+/// [`STORAGE_LINGER`], and closes the store when both inputs have ended. A batch's ack is
+/// done only after the flush that makes it durable; if a write or flush fails, the thread
+/// stops and the acks it holds are dropped undone, so their sources do not acknowledge.
 fn run_storage(
     mut storage: Box<dyn Storage>,
-    readings: Receiver<Vec<Sample>>,
+    readings: Receiver<ReadingBatch>,
     alerts: Receiver<Vec<AlertEvent>>,
 ) -> anyhow::Result<()> {
+    let mut unflushed: Vec<Ack> = Vec::new();
     let mut readings_open = true;
     let mut alerts_open = true;
     let mut last_flush = Instant::now();
@@ -141,7 +148,11 @@ fn run_storage(
         let (no_readings, no_alerts) = (crossbeam_channel::never(), crossbeam_channel::never());
         select! {
             recv(if readings_open { &readings } else { &no_readings }) -> msg => match msg {
-                Ok(batch) => { storage.write_readings(&batch)?; dirty = true; }
+                Ok(batch) => {
+                    storage.write_readings(&batch.readings)?;
+                    unflushed.extend(batch.ack);
+                    dirty = true;
+                }
                 Err(_) => readings_open = false,
             },
             recv(if alerts_open { &alerts } else { &no_alerts }) -> msg => match msg {
@@ -152,11 +163,13 @@ fn run_storage(
         }
         if dirty && last_flush.elapsed() >= STORAGE_LINGER {
             storage.flush()?;
+            ack::all_done(unflushed.drain(..));
             dirty = false;
             last_flush = Instant::now();
         }
     }
     storage.close()?;
+    ack::all_done(unflushed);
     Ok(())
 }
 

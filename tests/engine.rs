@@ -280,7 +280,7 @@ fn a_full_sink_pushes_back_and_nothing_is_dropped() {
             .readings
             .recv_timeout(WAIT)
             .expect("readings keep flowing once drained");
-        stored += batch.len();
+        stored += batch.readings.len();
     }
     feeder.join().unwrap();
     let (m, _, rest) = h.finish();
@@ -315,7 +315,7 @@ fn readings_from_the_future_are_rejected() {
     assert_eq!(m.accepted, 2);
     assert_eq!(m.rejected_by_reason["future_ts"], 2);
     assert_eq!(m.late, 0, "the bad clock did not make the others late");
-    let dead: Vec<_> = rejects.try_iter().flatten().collect();
+    let dead: Vec<_> = rejects.try_iter().flat_map(|b| b.rejects).collect();
     assert_eq!(dead.len(), 2);
     // The two sources are parsed in parallel, so their rejects may come in either order.
     assert!(
@@ -344,6 +344,69 @@ fn bad_input_is_rejected_without_harming_good_data() {
     assert_eq!(m.rejected_by_reason["invalid_json"], 2);
     assert_eq!(m.rejected_by_reason["bad_type:hr"], 1);
     assert_eq!(m.rejected_by_reason["bad_device_id"], 1);
-    assert_eq!(rejects.try_iter().flatten().count(), 4);
+    assert_eq!(rejects.try_iter().flat_map(|b| b.rejects).count(), 4);
     assert_eq!(count(&alerts, "hr_high", Transition::Raised), 1);
+}
+
+#[test]
+fn a_batch_is_acknowledged_only_once_every_piece_is_durable() {
+    use vitalstream::ack::Ack;
+    let mut h = Harness::start(&config(), rules(HR_RULE));
+    let mut src = h.replay_source();
+    let (acked_tx, acked) = crossbeam_channel::unbounded();
+    // Two batches, each with readings for devices on both shards and one bad line.
+    for b in 0..2i64 {
+        let mut batch = src.batch();
+        for d in 0..10 {
+            let line = reading(&format!("d{d}"), T0 + b * 1000, "hr", 80.0);
+            batch.push(line.as_bytes(), now_micros(), None);
+        }
+        batch.push(format!("junk-{b}").as_bytes(), now_micros(), None);
+        let tx = acked_tx.clone();
+        batch.ack = Some(Ack::new(move |durable| tx.send((b, durable)).unwrap()));
+        assert!(src.send(batch));
+    }
+    // Collect the pieces the "storage" and "dead-letter output" (the test) now hold.
+    let mut stored = Vec::new();
+    while stored
+        .iter()
+        .map(|p: &vitalstream::engine::ReadingBatch| p.readings.len())
+        .sum::<usize>()
+        < 20
+    {
+        stored.push(
+            h.readings
+                .recv_timeout(WAIT)
+                .expect("readings reach storage"),
+        );
+    }
+    let mut dead = vec![
+        h.rejects.recv_timeout(WAIT).unwrap(),
+        h.rejects.recv_timeout(WAIT).unwrap(),
+    ];
+    assert!(
+        acked.recv_timeout(Duration::from_millis(300)).is_err(),
+        "nothing is acknowledged before storage and the dead-letter output are done"
+    );
+    let batch_of = |ts: i64| (ts - T0) / 1000;
+    // Batch 0: every piece becomes durable → acknowledged.
+    for piece in stored.extract_if(.., |p| batch_of(p.readings[0].ts) == 0) {
+        piece.ack.unwrap().done();
+    }
+    let junk0 = dead
+        .iter()
+        .position(|p| p.rejects[0].payload == b"junk-0")
+        .unwrap();
+    dead.remove(junk0).ack.unwrap().done();
+    assert_eq!(acked.recv_timeout(WAIT), Ok((0, true)));
+    // Batch 1: its readings are stored, but writing its dead letter fails (the piece is
+    // dropped undone) → the source must not acknowledge; the upstream will redeliver.
+    for piece in stored {
+        piece.ack.unwrap().done();
+    }
+    assert!(acked.recv_timeout(Duration::from_millis(200)).is_err());
+    drop(dead);
+    assert_eq!(acked.recv_timeout(WAIT), Ok((1, false)));
+    drop(src);
+    h.finish();
 }

@@ -16,6 +16,7 @@ mod shard;
 
 pub(crate) use shard::prefetch;
 
+use crate::ack::Ack;
 use crate::alerts::{AlertBook, AlertEvent};
 use crate::metrics::Metrics;
 use crate::model::{ClockMode, FrameBatch, Id, Rejected, Sample, SourceId};
@@ -117,9 +118,34 @@ pub struct Outputs {
     /// Alert transitions; never dropped (a full queue blocks).
     pub alerts: Sender<AlertEvent>,
     /// Accepted readings for storage, if any storage is configured.
-    pub readings: Option<Sender<Vec<Sample>>>,
+    pub readings: Option<Sender<ReadingBatch>>,
     /// Rejected frames for the dead-letter output.
-    pub rejects: Option<Sender<Vec<Rejected>>>,
+    pub rejects: Option<Sender<RejectBatch>>,
+}
+
+/// Readings for storage. The storage sink calls `ack.done()` once they are durable.
+#[derive(Debug)]
+pub struct ReadingBatch {
+    pub readings: Vec<Sample>,
+    pub ack: Option<Ack>,
+}
+
+/// Rejected frames for the dead-letter output, which calls `ack.done()` once they are written.
+#[derive(Debug)]
+pub struct RejectBatch {
+    pub rejects: Vec<Rejected>,
+    pub ack: Option<Ack>,
+}
+
+/// Sends rejects to the dead-letter output with a share of the batch's ack; without a
+/// dead-letter output they are only counted, which is all there is to do.
+fn dead_letter(out: &Option<Sender<RejectBatch>>, rejects: Vec<Rejected>, ack: &Option<Ack>) {
+    if let (Some(out), false) = (out, rejects.is_empty()) {
+        let ack = ack.as_ref().map(Ack::share);
+        if out.send(RejectBatch { rejects, ack }).is_err() {
+            tracing::error!("dead-letter queue closed; rejects not written");
+        }
+    }
 }
 
 /// Device → patient assignments, readable from every shard. Shards cache lookups per device
@@ -168,6 +194,7 @@ struct ParsedBatch {
     /// Original bytes of each sample, for readings the router rejects (`future_ts`).
     raw: FrameBatch,
     sample_frames: Vec<u32>,
+    ack: Option<Ack>,
 }
 
 /// A running engine. Feed it through [`Engine::source`]; stop it by dropping every source
@@ -340,11 +367,12 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 fn parse_worker(
     rx: Receiver<FrameBatch>,
     tx: Sender<ParsedBatch>,
-    rejects: Option<Sender<Vec<Rejected>>>,
+    rejects: Option<Sender<RejectBatch>>,
     metrics: Arc<Metrics>,
     mut parser: Parser,
 ) {
-    for batch in rx {
+    for mut batch in rx {
+        let ack = batch.ack.take();
         let mut samples = Vec::with_capacity(batch.len());
         let mut sample_frames = Vec::with_capacity(batch.len());
         let mut rejected = Vec::new();
@@ -369,9 +397,7 @@ fn parse_worker(
             }
         }
         metrics.frames.fetch_add(batch.len() as u64, Relaxed);
-        if let (Some(out), false) = (&rejects, rejected.is_empty()) {
-            let _ = out.send(rejected);
-        }
+        dead_letter(&rejects, rejected, &ack);
         let parsed = ParsedBatch {
             source: batch.source,
             mode: batch.mode,
@@ -379,6 +405,7 @@ fn parse_worker(
             samples,
             raw: batch,
             sample_frames,
+            ack,
         };
         if tx.send(parsed).is_err() {
             return;

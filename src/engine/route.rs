@@ -2,8 +2,9 @@
 //! (future-time check, watermark, lateness, replay pacing), and sends every reading to the
 //! shard that owns its device.
 
-use super::ParsedBatch;
 use super::shard::ShardMsg;
+use super::{ParsedBatch, RejectBatch, dead_letter};
+use crate::ack::Ack;
 use crate::engine::EngineConfig;
 use crate::metrics::Metrics;
 use crate::model::{ClockMode, Millis, RejectReason, Rejected, Sample, SourceId, now_millis};
@@ -30,7 +31,7 @@ struct SourceClock {
 
 pub(super) struct Router {
     shards: Vec<Sender<ShardMsg>>,
-    rejects: Option<Sender<Vec<Rejected>>>,
+    rejects: Option<Sender<RejectBatch>>,
     metrics: Arc<Metrics>,
     lateness: Millis,
     skew: Millis,
@@ -51,7 +52,7 @@ impl Router {
     pub(super) fn new(
         config: &EngineConfig,
         shards: Vec<Sender<ShardMsg>>,
-        rejects: Option<Sender<Vec<Rejected>>>,
+        rejects: Option<Sender<RejectBatch>>,
         metrics: Arc<Metrics>,
     ) -> Router {
         let n = shards.len();
@@ -92,11 +93,9 @@ impl Router {
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
-                let msg = ShardMsg::Tick {
-                    now_ms: now_millis(),
-                    watermark: self.watermark(),
-                };
-                if self.shards.iter().any(|s| s.send(msg.clone()).is_err()) {
+                let (now_ms, watermark) = (now_millis(), self.watermark());
+                let tick = || ShardMsg::Tick { now_ms, watermark };
+                if self.shards.iter().any(|s| s.send(tick()).is_err()) {
                     return;
                 }
             }
@@ -180,13 +179,9 @@ impl Router {
             self.out[shard].push(sample);
         }
         self.metrics.accepted.fetch_add(accepted, Relaxed);
-        if !rejected.is_empty() {
-            self.metrics
-                .reject(RejectReason::FutureTs, rejected.len() as u64);
-            if let Some(out) = &self.rejects {
-                let _ = out.send(rejected);
-            }
-        }
+        self.metrics
+            .reject(RejectReason::FutureTs, rejected.len() as u64);
+        dead_letter(&self.rejects, rejected, &batch.ack);
         let watermark = self.watermark();
         let now_ms = now_millis();
         for (shard, tx) in self.shards.iter().enumerate() {
@@ -196,11 +191,15 @@ impl Router {
                     samples,
                     watermark,
                     now_ms,
+                    ack: batch.ack.as_ref().map(Ack::share),
                 })
                 .is_err()
             {
                 return false;
             }
+        }
+        if let Some(ack) = batch.ack.take() {
+            ack.done();
         }
         true
     }

@@ -4,7 +4,8 @@
 //! [`AlertBook`].
 
 use super::dedup::Dedup;
-use super::{Assignments, EngineConfig};
+use super::{Assignments, EngineConfig, ReadingBatch};
+use crate::ack::Ack;
 use crate::alerts::{AlertBook, Signal, Trigger};
 use crate::metrics::{Metrics, RuleCounters};
 use crate::model::{Id, Millis, Sample};
@@ -18,13 +19,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum ShardMsg {
     /// Readings in source order, and the engine watermark after them.
     Batch {
         samples: Vec<Sample>,
         watermark: Millis,
         now_ms: Millis,
+        /// A share of the source batch's ack, done once these readings are stored.
+        ack: Option<Ack>,
     },
     /// Time passes with no data.
     Tick { now_ms: Millis, watermark: Millis },
@@ -116,7 +119,7 @@ pub(crate) struct Shard {
     book: Arc<AlertBook>,
     metrics: Arc<Metrics>,
     assignments: Arc<Assignments>,
-    storage: Option<Sender<Vec<Sample>>>,
+    storage: Option<Sender<ReadingBatch>>,
     watermark: Millis,
     idle_ms: Millis,
     ttl_ms: Millis,
@@ -137,7 +140,7 @@ impl Shard {
         book: Arc<AlertBook>,
         metrics: Arc<Metrics>,
         assignments: Arc<Assignments>,
-        storage: Option<Sender<Vec<Sample>>>,
+        storage: Option<Sender<ReadingBatch>>,
         close_at_end: Arc<AtomicBool>,
     ) -> Shard {
         let rules = rules_source.load_full();
@@ -176,16 +179,29 @@ impl Shard {
                     samples,
                     watermark,
                     now_ms,
+                    ack,
                 } => {
                     self.refresh_rules();
                     let keep = self.process(samples, now_ms);
                     self.advance(watermark);
                     self.maintain(now_ms);
                     self.flush_counters();
-                    if let (Some(storage), false) = (&self.storage, keep.is_empty()) {
-                        self.metrics.stored.fetch_add(keep.len() as u64, Relaxed);
-                        if storage.send(keep).is_err() {
-                            tracing::error!("storage queue closed; readings not stored");
+                    match &self.storage {
+                        Some(storage) if !keep.is_empty() => {
+                            self.metrics.stored.fetch_add(keep.len() as u64, Relaxed);
+                            let batch = ReadingBatch {
+                                readings: keep,
+                                ack,
+                            };
+                            if storage.send(batch).is_err() {
+                                tracing::error!("storage queue closed; readings not stored");
+                            }
+                        }
+                        // Nothing to store: evaluating them was all there was to do.
+                        _ => {
+                            if let Some(ack) = ack {
+                                ack.done();
+                            }
                         }
                     }
                 }

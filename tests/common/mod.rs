@@ -6,8 +6,8 @@
 use crossbeam_channel::{Receiver, bounded, unbounded};
 use std::time::Duration;
 use vitalstream::alerts::{AlertEvent, Transition};
-use vitalstream::engine::{EndOfInput, Engine, EngineConfig, Outputs};
-use vitalstream::model::{ClockMode, Rejected, Sample, now_micros};
+use vitalstream::engine::{EndOfInput, Engine, EngineConfig, Outputs, ReadingBatch, RejectBatch};
+use vitalstream::model::{ClockMode, now_micros};
 use vitalstream::rules::{RuleSet, parse_pipeline};
 use vitalstream::sources::SourceHandle;
 
@@ -28,8 +28,8 @@ pub fn config() -> EngineConfig {
 pub struct Harness {
     pub engine: Engine,
     pub alerts: Receiver<AlertEvent>,
-    pub readings: Receiver<Vec<Sample>>,
-    pub rejects: Receiver<Vec<Rejected>>,
+    pub readings: Receiver<ReadingBatch>,
+    pub rejects: Receiver<RejectBatch>,
 }
 
 impl Harness {
@@ -68,7 +68,7 @@ impl Harness {
         let metrics = self.engine.metrics.clone();
         self.engine.join(EndOfInput::CloseWindows);
         let alerts: Vec<AlertEvent> = self.alerts.try_iter().collect();
-        let stored = self.readings.try_iter().map(|b| b.len()).sum();
+        let stored = self.readings.try_iter().map(|b| b.readings.len()).sum();
         (metrics.snapshot(), alerts, stored)
     }
 }
