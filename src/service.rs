@@ -364,3 +364,101 @@ pub fn stop_on_signal(stop: Arc<AtomicBool>) {
         })
         .expect("spawning the signal thread");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CorrelationId, Sample, Vitals};
+    use crate::sinks::StorageError;
+    use std::sync::Mutex;
+
+    /// A store that records what happens to it, and can be told to fail.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        log: Arc<Mutex<Vec<&'static str>>>,
+        fail_writes: bool,
+    }
+
+    impl Storage for Recorder {
+        fn write_readings(&mut self, _: &[Sample]) -> Result<(), StorageError> {
+            if self.fail_writes {
+                return Err(std::io::Error::other("disk full").into());
+            }
+            self.log.lock().unwrap().push("write");
+            Ok(())
+        }
+        fn write_alerts(&mut self, _: &[AlertEvent]) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), StorageError> {
+            self.log.lock().unwrap().push("flush");
+            Ok(())
+        }
+        fn close(&mut self) -> Result<(), StorageError> {
+            self.log.lock().unwrap().push("close");
+            Ok(())
+        }
+    }
+
+    fn batch(log: &Arc<Mutex<Vec<&'static str>>>) -> ReadingBatch {
+        let sample = Sample {
+            device_id: "d1".into(),
+            patient_id: None,
+            ts: 0,
+            received_us: 0,
+            vitals: Vitals::default(),
+            seq: None,
+            correlation_id: CorrelationId::Generated(0),
+            late: false,
+        };
+        let log = log.clone();
+        ReadingBatch {
+            readings: vec![sample],
+            ack: Some(Ack::new(move |durable| {
+                log.lock()
+                    .unwrap()
+                    .push(if durable { "acked" } else { "not acked" })
+            })),
+        }
+    }
+
+    #[test]
+    fn readings_are_acknowledged_after_the_flush_that_makes_them_durable() {
+        let store = Recorder::default();
+        let log = store.log.clone();
+        let (readings_tx, readings) = bounded(4);
+        let (_alerts_tx, alerts) = bounded(4);
+        let thread = std::thread::spawn(move || run_storage(Box::new(store), readings, alerts));
+        readings_tx.send(batch(&log)).unwrap();
+        // The flush comes after the linger; the ack only after it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.lock().unwrap().contains(&"acked") {
+            assert!(
+                Instant::now() < deadline,
+                "never acknowledged: {:?}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(readings_tx);
+        drop(_alerts_tx);
+        thread.join().unwrap().unwrap();
+        assert_eq!(*log.lock().unwrap(), ["write", "flush", "acked", "close"]);
+    }
+
+    #[test]
+    fn a_failed_write_is_not_acknowledged() {
+        let store = Recorder {
+            fail_writes: true,
+            ..Recorder::default()
+        };
+        let log = store.log.clone();
+        let (readings_tx, readings) = bounded(4);
+        let (_alerts_tx, alerts) = bounded(4);
+        let thread = std::thread::spawn(move || run_storage(Box::new(store), readings, alerts));
+        readings_tx.send(batch(&log)).unwrap();
+        let err = thread.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!(*log.lock().unwrap(), ["not acked"]);
+    }
+}
