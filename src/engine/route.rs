@@ -18,6 +18,15 @@ use std::time::{Duration, Instant};
 /// How often shards hear the time when no data flows (idle windows, state eviction).
 const TICK: Duration = Duration::from_millis(500);
 
+/// What a source's clock says about a reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Too far ahead of the source's clock: rejected as `future_ts`.
+    Future,
+    /// Accepted; `late` when it arrived behind the source's watermark.
+    Accepted { late: bool },
+}
+
 /// One source's ordering and clock.
 struct SourceClock {
     next_seq: u64,
@@ -27,6 +36,43 @@ struct SourceClock {
     last_batch: Instant,
     /// Replay pacing: (first event time, wall instant it was replayed at).
     pace_origin: Option<(Millis, Instant)>,
+}
+
+impl SourceClock {
+    fn new() -> Self {
+        SourceClock {
+            next_seq: 0,
+            pending: BTreeMap::new(),
+            max_ts: None,
+            last_batch: Instant::now(),
+            pace_origin: None,
+        }
+    }
+
+    /// Judges one reading at event time `ts`, in source order, and advances the clock.
+    /// A live source's clock is the receive time; a replay's is the newest event time
+    /// accepted so far. Neither may run past the wall clock plus `skew`.
+    fn admit(
+        &mut self,
+        ts: Millis,
+        mode: ClockMode,
+        received_ms: Millis,
+        wall: Millis,
+        skew: Millis,
+        lateness: Millis,
+    ) -> Verdict {
+        let limit = match (mode, self.max_ts) {
+            (ClockMode::Live, _) => received_ms.max(wall) + skew,
+            (ClockMode::Replay { .. }, Some(max)) => (max + skew).min(wall + skew),
+            (ClockMode::Replay { .. }, None) => wall + skew,
+        };
+        if ts > limit {
+            return Verdict::Future;
+        }
+        let late = self.max_ts.is_some_and(|max| ts < max - lateness);
+        self.max_ts = Some(self.max_ts.map_or(ts, |max| max.max(ts)));
+        Verdict::Accepted { late }
+    }
 }
 
 pub(super) struct Router {
@@ -74,13 +120,7 @@ impl Router {
             match input.recv_timeout(TICK) {
                 Ok(batch) => {
                     let source = batch.source;
-                    let clock = self.sources.entry(source).or_insert_with(|| SourceClock {
-                        next_seq: 0,
-                        pending: BTreeMap::new(),
-                        max_ts: None,
-                        last_batch: Instant::now(),
-                        pace_origin: None,
-                    });
+                    let clock = self.sources.entry(source).or_insert_with(SourceClock::new);
                     clock.pending.insert(batch.seq, batch);
                     while let Some(batch) = self.next_in_order(source) {
                         if !self.route(batch) {
@@ -142,24 +182,27 @@ impl Router {
             .expect("source clock exists");
         let mut rejected = Vec::new();
         let mut accepted = 0u64;
-        for (sample, frame) in batch.samples.drain(..).zip(&batch.sample_frames) {
-            let mut sample = sample;
-            let limit = match batch.mode {
-                ClockMode::Live => sample.received_us.div_euclid(1000).max(wall) + self.skew,
-                ClockMode::Replay { .. } => match clock.max_ts {
-                    Some(max) => (max + self.skew).min(wall + self.skew),
-                    None => wall + self.skew,
-                },
-            };
-            if sample.ts > limit {
-                let frame = &batch.raw.frames[*frame as usize];
-                rejected.push(Rejected {
-                    source: batch.source,
-                    reason: RejectReason::FutureTs,
-                    received_us: frame.received_us,
-                    payload: batch.raw.payload(frame).to_vec(),
-                });
-                continue;
+        for (mut sample, frame) in batch.samples.drain(..).zip(&batch.sample_frames) {
+            let received_ms = sample.received_us.div_euclid(1000);
+            match clock.admit(
+                sample.ts,
+                batch.mode,
+                received_ms,
+                wall,
+                self.skew,
+                self.lateness,
+            ) {
+                Verdict::Future => {
+                    let frame = &batch.raw.frames[*frame as usize];
+                    rejected.push(Rejected {
+                        source: batch.source,
+                        reason: RejectReason::FutureTs,
+                        received_us: frame.received_us,
+                        payload: batch.raw.payload(frame).to_vec(),
+                    });
+                    continue;
+                }
+                Verdict::Accepted { late } => sample.late = late,
             }
             if let ClockMode::Replay { speed } = batch.mode
                 && speed > 0.0
@@ -167,10 +210,6 @@ impl Router {
                 pace(&mut clock.pace_origin, sample.ts, speed);
             }
             accepted += 1;
-            sample.late = clock
-                .max_ts
-                .is_some_and(|max| sample.ts < max - self.lateness);
-            clock.max_ts = Some(clock.max_ts.map_or(sample.ts, |m| m.max(sample.ts)));
             let shard = if shards == 1 {
                 0
             } else {
@@ -217,6 +256,74 @@ fn pace(origin: &mut Option<(Millis, Instant)>, ts: Millis, speed: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const T0: Millis = 1_767_225_600_000;
+    const REPLAY: ClockMode = ClockMode::Replay { speed: 0.0 };
+
+    fn admit(clock: &mut SourceClock, mode: ClockMode, ts: Millis, wall: Millis) -> Verdict {
+        clock.admit(ts, mode, wall, wall, 300_000, 5_000)
+    }
+
+    #[test]
+    fn lateness_is_measured_against_the_newest_event_time() {
+        let mut c = SourceClock::new();
+        let wall = T0 + 86_400_000;
+        assert_eq!(
+            admit(&mut c, REPLAY, T0 + 10_000, wall),
+            Verdict::Accepted { late: false }
+        );
+        assert_eq!(
+            admit(&mut c, REPLAY, T0 + 5_000, wall),
+            Verdict::Accepted { late: false },
+            "exactly at the watermark"
+        );
+        assert_eq!(
+            admit(&mut c, REPLAY, T0 + 4_999, wall),
+            Verdict::Accepted { late: true }
+        );
+        // A late reading does not move the clock back.
+        assert_eq!(c.max_ts, Some(T0 + 10_000));
+    }
+
+    #[test]
+    fn a_replay_rejects_readings_far_ahead_of_its_own_clock() {
+        let mut c = SourceClock::new();
+        let wall = T0 + 86_400_000;
+        assert_eq!(
+            admit(&mut c, REPLAY, T0, wall),
+            Verdict::Accepted { late: false }
+        );
+        assert_eq!(admit(&mut c, REPLAY, T0 + 300_001, wall), Verdict::Future);
+        assert_eq!(
+            admit(&mut c, REPLAY, T0 + 300_000, wall),
+            Verdict::Accepted { late: false }
+        );
+        // Never beyond the wall clock, even for the first reading.
+        let mut fresh = SourceClock::new();
+        assert_eq!(
+            admit(&mut fresh, REPLAY, wall + 300_001, wall),
+            Verdict::Future
+        );
+    }
+
+    #[test]
+    fn a_live_source_is_judged_by_its_receive_time() {
+        let mut c = SourceClock::new();
+        let now = T0;
+        assert_eq!(
+            admit(&mut c, ClockMode::Live, now + 300_000, now),
+            Verdict::Accepted { late: false }
+        );
+        assert_eq!(
+            admit(&mut c, ClockMode::Live, now + 300_001, now),
+            Verdict::Future
+        );
+        // The future reading did not move the watermark: an on-time reading is not late.
+        assert_eq!(
+            admit(&mut c, ClockMode::Live, now + 295_000, now),
+            Verdict::Accepted { late: false }
+        );
+    }
 
     #[test]
     fn shard_of_is_stable_and_spreads() {
