@@ -7,6 +7,7 @@ use crate::rules::{self, RuleSet};
 use crate::sinks::alert_log::AlertLogConfig;
 use crate::sinks::dead_letter::DeadLetterConfig;
 use crate::sinks::parquet::ParquetConfig;
+use crate::sources::mqtt::MqttConfig;
 use crate::sources::simulator::SimulatorConfig;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -62,6 +63,8 @@ pub enum LogFormat {
 pub enum SourceConfig {
     /// Synthetic bedside devices with seeded anomaly episodes.
     Simulator(SimulatorConfig),
+    /// Devices publishing to `devices/{id}/vitals` on an MQTT broker.
+    Mqtt(MqttConfig),
 }
 
 /// Storage back ends; one is chosen with `type`.
@@ -128,13 +131,15 @@ impl Config {
             problems.push("status_interval must be positive".into());
         }
         for (i, source) in self.sources.iter().enumerate() {
-            match source {
-                SourceConfig::Simulator(sim) => problems.extend(
-                    sim.validate()
-                        .into_iter()
-                        .map(|p| format!("sources[{i}] (simulator): {p}")),
-                ),
-            }
+            let (kind, found) = match source {
+                SourceConfig::Simulator(sim) => ("simulator", sim.validate()),
+                SourceConfig::Mqtt(mqtt) => ("mqtt", mqtt.validate()),
+            };
+            problems.extend(
+                found
+                    .into_iter()
+                    .map(|p| format!("sources[{i}] ({kind}): {p}")),
+            );
         }
         if problems.is_empty() {
             Ok(())
@@ -228,7 +233,9 @@ mod tests {
         ];
         let c = Config::load_with(Some(&path), &env).unwrap();
         assert_eq!(c.engine.shards, 5);
-        let SourceConfig::Simulator(sim) = &c.sources[0];
+        let SourceConfig::Simulator(sim) = &c.sources[0] else {
+            panic!("a simulator source");
+        };
         assert_eq!(sim.devices, 7);
         assert_eq!(c.log.level, "debug");
         assert_eq!(

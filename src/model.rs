@@ -211,6 +211,8 @@ pub struct Sample {
     pub patient_id: Option<Id>,
     /// Event time: the device's `ts`, else the receive time.
     pub ts: Millis,
+    /// Whether `ts` came from the device (not the receive time).
+    pub device_ts: bool,
     /// Wall-clock receive time, microseconds since the epoch.
     pub received_us: i64,
     pub vitals: Vitals,

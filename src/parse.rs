@@ -168,12 +168,17 @@ fn validate(
 ) -> Result<Sample, RejectReason> {
     let fields = collect_fields(nodes)?;
 
+    // A device id given by the transport (an MQTT topic segment) must be valid itself.
+    let device_hint = match device_hint {
+        Some(hint) => Some(valid_id(hint).ok_or(RejectReason::BadDeviceId)?),
+        None => None,
+    };
     let device_id: Id = match (fields.device_id, device_hint) {
         (None, None) => return Err(RejectReason::MissingDeviceId),
-        (None, Some(hint)) => valid_id(hint).ok_or(RejectReason::BadDeviceId)?,
+        (None, Some(hint)) => hint,
         (Some(node), hint) => {
             let id = node_id(&node).ok_or(RejectReason::BadDeviceId)?;
-            if hint.is_some_and(|h| h != id.as_str()) {
+            if hint.is_some_and(|h| h != id) {
                 return Err(RejectReason::DeviceIdMismatch);
             }
             id
@@ -227,6 +232,7 @@ fn validate(
         vitals,
         seq,
         correlation_id,
+        device_ts: fields.ts.is_some(),
         late: false,
     })
 }
@@ -445,6 +451,11 @@ mod tests {
             RejectReason::DeviceIdMismatch
         );
         assert!(parse_with(r#"{"device_id":"bed-2","hr":60}"#, Some("bed-2"), false).is_ok());
+        // A bad id in the topic is rejected even when the payload names a good one.
+        assert_eq!(
+            parse_with(r#"{"device_id":"bed-2","hr":60}"#, Some("bed+2"), false).unwrap_err(),
+            RejectReason::BadDeviceId
+        );
     }
 
     #[test]

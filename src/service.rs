@@ -13,7 +13,7 @@ use crate::sinks::Storage;
 use crate::sinks::alert_log::{AlertLog, AlertLogConfig};
 use crate::sinks::dead_letter::{DeadLetter, DeadLetterConfig};
 use crate::sinks::parquet::ParquetStorage;
-use crate::sources::{replay, simulator};
+use crate::sources::{mqtt, replay, simulator};
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
 use serde::Serialize;
@@ -173,6 +173,13 @@ fn run_storage(
     Ok(())
 }
 
+fn spawn_source(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("spawning a source thread")
+}
+
 /// `vitalstream run`: the service, until `stop` is set.
 pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     let rules = config.rules()?;
@@ -192,22 +199,23 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     for source in &config.sources {
         match source {
             SourceConfig::Simulator(sim) => {
-                let handle = engine.source(ClockMode::Live);
-                let sim = sim.clone();
-                let stop = stop.clone();
-                sources.push(
-                    std::thread::Builder::new()
-                        .name("simulator".into())
-                        .spawn(move || {
-                            let stats = simulator::run(&sim, handle, &stop);
-                            tracing::info!(
-                                readings = stats.readings,
-                                episodes = stats.episodes,
-                                "simulator stopped"
-                            );
-                        })
-                        .expect("spawning the simulator"),
-                );
+                let (sim, handle, stop) =
+                    (sim.clone(), engine.source(ClockMode::Live), stop.clone());
+                sources.push(spawn_source("simulator", move || {
+                    let stats = simulator::run(&sim, handle, &stop);
+                    tracing::info!(
+                        readings = stats.readings,
+                        episodes = stats.episodes,
+                        "simulator stopped"
+                    );
+                }));
+            }
+            SourceConfig::Mqtt(mqtt) => {
+                let (mqtt, handle, stop) =
+                    (mqtt.clone(), engine.source(ClockMode::Live), stop.clone());
+                sources.push(spawn_source("mqtt", move || {
+                    mqtt::run(&mqtt, handle, &stop);
+                }));
             }
         }
     }
@@ -405,6 +413,7 @@ mod tests {
             device_id: "d1".into(),
             patient_id: None,
             ts: 0,
+            device_ts: true,
             received_us: 0,
             vitals: Vitals::default(),
             seq: None,

@@ -19,13 +19,13 @@ pub struct Dedup {
     len: usize,
     next: usize,
     /// A ring of (event time, sequence number); `len` entries are filled.
-    recent: [(Millis, Option<u64>); HISTORY],
+    recent: [(Option<Millis>, Option<u64>); HISTORY],
 }
 
 impl Default for Dedup {
     fn default() -> Self {
         Dedup {
-            recent: [(0, None); HISTORY],
+            recent: [(None, None); HISTORY],
             len: 0,
             next: 0,
             max_ts: None,
@@ -40,9 +40,17 @@ impl Dedup {
         super::shard::prefetch(&self.recent[self.next]);
     }
 
-    /// Records the reading and tells whether it was seen before.
-    pub fn is_duplicate(&mut self, ts: Millis, seq: Option<u64>) -> bool {
-        let newer_ts = self.max_ts.is_none_or(|m| ts > m);
+    /// Records the reading and tells whether it was seen before. `ts` is the device's own
+    /// event time: a receive time says nothing about redelivery (two readings can arrive in
+    /// the same millisecond), so readings without a device `ts` are matched by `seq` only.
+    pub fn is_duplicate(&mut self, ts: Option<Millis>, seq: Option<u64>) -> bool {
+        if ts.is_none() && seq.is_none() {
+            return false;
+        }
+        let newer_ts = match ts {
+            Some(t) => self.max_ts.is_none_or(|m| t > m),
+            None => true,
+        };
         let newer_seq = match (seq, self.max_seq) {
             (Some(s), Some(m)) => s > m,
             _ => true,
@@ -50,14 +58,16 @@ impl Dedup {
         let seen = !(newer_ts && newer_seq)
             && self.recent[..self.len]
                 .iter()
-                .any(|&(t, s)| t == ts || (seq.is_some() && s == seq));
+                .any(|&(t, s)| (ts.is_some() && t == ts) || (seq.is_some() && s == seq));
         if seen {
             return true;
         }
         self.recent[self.next] = (ts, seq);
         self.next = (self.next + 1) % HISTORY;
         self.len = (self.len + 1).min(HISTORY);
-        self.max_ts = Some(self.max_ts.map_or(ts, |m| m.max(ts)));
+        if let Some(t) = ts {
+            self.max_ts = Some(self.max_ts.map_or(t, |m| m.max(t)));
+        }
         if let Some(s) = seq {
             self.max_seq = Some(self.max_seq.map_or(s, |m| m.max(s)));
         }
@@ -72,22 +82,32 @@ mod tests {
     #[test]
     fn same_ts_or_same_seq_is_a_duplicate() {
         let mut d = Dedup::default();
-        assert!(!d.is_duplicate(1000, Some(1)));
-        assert!(!d.is_duplicate(2000, Some(2)));
-        assert!(d.is_duplicate(1000, Some(1)), "redelivery");
-        assert!(d.is_duplicate(1000, None), "same ts");
-        assert!(d.is_duplicate(1500, Some(2)), "same seq");
-        assert!(!d.is_duplicate(1500, Some(3)), "out of order but new");
-        assert!(!d.is_duplicate(1700, None), "no seq, new ts");
+        assert!(!d.is_duplicate(Some(1000), Some(1)));
+        assert!(!d.is_duplicate(Some(2000), Some(2)));
+        assert!(d.is_duplicate(Some(1000), Some(1)), "redelivery");
+        assert!(d.is_duplicate(Some(1000), None), "same ts");
+        assert!(d.is_duplicate(Some(1500), Some(2)), "same seq");
+        assert!(!d.is_duplicate(Some(1500), Some(3)), "out of order but new");
+        assert!(!d.is_duplicate(Some(1700), None), "no seq, new ts");
+    }
+
+    #[test]
+    fn without_a_device_ts_only_seq_recognises_a_redelivery() {
+        let mut d = Dedup::default();
+        assert!(!d.is_duplicate(None, None));
+        assert!(!d.is_duplicate(None, None), "nothing to recognise it by");
+        assert!(!d.is_duplicate(None, Some(7)));
+        assert!(d.is_duplicate(None, Some(7)));
+        assert!(!d.is_duplicate(None, Some(8)));
     }
 
     #[test]
     fn history_is_bounded() {
         let mut d = Dedup::default();
         for i in 0..1000 {
-            assert!(!d.is_duplicate(i * 1000, Some(i as u64)));
+            assert!(!d.is_duplicate(Some(i * 1000), Some(i as u64)));
         }
         assert_eq!(d.len, HISTORY);
-        assert!(d.is_duplicate(999_000, Some(999)));
+        assert!(d.is_duplicate(Some(999_000), Some(999)));
     }
 }

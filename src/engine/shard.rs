@@ -303,7 +303,8 @@ impl Shard {
             let slot = slots[n];
             let device = self.devices[slot as usize].as_mut().expect("slot in use");
             device.last_seen = now_ms;
-            if device.dedup.is_duplicate(sample.ts, sample.seq) {
+            let device_ts = sample.device_ts.then_some(sample.ts);
+            if device.dedup.is_duplicate(device_ts, sample.seq) {
                 self.duplicates += 1;
                 duplicates.push(n);
                 continue;

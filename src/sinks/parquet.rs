@@ -544,6 +544,7 @@ mod tests {
             device_id: format!("dev-{}", i % 3).into(),
             patient_id: i.is_multiple_of(2).then(|| "pat-1".into()),
             ts: 1_700_000_000_000 + i as i64,
+            device_ts: true,
             received_us: 1_700_000_000_000_000 + i as i64,
             vitals,
             seq: (i % 2 == 1).then_some(i),

@@ -3,7 +3,9 @@
 //!
 //! - [`replay`]: an NDJSON recording (file or stdin), as fast as possible or paced.
 //! - [`simulator`]: synthetic bedside devices with seeded anomaly episodes.
+//! - [`mqtt`]: devices publishing to `devices/{id}/vitals` on an MQTT broker.
 
+pub mod mqtt;
 pub mod replay;
 pub mod simulator;
 

@@ -1,0 +1,16 @@
+//! MQTT: readings from devices publishing to `devices/{device_id}/vitals`, over an MQTT 5
+//! session that survives restarts (QoS 1, persistent session, manual acknowledgements).
+//!
+//! A message is acknowledged to the broker only once the reading it carried is durable
+//! (stored, or dead-lettered if it was rejected): until then the broker keeps it and
+//! delivers it again after a reconnect, and the engine recognises the redelivery as a
+//! duplicate. When the engine is full this source stops reading from the socket, so the
+//! broker holds the rest.
+
+mod config;
+mod source;
+mod topic;
+
+pub use config::MqttConfig;
+pub use source::{MqttStats, run};
+pub use topic::{TopicKind, parse_topic};

@@ -1,0 +1,191 @@
+//! The MQTT source against the Mosquitto on 127.0.0.1:1883, with real publishing clients:
+//! one connection per device, QoS 1, as bedside devices publish.
+
+mod common;
+
+use common::*;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{Client, Event, MqttOptions};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use vitalstream::alerts::Transition;
+use vitalstream::model::ClockMode;
+use vitalstream::sources::mqtt::{self, MqttConfig};
+
+const HR_RULE: &str = r#"
+[[rule]]
+id = "hr_high"
+kind = "threshold"
+priority = "high"
+message = "HR high"
+condition = "hr > 120"
+"#;
+
+/// A name no other run of the tests uses, so broker sessions never mix.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// Publishes `(topic, payload)` pairs at QoS 1 from one client and waits for every PUBACK.
+fn publish_all(client_id: &str, messages: Vec<(String, String)>) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", 1883);
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut connection) = Client::new(options, messages.len() + 10);
+    let expected = messages.len();
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .unwrap();
+    }
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked < expected {
+        assert!(
+            Instant::now() < deadline,
+            "{client_id}: only {acked}/{expected} PUBACKs"
+        );
+        match connection.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Err(e)) => panic!("{client_id}: {e}"),
+            _ => {}
+        }
+    }
+    client.disconnect().unwrap();
+}
+
+#[test]
+fn readings_from_many_device_connections_arrive_and_raise_alerts() {
+    let run = unique("vs-test");
+    let mut h = Harness::start(&config(), rules(HR_RULE));
+    // "Storage": makes every piece durable at once and counts the readings.
+    let readings = h.readings.clone();
+    let stored = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let storage = {
+        let stored = stored.clone();
+        std::thread::spawn(move || {
+            for batch in readings {
+                stored.fetch_add(batch.readings.len(), Ordering::Relaxed);
+                if let Some(ack) = batch.ack {
+                    ack.done();
+                }
+            }
+        })
+    };
+    let source_config = MqttConfig {
+        client_id: format!("{run}-ingest"),
+        batch_linger: Duration::from_millis(10),
+        ..MqttConfig::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = h.engine.source(ClockMode::Live);
+    let source = {
+        let stop = stop.clone();
+        std::thread::spawn(move || mqtt::run(&source_config, handle, &stop))
+    };
+
+    // Wait until the source is subscribed: publish a probe until it arrives.
+    let probe_topic = format!("devices/{run}-probe/vitals");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.engine.metrics.snapshot().frames == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the MQTT source never received the probe"
+        );
+        publish_all(
+            &format!("{run}-probe"),
+            vec![(probe_topic.clone(), r#"{"hr":70}"#.into())],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A probe still in flight may arrive late: wait until the count settles.
+    let mut probes = h.engine.metrics.snapshot().frames;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = h.engine.metrics.snapshot().frames;
+        if now == probes {
+            break;
+        }
+        probes = now;
+    }
+
+    // 20 devices × 50 readings, each device on its own connection; two are tachycardic.
+    let devices = 20;
+    let per_device = 50;
+    let publishers: Vec<_> = (0..devices)
+        .map(|d| {
+            let run = run.clone();
+            std::thread::spawn(move || {
+                let device = format!("{run}-bed-{d}");
+                let hr = if d < 2 { 150 } else { 75 };
+                let messages = (0..per_device)
+                    .map(|seq| {
+                        let payload = format!(r#"{{"seq":{seq},"hr":{hr},"spo2":97}}"#);
+                        (format!("devices/{device}/vitals"), payload)
+                    })
+                    .collect();
+                publish_all(&device, messages);
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.join().unwrap();
+    }
+    // Bad input beside it: a device speaking for another, a bad id in the topic, bad JSON.
+    publish_all(
+        &format!("{run}-bad"),
+        vec![
+            (
+                format!("devices/{run}-bed-0/vitals"),
+                format!(r#"{{"device_id":"{run}-bed-1","hr":80}}"#),
+            ),
+            (
+                format!("devices/{run}-bad*id/vitals"),
+                r#"{"hr":80}"#.into(),
+            ),
+            (format!("devices/{run}-bed-3/vitals"), "not json".into()),
+        ],
+    );
+
+    let expected = probes + (devices * per_device) as u64 + 3;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.engine.metrics.snapshot().frames < expected {
+        assert!(
+            Instant::now() < deadline,
+            "frames: {:?}",
+            h.engine.metrics.snapshot()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let stats = source.join().unwrap();
+    let rejects = h.rejects.clone();
+    let (m, alerts, _) = h.finish();
+    storage.join().unwrap();
+
+    assert_eq!(m.frames, expected, "each message exactly once");
+    assert_eq!(m.accepted, probes + (devices * per_device) as u64);
+    assert_eq!(m.rejected_by_reason.get("device_id_mismatch"), Some(&1));
+    assert_eq!(m.rejected_by_reason.get("bad_device_id"), Some(&1));
+    assert_eq!(m.rejected_by_reason.get("invalid_json"), Some(&1));
+    assert_eq!(
+        rejects.try_iter().map(|b| b.rejects.len()).sum::<usize>(),
+        3
+    );
+    assert_eq!(stored.load(Ordering::Relaxed) as u64, m.accepted);
+    assert_eq!(
+        count(&alerts, "hr_high", Transition::Raised),
+        2,
+        "one alert per tachycardic device"
+    );
+    assert_eq!(stats.messages, expected);
+    assert!(
+        stats.acknowledged > 0,
+        "durable messages are acknowledged to the broker"
+    );
+}
