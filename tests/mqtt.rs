@@ -189,3 +189,255 @@ fn readings_from_many_device_connections_arrive_and_raise_alerts() {
         "durable messages are acknowledged to the broker"
     );
 }
+
+/// A Mosquitto of this test's own, on its own port, so stopping it disturbs no other test.
+struct Broker {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {dir}/\nlog_dest file {dir}/mosquitto.log\nlog_type all\n",
+                dir = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut broker = Broker {
+            dir,
+            port,
+            child: None,
+        };
+        broker.resume();
+        broker
+    }
+
+    /// Starts the broker (again); it reloads the sessions it saved when stopped.
+    fn resume(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (.ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the broker the way an operator would (SIGTERM: it saves its sessions).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() {
+    let run = unique("vs-fault");
+    let mut broker = Broker::start();
+    let mut h = Harness::start(&config(), rules(HR_RULE));
+    // "Storage": records every stored (device, seq) and makes it durable at once.
+    let readings = h.readings.clone();
+    let stored = Arc::new(std::sync::Mutex::new(Vec::<(String, u64)>::new()));
+    let storage = {
+        let stored = stored.clone();
+        std::thread::spawn(move || {
+            for batch in readings {
+                let mut s = stored.lock().unwrap();
+                s.extend(
+                    batch
+                        .readings
+                        .iter()
+                        .map(|r| (r.device_id.to_string(), r.seq.unwrap())),
+                );
+                drop(s);
+                if let Some(ack) = batch.ack {
+                    ack.done();
+                }
+            }
+        })
+    };
+    let source_config = MqttConfig {
+        port: broker.port,
+        client_id: format!("{run}-ingest"),
+        batch_linger: Duration::from_millis(10),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(500),
+        ..MqttConfig::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = h.engine.source(ClockMode::Live);
+    let source = {
+        let stop = stop.clone();
+        std::thread::spawn(move || mqtt::run(&source_config, handle, &stop))
+    };
+    // The source's session must exist before devices publish: wait for its subscription.
+    let probe = format!("devices/{run}-probe/vitals");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.engine.metrics.snapshot().frames == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the MQTT source never subscribed"
+        );
+        let mut options = MqttOptions::new(format!("{run}-probe"), "127.0.0.1", broker.port);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = Client::new(options, 10);
+        client
+            .publish(
+                probe.as_str(),
+                QoS::AtLeastOnce,
+                false,
+                r#"{"seq":0,"hr":70}"#,
+            )
+            .unwrap();
+        for _ in 0..10 {
+            if let Ok(Ok(Event::Incoming(Packet::PubAck(_)))) =
+                connection.recv_timeout(Duration::from_millis(100))
+            {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Three devices publish 150 readings each at ~50 Hz, QoS 1, persistent sessions; the
+    // broker is stopped and restarted in the middle.
+    let devices = 3u64;
+    let per_device = 150u64;
+    let port = broker.port;
+    let devices_done = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = (0..devices)
+        .map(|d| {
+            let run = run.clone();
+            let devices_done = devices_done.clone();
+            std::thread::spawn(move || {
+                let device = format!("{run}-bed-{d}");
+                let mut options = MqttOptions::new(device.clone(), "127.0.0.1", port);
+                options
+                    .set_keep_alive(Duration::from_secs(5))
+                    .set_clean_start(false)
+                    .set_session_expiry_interval(Some(3600));
+                let (client, mut connection) = Client::new(options, 1000);
+                let sender = {
+                    let client = client.clone();
+                    let topic = format!("devices/{device}/vitals");
+                    std::thread::spawn(move || {
+                        for seq in 0..per_device {
+                            let payload = format!(r#"{{"seq":{seq},"hr":80}}"#);
+                            client
+                                .publish(topic.as_str(), QoS::AtLeastOnce, false, payload)
+                                .unwrap();
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    })
+                };
+                // Keep the connection going (reconnecting after the outage, resending what
+                // was not acknowledged) until the test has seen everything stored.
+                while !devices_done.load(Ordering::Relaxed) {
+                    if let Ok(Err(_)) = connection.recv_timeout(Duration::from_millis(100)) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                sender.join().unwrap();
+                client.disconnect().unwrap();
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1200));
+    broker.stop();
+    std::thread::sleep(Duration::from_millis(1000));
+    broker.resume();
+
+    let wanted = (devices * per_device) as usize;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = stored
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(d, _)| d.contains("-bed-"))
+            .count();
+        if n >= wanted {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
+            let source = source.join().unwrap();
+            let log = std::fs::read_to_string(broker.dir.path().join("mosquitto.log"))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("PUBLISH") && !l.contains("PUBACK"))
+                .collect();
+            panic!(
+                "only {n}/{wanted} stored; source: {source:?}; engine: {:?}\nbroker log:\n{}",
+                h.engine.metrics.snapshot(),
+                lines.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Anything resent late would show up now as a second copy.
+    std::thread::sleep(Duration::from_millis(500));
+    devices_done.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let stats = source.join().unwrap();
+    h.finish();
+    storage.join().unwrap();
+
+    let mut got: Vec<(String, u64)> = stored
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| d.contains("-bed-"))
+        .cloned()
+        .collect();
+    got.sort();
+    let mut expected: Vec<(String, u64)> = Vec::new();
+    for d in 0..devices {
+        expected.extend((0..per_device).map(|s| (format!("{run}-bed-{d}"), s)));
+    }
+    expected.sort();
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "every reading stored exactly once"
+    );
+    assert_eq!(got, expected);
+    assert!(
+        stats.reconnects >= 1,
+        "the source saw the outage and came back"
+    );
+}
