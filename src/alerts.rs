@@ -84,10 +84,30 @@ pub struct AlertEvent {
     pub alert: Alert,
 }
 
-/// An edge of one rule's condition for one device.
+/// What an alert is about: a rule's condition, or a technical condition a device reports
+/// about itself (lead off, low battery, offline).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cause {
+    /// A rule id, or `device.<code>` for a device's technical alert.
+    pub id: Arc<str>,
+    pub priority: Priority,
+    pub message: Arc<str>,
+}
+
+impl Cause {
+    pub fn of(rule: &Rule) -> Cause {
+        Cause {
+            id: rule.id.clone(),
+            priority: rule.priority,
+            message: rule.message.clone(),
+        }
+    }
+}
+
+/// An edge of one cause's condition for one device.
 #[derive(Debug, Clone)]
 pub struct Signal {
-    pub rule: Arc<Rule>,
+    pub cause: Cause,
     pub patient_id: Option<Id>,
     pub edge: Edge,
     pub trigger: Trigger,
@@ -156,13 +176,13 @@ impl AlertBook {
     /// Applies one edge from a shard.
     pub fn signal(&self, s: Signal) {
         let device = s.trigger.device_id.clone();
-        let holder = (s.rule.id.clone(), device.clone());
+        let holder = (s.cause.id.clone(), device.clone());
         let now = now_millis();
         match s.edge {
             Edge::Pending | Edge::Raise => {
                 let subject = s.patient_id.clone().unwrap_or_else(|| device.clone());
                 let key = AlertKey {
-                    rule_id: s.rule.id.clone(),
+                    rule_id: s.cause.id.clone(),
                     subject: subject.clone(),
                 };
                 // A device whose patient changed while its condition held lets go of the
@@ -178,9 +198,9 @@ impl AlertBook {
                     self.by_id.insert(alert_id.clone(), key);
                     Alert {
                         alert_id,
-                        rule_id: s.rule.id.clone(),
-                        priority: s.rule.priority,
-                        message: s.rule.message.clone(),
+                        rule_id: s.cause.id.clone(),
+                        priority: s.cause.priority,
+                        message: s.cause.message.clone(),
                         state: AlertState::Pending,
                         subject,
                         patient_id: s.patient_id.clone(),
@@ -374,7 +394,7 @@ mod tests {
 
     fn signal(rule: &Arc<Rule>, device: &str, patient: Option<&str>, edge: Edge) -> Signal {
         Signal {
-            rule: rule.clone(),
+            cause: Cause::of(rule),
             patient_id: patient.map(Into::into),
             edge,
             trigger: Trigger {

@@ -32,6 +32,7 @@
 pub mod ack;
 pub mod alerts;
 pub mod config;
+pub mod devices;
 pub mod engine;
 pub mod metrics;
 pub mod model;

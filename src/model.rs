@@ -240,6 +240,10 @@ pub enum RejectReason {
     OutOfRange(Vital),
     NoVitals,
     TooLarge,
+    /// A device's technical alert message that does not follow its contract.
+    BadDeviceAlert,
+    /// A device status message that is neither online nor offline.
+    BadStatus,
 }
 
 impl RejectReason {
@@ -258,13 +262,15 @@ impl RejectReason {
             RejectReason::BadSeq,
             RejectReason::NoVitals,
             RejectReason::TooLarge,
+            RejectReason::BadDeviceAlert,
+            RejectReason::BadStatus,
         ];
         all.extend(Vital::ALL.map(RejectReason::BadType));
         all.extend(Vital::ALL.map(RejectReason::OutOfRange));
         all
     }
 
-    pub const COUNT: usize = 12 + 12;
+    pub const COUNT: usize = 14 + 12;
 
     /// A dense index for counter arrays.
     pub fn index(self) -> usize {
@@ -281,8 +287,10 @@ impl RejectReason {
             RejectReason::BadSeq => 9,
             RejectReason::NoVitals => 10,
             RejectReason::TooLarge => 11,
-            RejectReason::BadType(v) => 12 + v.index(),
-            RejectReason::OutOfRange(v) => 18 + v.index(),
+            RejectReason::BadDeviceAlert => 12,
+            RejectReason::BadStatus => 13,
+            RejectReason::BadType(v) => 14 + v.index(),
+            RejectReason::OutOfRange(v) => 20 + v.index(),
         }
     }
 }
@@ -302,10 +310,27 @@ impl std::fmt::Display for RejectReason {
             RejectReason::BadSeq => "bad_seq",
             RejectReason::NoVitals => "no_vitals",
             RejectReason::TooLarge => "too_large",
+            RejectReason::BadDeviceAlert => "bad_device_alert",
+            RejectReason::BadStatus => "bad_status",
             RejectReason::BadType(v) => return write!(f, "bad_type:{}", v.name()),
             RejectReason::OutOfRange(v) => return write!(f, "out_of_range:{}", v.name()),
         };
         f.write_str(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reject_reason_has_its_own_counter() {
+        let mut seen = [false; RejectReason::COUNT];
+        for reason in RejectReason::all() {
+            assert!(!seen[reason.index()], "{reason} shares a counter");
+            seen[reason.index()] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "COUNT matches the reasons");
     }
 }
 

@@ -210,11 +210,12 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
                     );
                 }));
             }
-            SourceConfig::Mqtt(mqtt) => {
-                let (mqtt, handle, stop) =
-                    (mqtt.clone(), engine.source(ClockMode::Live), stop.clone());
+            SourceConfig::Mqtt(config) => {
+                let source = mqtt::MqttSource::new(config);
+                let handle = engine.source(ClockMode::Live);
+                let (devices, stop) = (engine.device_context(), stop.clone());
                 sources.push(spawn_source("mqtt", move || {
-                    mqtt::run(&mqtt, handle, &stop);
+                    source.run(handle, &devices, &stop);
                 }));
             }
         }

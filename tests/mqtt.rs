@@ -10,6 +10,7 @@ use rumqttc::v5::{Client, Event, MqttOptions};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use vitalstream::alerts::AlertState;
 use vitalstream::alerts::Transition;
 use vitalstream::model::ClockMode;
 use vitalstream::sources::mqtt::{self, MqttConfig};
@@ -86,7 +87,10 @@ fn readings_from_many_device_connections_arrive_and_raise_alerts() {
     let handle = h.engine.source(ClockMode::Live);
     let source = {
         let stop = stop.clone();
-        std::thread::spawn(move || mqtt::run(&source_config, handle, &stop))
+        let devices = h.engine.device_context();
+        std::thread::spawn(move || {
+            mqtt::MqttSource::new(&source_config).run(handle, &devices, &stop)
+        })
     };
 
     // Wait until the source is subscribed: publish a probe until it arrives.
@@ -298,7 +302,10 @@ fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() {
     let handle = h.engine.source(ClockMode::Live);
     let source = {
         let stop = stop.clone();
-        std::thread::spawn(move || mqtt::run(&source_config, handle, &stop))
+        let devices = h.engine.device_context();
+        std::thread::spawn(move || {
+            mqtt::MqttSource::new(&source_config).run(handle, &devices, &stop)
+        })
     };
     // The source's session must exist before devices publish: wait for its subscription.
     let probe = format!("devices/{run}-probe/vitals");
@@ -440,4 +447,179 @@ fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() {
         stats.reconnects >= 1,
         "the source saw the outage and came back"
     );
+}
+
+/// Publishes one message at QoS 1, optionally retained.
+fn publish_one(client_id: &str, topic: &str, payload: &str, retain: bool) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", 1883);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = Client::new(options, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload.to_string())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no PUBACK for {topic}");
+        if let Ok(Ok(Event::Incoming(Packet::PubAck(_)))) =
+            connection.recv_timeout(Duration::from_millis(200))
+        {
+            break;
+        }
+    }
+    client.disconnect().unwrap();
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn device_status_technical_alerts_and_commands() {
+    let run = unique("vs-dev");
+    let mut h = Harness::start(&config(), rules(HR_RULE));
+    let readings = h.readings.clone();
+    let storage = std::thread::spawn(move || {
+        for batch in readings {
+            if let Some(ack) = batch.ack {
+                ack.done();
+            }
+        }
+    });
+    let source = mqtt::MqttSource::new(&MqttConfig {
+        client_id: format!("{run}-ingest"),
+        batch_linger: Duration::from_millis(10),
+        offline_after: Duration::from_millis(1500),
+        ..MqttConfig::default()
+    });
+    let commands = source.commands();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = h.engine.source(ClockMode::Live);
+    let devices = h.engine.device_context();
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || source.run(handle, &devices, &stop))
+    };
+    let registry = h.engine.devices.clone();
+    let book = h.engine.book.clone();
+    let monitor = format!("{run}-monitor");
+    // Wait for the subscription with a status message the test can see arrive.
+    wait_for("the source to subscribe", || {
+        publish_one(
+            &format!("{run}-p"),
+            &format!("devices/{monitor}/status"),
+            "online",
+            false,
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        registry.get(&monitor).is_some()
+    });
+    assert!(registry.get(&monitor).unwrap().online);
+
+    // The device's last will says it is gone: offline, with a technical alert.
+    publish_one(
+        &format!("{run}-p"),
+        &format!("devices/{monitor}/status"),
+        r#"{"status":"offline"}"#,
+        false,
+    );
+    wait_for("offline", || {
+        registry.get(&monitor).is_some_and(|s| !s.online)
+    });
+    let offline = |book: &vitalstream::alerts::AlertBook| {
+        book.active()
+            .into_iter()
+            .find(|a| &*a.rule_id == "device.offline" && a.subject == monitor.as_str())
+    };
+    wait_for("the offline alert", || offline(&book).is_some());
+    assert_eq!(offline(&book).unwrap().state, AlertState::Firing);
+    // A reading brings it back, and the alert resolves.
+    publish_one(
+        &format!("{run}-p"),
+        &format!("devices/{monitor}/vitals"),
+        r#"{"hr":70}"#,
+        false,
+    );
+    wait_for("online again", || {
+        registry.get(&monitor).is_some_and(|s| s.online)
+    });
+    wait_for("the offline alert to resolve", || offline(&book).is_none());
+    // Silence past `offline_after` takes it offline again, by itself.
+    wait_for("silence to count as offline", || offline(&book).is_some());
+
+    // The device raises and clears a technical alert of its own, with its own priority.
+    let topic = format!("devices/{monitor}/alerts");
+    publish_one(
+        &format!("{run}-p"),
+        &topic,
+        r#"{"code":"lead_off","priority":"medium","message":"ECG lead off"}"#,
+        false,
+    );
+    let lead_off = |book: &vitalstream::alerts::AlertBook| {
+        book.active()
+            .into_iter()
+            .find(|a| &*a.rule_id == "device.lead_off")
+    };
+    wait_for("the lead-off alert", || lead_off(&book).is_some());
+    let alert = lead_off(&book).unwrap();
+    assert_eq!(alert.priority, vitalstream::rules::Priority::Medium);
+    assert_eq!(&*alert.message, "ECG lead off");
+    publish_one(
+        &format!("{run}-p"),
+        &topic,
+        r#"{"code":"lead_off","priority":"medium","active":false}"#,
+        false,
+    );
+    wait_for("the lead-off alert to clear", || lead_off(&book).is_none());
+    // Messages that break the contracts are rejected with reasons.
+    publish_one(
+        &format!("{run}-p"),
+        &topic,
+        r#"{"code":"Lead Off!","priority":"medium"}"#,
+        false,
+    );
+    publish_one(
+        &format!("{run}-p"),
+        &format!("devices/{monitor}/status"),
+        "sleepy",
+        false,
+    );
+    let metrics = h.engine.metrics.clone();
+    wait_for("the rejects", || {
+        let m = metrics.snapshot();
+        m.rejected_by_reason.get("bad_device_alert") == Some(&1)
+            && m.rejected_by_reason.get("bad_status") == Some(&1)
+    });
+
+    // Commands reach the device on its commands topic.
+    let mut options = MqttOptions::new(format!("{run}-device"), "127.0.0.1", 1883);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (device, mut inbox) = Client::new(options, 10);
+    device
+        .subscribe(format!("devices/{monitor}/commands"), QoS::AtLeastOnce)
+        .unwrap();
+    let mut got = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.is_none() {
+        assert!(Instant::now() < deadline, "the command never arrived");
+        match inbox.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                commands
+                    .send(&monitor, br#"{"command":"silence_audio"}"#)
+                    .unwrap();
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got = Some(p.payload.to_vec()),
+            _ => {}
+        }
+    }
+    assert_eq!(got.unwrap(), br#"{"command":"silence_audio"}"#);
+    assert!(commands.send("bad id", b"{}").is_err());
+
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    h.finish();
+    storage.join().unwrap();
 }

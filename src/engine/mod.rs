@@ -18,11 +18,12 @@ pub(crate) use shard::prefetch;
 
 use crate::ack::Ack;
 use crate::alerts::{AlertBook, AlertEvent};
+use crate::devices::DeviceRegistry;
 use crate::metrics::Metrics;
 use crate::model::{ClockMode, FrameBatch, Id, Rejected, Sample, SourceId};
 use crate::parse::{ParseOptions, Parser};
 use crate::rules::RuleSet;
-use crate::sources::SourceHandle;
+use crate::sources::{DeviceContext, SourceHandle};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use dashmap::DashMap;
@@ -207,6 +208,9 @@ pub struct Engine {
     pub book: Arc<AlertBook>,
     pub metrics: Arc<Metrics>,
     pub assignments: Arc<Assignments>,
+    /// Which devices are online, fed by the sources that know.
+    pub devices: Arc<DeviceRegistry>,
+    dead_letter: Option<Sender<RejectBatch>>,
     queues: Arc<QueueDepths>,
     close_at_end: Arc<AtomicBool>,
 }
@@ -296,6 +300,8 @@ impl Engine {
             book,
             metrics,
             assignments,
+            devices: Arc::new(DeviceRegistry::default()),
+            dead_letter: outputs.rejects.clone(),
             queues,
             close_at_end,
         }
@@ -313,6 +319,16 @@ impl Engine {
                 .input
                 .clone()
                 .expect("sources are added before the engine is joined"),
+        }
+    }
+
+    /// What a source that speaks for devices (status, technical alerts) needs.
+    pub fn device_context(&self) -> DeviceContext {
+        DeviceContext {
+            book: self.book.clone(),
+            registry: self.devices.clone(),
+            metrics: self.metrics.clone(),
+            dead_letter: self.dead_letter.clone(),
         }
     }
 

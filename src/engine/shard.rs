@@ -6,7 +6,7 @@
 use super::dedup::Dedup;
 use super::{Assignments, EngineConfig, ReadingBatch};
 use crate::ack::Ack;
-use crate::alerts::{AlertBook, Signal, Trigger};
+use crate::alerts::{AlertBook, Cause, Signal, Trigger};
 use crate::metrics::{Metrics, RuleCounters};
 use crate::model::{Id, Millis, Sample};
 use crate::rules::threshold::ThresholdState;
@@ -334,7 +334,7 @@ impl Shard {
                         rt.matches += eval.matched as u64;
                         if let Some(edge) = eval.edge {
                             self.book.signal(Signal {
-                                rule: rt.rule.clone(),
+                                cause: Cause::of(&rt.rule),
                                 patient_id: patient.clone(),
                                 edge,
                                 trigger: Trigger {
@@ -459,7 +459,7 @@ impl Shard {
             rt.matches += outcome.matched as u64;
             if let Some(edge) = outcome.edge {
                 self.book.signal(Signal {
-                    rule: rt.rule.clone(),
+                    cause: Cause::of(&rt.rule),
                     patient_id: device.patient.clone(),
                     edge,
                     trigger: Trigger {

@@ -45,7 +45,7 @@ impl AlertLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::{AlertBook, Signal, Trigger};
+    use crate::alerts::{AlertBook, Cause, Signal, Trigger};
     use crate::model::{CorrelationId, now_micros};
     use crate::rules::parse_pipeline;
     use crate::rules::threshold::Edge;
@@ -63,7 +63,7 @@ mod tests {
             .clone();
         for edge in [Edge::Raise, Edge::Clear] {
             book.signal(Signal {
-                rule: rule.clone(),
+                cause: Cause::of(&rule),
                 patient_id: Some("pat-1".into()),
                 edge,
                 trigger: Trigger {

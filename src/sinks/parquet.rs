@@ -572,7 +572,7 @@ mod tests {
         .rules[0]
             .clone();
         book.signal(crate::alerts::Signal {
-            rule,
+            cause: crate::alerts::Cause::of(&rule),
             patient_id: None,
             edge: crate::rules::threshold::Edge::Raise,
             trigger: crate::alerts::Trigger {

@@ -9,8 +9,40 @@ pub mod mqtt;
 pub mod replay;
 pub mod simulator;
 
-use crate::model::{ClockMode, FrameBatch, SourceId};
+use crate::alerts::AlertBook;
+use crate::devices::DeviceRegistry;
+use crate::engine::RejectBatch;
+use crate::metrics::Metrics;
+use crate::model::{ClockMode, FrameBatch, RejectReason, Rejected, SourceId};
 use crossbeam_channel::Sender;
+use std::sync::Arc;
+
+/// What a source that speaks for devices — their status and technical alerts, not only
+/// readings — needs from the engine.
+#[derive(Clone)]
+pub struct DeviceContext {
+    pub book: Arc<AlertBook>,
+    pub registry: Arc<DeviceRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub dead_letter: Option<Sender<RejectBatch>>,
+}
+
+impl DeviceContext {
+    /// Counts a message the source itself rejects and writes it to the dead-letter output.
+    pub fn reject(&self, source: SourceId, reason: RejectReason, payload: &[u8], received_us: i64) {
+        self.metrics.reject(reason, 1);
+        tracing::warn!(%reason, source, "device message rejected");
+        if let Some(out) = &self.dead_letter {
+            let rejects = vec![Rejected {
+                source,
+                reason,
+                received_us,
+                payload: payload.to_vec(),
+            }];
+            let _ = out.send(RejectBatch { rejects, ack: None });
+        }
+    }
+}
 
 /// The engine's input, for one source: stamps each batch with the source and its order.
 #[derive(Debug)]
@@ -22,6 +54,10 @@ pub struct SourceHandle {
 }
 
 impl SourceHandle {
+    pub fn id(&self) -> SourceId {
+        self.id
+    }
+
     /// An empty batch for this source.
     pub fn batch(&self) -> FrameBatch {
         FrameBatch::new(self.id, self.mode)

@@ -32,6 +32,9 @@ pub struct MqttConfig {
     /// Longest a message waits for its batch to fill ("20ms").
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
+    /// A device silent this long is marked offline and raises a technical alert ("60s").
+    #[serde(with = "humantime_serde")]
+    pub offline_after: Duration,
     /// First and longest wait between reconnection attempts; the wait doubles, with jitter.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -53,6 +56,7 @@ impl Default for MqttConfig {
             receive_maximum: 4096,
             batch_size: 2048,
             batch_linger: Duration::from_millis(20),
+            offline_after: Duration::from_secs(60),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
         }
@@ -80,17 +84,23 @@ impl MqttConfig {
         if self.batch_size == 0 || self.receive_maximum == 0 {
             out.push("mqtt.batch_size and mqtt.receive_maximum must be at least 1".into());
         }
+        if self.offline_after.is_zero() {
+            out.push("mqtt.offline_after must be positive".into());
+        }
         if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
             out.push("mqtt.reconnect_min must be positive and at most mqtt.reconnect_max".into());
         }
         out
     }
 
-    /// The subscription filter for readings.
-    pub fn vitals_filter(&self) -> String {
-        match &self.shared_group {
-            Some(group) => format!("$share/{group}/devices/+/vitals"),
-            None => "devices/+/vitals".into(),
-        }
+    /// The subscription filters: readings, technical alerts and status of every device.
+    pub fn filters(&self) -> Vec<String> {
+        ["vitals", "alerts", "status"]
+            .iter()
+            .map(|kind| match &self.shared_group {
+                Some(group) => format!("$share/{group}/devices/+/{kind}"),
+                None => format!("devices/+/{kind}"),
+            })
+            .collect()
     }
 }

@@ -1,5 +1,7 @@
-//! MQTT: readings from devices publishing to `devices/{device_id}/vitals`, over an MQTT 5
-//! session that survives restarts (QoS 1, persistent session, manual acknowledgements).
+//! MQTT: devices publishing to `devices/{device_id}/vitals` (readings), `…/alerts` (their
+//! technical alerts) and `…/status` (online/offline, retained, or their last will), over an
+//! MQTT 5 session that survives restarts (QoS 1, persistent session, manual
+//! acknowledgements); commands go back on `…/commands`.
 //!
 //! A message is acknowledged to the broker only once the reading it carried is durable
 //! (stored, or dead-lettered if it was rejected): until then the broker keeps it and
@@ -8,9 +10,10 @@
 //! broker holds the rest.
 
 mod config;
+mod device;
 mod source;
 mod topic;
 
 pub use config::MqttConfig;
-pub use source::{MqttStats, run};
+pub use source::{CommandError, Commands, MqttSource, MqttStats};
 pub use topic::{TopicKind, parse_topic};

@@ -1,0 +1,159 @@
+//! What devices say about themselves: status (`devices/{id}/status`) and technical alerts
+//! (`devices/{id}/alerts`). Both enter the same alert lifecycle as rule alerts.
+
+use crate::alerts::{Cause, Signal, Trigger};
+use crate::devices::Change;
+use crate::model::{CorrelationId, Id, RejectReason, now_micros, now_millis};
+use crate::parse::valid_id;
+use crate::rules::Priority;
+use crate::rules::threshold::Edge;
+use crate::sources::DeviceContext;
+use serde::Deserialize;
+
+/// A technical alert a device raises or clears about itself.
+#[derive(Debug, Deserialize)]
+struct DeviceAlert {
+    /// `^[a-z0-9_]{1,64}$`, e.g. `lead_off`, `low_battery`, `sensor_fault`.
+    code: String,
+    priority: Priority,
+    /// Shown to clinicians; the code when absent.
+    #[serde(default)]
+    message: Option<String>,
+    /// `false` clears the alert.
+    #[serde(default = "yes")]
+    active: bool,
+    #[serde(default)]
+    patient_id: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn valid_code(code: &str) -> bool {
+    (1..=64).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The cause of a device's technical alert: `device.<code>`.
+fn cause(code: &str, priority: Priority, message: &str) -> Cause {
+    Cause {
+        id: format!("device.{code}").into(),
+        priority,
+        message: message.into(),
+    }
+}
+
+/// Raises or clears a device's technical alert.
+fn technical(
+    ctx: &DeviceContext,
+    device: &Id,
+    patient: Option<Id>,
+    cause: Cause,
+    active: bool,
+    correlation_id: CorrelationId,
+) {
+    ctx.book.signal(Signal {
+        cause,
+        patient_id: patient,
+        edge: if active { Edge::Raise } else { Edge::Clear },
+        trigger: Trigger {
+            device_id: device.clone(),
+            value: f64::NAN,
+            window: None,
+            correlation_id,
+            event_ts: now_millis(),
+        },
+        received_us: now_micros(),
+    });
+}
+
+/// The technical alert a device raises by going offline.
+fn offline(ctx: &DeviceContext, device: &Id, active: bool, why: &str) {
+    let correlation = CorrelationId::Given(device.clone());
+    let cause = cause("offline", Priority::Medium, why);
+    technical(ctx, device, None, cause, active, correlation);
+}
+
+/// Any message from a device shows it is there.
+pub(super) fn heard(ctx: &DeviceContext, device: &str) {
+    if ctx.registry.seen(device, now_millis()) == Change::CameOnline
+        && let Some(device) = valid_id(device)
+    {
+        offline(ctx, &device, false, "Device back online");
+    }
+}
+
+/// Devices silent past `offline_after` go offline and raise a technical alert.
+pub(super) fn expire_silent(ctx: &DeviceContext, offline_after_ms: i64) {
+    let now = now_millis();
+    for device in ctx.registry.expire(now - offline_after_ms, now) {
+        tracing::warn!(device = %device, "device silent: marked offline");
+        offline(ctx, &device, true, "Device offline: no data");
+    }
+}
+
+/// `devices/{id}/status`: `online` or `offline`, as a plain string or `{"status": …}`.
+pub(super) fn status(ctx: &DeviceContext, source: u16, device: &str, payload: &[u8]) {
+    let received_us = now_micros();
+    let text = std::str::from_utf8(payload).unwrap_or("").trim();
+    let value = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(o)) => {
+            o.get("status").and_then(|s| s.as_str()).map(str::to_string)
+        }
+        Ok(serde_json::Value::String(s)) => Some(s),
+        _ => Some(text.to_string()),
+    };
+    let (Some(device), Some(online)) = (
+        valid_id(device),
+        match value.as_deref() {
+            Some("online") => Some(true),
+            Some("offline") => Some(false),
+            _ => None,
+        },
+    ) else {
+        return ctx.reject(source, RejectReason::BadStatus, payload, received_us);
+    };
+    match ctx.registry.announce(&device, online, now_millis()) {
+        Change::WentOffline => {
+            tracing::warn!(device = %device, "device reported offline");
+            offline(ctx, &device, true, "Device reported offline");
+        }
+        Change::CameOnline => offline(ctx, &device, false, "Device back online"),
+        Change::Unchanged => {}
+    }
+}
+
+/// `devices/{id}/alerts`: `{"code", "priority", "message"?, "active"?, "patient_id"?}`.
+pub(super) fn alert(ctx: &DeviceContext, source: u16, device: &str, payload: &[u8]) {
+    let received_us = now_micros();
+    let parsed = serde_json::from_slice::<DeviceAlert>(payload)
+        .ok()
+        .filter(|a| valid_code(&a.code));
+    let patient = parsed
+        .as_ref()
+        .map(|a| a.patient_id.as_deref().map(valid_id));
+    let (Some(device), Some(alert), Some(patient)) = (valid_id(device), parsed, patient) else {
+        return ctx.reject(source, RejectReason::BadDeviceAlert, payload, received_us);
+    };
+    // A patient id that is present must be valid.
+    let patient = match patient {
+        Some(None) => {
+            return ctx.reject(source, RejectReason::BadDeviceAlert, payload, received_us);
+        }
+        Some(Some(p)) => Some(p),
+        None => None,
+    };
+    heard(ctx, &device);
+    let correlation = match alert.correlation_id.as_deref().and_then(valid_id) {
+        Some(id) => CorrelationId::Given(id),
+        None => CorrelationId::Given(format!("{device}-{}", alert.code).into()),
+    };
+    let message = alert.message.as_deref().unwrap_or(&alert.code);
+    let cause = cause(&alert.code, alert.priority, message);
+    technical(ctx, &device, patient, cause, alert.active, correlation);
+}
