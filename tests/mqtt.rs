@@ -623,3 +623,89 @@ fn device_status_technical_alerts_and_commands() {
     h.finish();
     storage.join().unwrap();
 }
+
+#[test]
+fn instances_in_a_shared_group_split_the_readings() {
+    let run = unique("vs-share");
+    let group = format!("{run}-group");
+    // Two vitalstream instances (two engines), one shared subscription group.
+    let instances: Vec<_> = (0..2)
+        .map(|i| {
+            let mut h = Harness::start(&config(), rules(HR_RULE));
+            let readings = h.readings.clone();
+            std::thread::spawn(move || {
+                for batch in readings {
+                    if let Some(ack) = batch.ack {
+                        ack.done();
+                    }
+                }
+            });
+            let source = mqtt::MqttSource::new(&MqttConfig {
+                client_id: format!("{run}-ingest-{i}"),
+                shared_group: Some(group.clone()),
+                batch_linger: Duration::from_millis(10),
+                ..MqttConfig::default()
+            });
+            let stop = Arc::new(AtomicBool::new(false));
+            let handle = h.engine.source(ClockMode::Live);
+            let devices = h.engine.device_context();
+            let reader = {
+                let stop = stop.clone();
+                std::thread::spawn(move || source.run(handle, &devices, &stop))
+            };
+            (h, stop, reader)
+        })
+        .collect();
+    let frames = |instances: &[(
+        Harness,
+        Arc<AtomicBool>,
+        std::thread::JoinHandle<mqtt::MqttStats>,
+    )]| {
+        instances
+            .iter()
+            .map(|(h, _, _)| h.engine.metrics.snapshot().frames)
+            .collect::<Vec<_>>()
+    };
+    // Both must be subscribed before the real traffic: probe until each has seen a message.
+    wait_for("both instances to subscribe", || {
+        publish_one(
+            &format!("{run}-p"),
+            &format!("devices/{run}-probe/vitals"),
+            r#"{"hr":70}"#,
+            false,
+        );
+        frames(&instances).iter().all(|&n| n > 0)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let before_each = frames(&instances);
+    let before: u64 = before_each.iter().sum();
+    let messages = (0..200)
+        .map(|i| {
+            (
+                format!("devices/{run}-bed-{}/vitals", i % 10),
+                format!(r#"{{"seq":{i},"hr":80}}"#),
+            )
+        })
+        .collect();
+    publish_all(&format!("{run}-pub"), messages);
+    wait_for("all readings", || {
+        frames(&instances).iter().sum::<u64>() == before + 200
+    });
+    let after = frames(&instances);
+    let shares: Vec<u64> = after.iter().zip(&before_each).map(|(a, b)| a - b).collect();
+    assert!(
+        shares.iter().all(|&n| n >= 40),
+        "each instance took a fair share: {shares:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        frames(&instances).iter().sum::<u64>(),
+        before + 200,
+        "no reading went to both"
+    );
+    for (h, stop, reader) in instances {
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap();
+        h.finish();
+    }
+}
