@@ -246,6 +246,13 @@ mod tests {
     }
 
     #[test]
+    fn the_mqtt_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mqtt.example.toml");
+        let c = Config::load_with(Some(&path), &[]).unwrap();
+        assert!(matches!(&c.sources[..], [SourceConfig::Mqtt(m)] if m.client_id == "vitalstream-ward-7"));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

@@ -6,8 +6,8 @@
 //!
 //! The path of one reading, in the order it meets the modules:
 //!
-//! 1. [`sources`] — a source (the [`sources::simulator`], an NDJSON [`sources::replay`];
-//!    MQTT and Kafka later) reads bytes, stamps the receive time, and hands a
+//! 1. [`sources`] — a source (the [`sources::simulator`], an NDJSON [`sources::replay`],
+//!    devices over [`sources::mqtt`]; Kafka later) reads bytes, stamps the receive time, and hands a
 //!    [`model::FrameBatch`] to the engine through a [`sources::SourceHandle`]. It never parses.
 //! 2. [`parse`] — a parse worker decodes each frame with simd-json into a [`model::Sample`],
 //!    or rejects it with a named [`model::RejectReason`]; rejects are counted
