@@ -249,7 +249,9 @@ mod tests {
     fn the_mqtt_example_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mqtt.example.toml");
         let c = Config::load_with(Some(&path), &[]).unwrap();
-        assert!(matches!(&c.sources[..], [SourceConfig::Mqtt(m)] if m.client_id == "vitalstream-ward-7"));
+        assert!(
+            matches!(&c.sources[..], [SourceConfig::Mqtt(m)] if m.client_id == "vitalstream-ward-7")
+        );
     }
 
     #[test]
