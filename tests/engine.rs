@@ -9,15 +9,6 @@ use vitalstream::alerts::Transition;
 use vitalstream::engine::EngineConfig;
 use vitalstream::model::{ClockMode, now_micros, now_millis};
 
-const HR_RULE: &str = r#"
-[[rule]]
-id = "hr_high"
-kind = "threshold"
-priority = "high"
-message = "HR high"
-condition = "hr > 120"
-"#;
-
 const SPO2_WINDOW: &str = r#"
 [[rule]]
 id = "spo2_low"

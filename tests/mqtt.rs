@@ -15,14 +15,20 @@ use vitalstream::alerts::Transition;
 use vitalstream::model::ClockMode;
 use vitalstream::sources::mqtt::{self, MqttConfig};
 
-const HR_RULE: &str = r#"
-[[rule]]
-id = "hr_high"
-kind = "threshold"
-priority = "high"
-message = "HR high"
-condition = "hr > 120"
-"#;
+/// Runs an MQTT source feeding the harness's engine; returns its stop flag and thread.
+fn spawn_source(
+    h: &mut Harness,
+    source: mqtt::MqttSource,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<mqtt::MqttStats>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = h.engine.source(ClockMode::Live);
+    let devices = h.engine.device_context();
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || source.run(handle, &devices, &stop))
+    };
+    (stop, thread)
+}
 
 /// A name no other run of the tests uses, so broker sessions never mix.
 fn unique(prefix: &str) -> String {
@@ -83,15 +89,7 @@ fn readings_from_many_device_connections_arrive_and_raise_alerts() {
         batch_linger: Duration::from_millis(10),
         ..MqttConfig::default()
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let handle = h.engine.source(ClockMode::Live);
-    let source = {
-        let stop = stop.clone();
-        let devices = h.engine.device_context();
-        std::thread::spawn(move || {
-            mqtt::MqttSource::new(&source_config).run(handle, &devices, &stop)
-        })
-    };
+    let (stop, source) = spawn_source(&mut h, mqtt::MqttSource::new(&source_config));
 
     // Wait until the source is subscribed: publish a probe until it arrives.
     let probe_topic = format!("devices/{run}-probe/vitals");
@@ -298,15 +296,7 @@ fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() {
         reconnect_max: Duration::from_millis(500),
         ..MqttConfig::default()
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let handle = h.engine.source(ClockMode::Live);
-    let source = {
-        let stop = stop.clone();
-        let devices = h.engine.device_context();
-        std::thread::spawn(move || {
-            mqtt::MqttSource::new(&source_config).run(handle, &devices, &stop)
-        })
-    };
+    let (stop, source) = spawn_source(&mut h, mqtt::MqttSource::new(&source_config));
     // The source's session must exist before devices publish: wait for its subscription.
     let probe = format!("devices/{run}-probe/vitals");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -496,13 +486,7 @@ fn device_status_technical_alerts_and_commands() {
         ..MqttConfig::default()
     });
     let commands = source.commands();
-    let stop = Arc::new(AtomicBool::new(false));
-    let handle = h.engine.source(ClockMode::Live);
-    let devices = h.engine.device_context();
-    let reader = {
-        let stop = stop.clone();
-        std::thread::spawn(move || source.run(handle, &devices, &stop))
-    };
+    let (stop, reader) = spawn_source(&mut h, source);
     let registry = h.engine.devices.clone();
     let book = h.engine.book.clone();
     let monitor = format!("{run}-monitor");
@@ -646,13 +630,7 @@ fn instances_in_a_shared_group_split_the_readings() {
                 batch_linger: Duration::from_millis(10),
                 ..MqttConfig::default()
             });
-            let stop = Arc::new(AtomicBool::new(false));
-            let handle = h.engine.source(ClockMode::Live);
-            let devices = h.engine.device_context();
-            let reader = {
-                let stop = stop.clone();
-                std::thread::spawn(move || source.run(handle, &devices, &stop))
-            };
+            let (stop, reader) = spawn_source(&mut h, source);
             (h, stop, reader)
         })
         .collect();

@@ -11,6 +11,16 @@ use vitalstream::model::{ClockMode, now_micros};
 use vitalstream::rules::{RuleSet, parse_pipeline};
 use vitalstream::sources::SourceHandle;
 
+/// One threshold rule: heart rate above 120, no delay.
+pub const HR_RULE: &str = r#"
+[[rule]]
+id = "hr_high"
+kind = "threshold"
+priority = "high"
+message = "HR high"
+condition = "hr > 120"
+"#;
+
 pub fn rules(toml: &str) -> RuleSet {
     parse_pipeline(toml).expect("valid test pipeline")
 }
