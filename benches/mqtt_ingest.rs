@@ -45,7 +45,7 @@ fn start_broker(dir: &std::path::Path) -> std::process::Child {
         format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nmax_queued_messages 0\nmax_inflight_messages 0\n"),
     )
     .unwrap();
-    let child = std::process::Command::new("mosquitto")
+    let child = std::process::Command::new(mosquitto_binary())
         .arg("-c")
         .arg(&conf)
         .stdout(std::process::Stdio::null())
@@ -259,4 +259,19 @@ fn main() {
     );
     let _ = broker.kill();
     let _ = broker.wait();
+}
+
+/// Mosquitto from PATH, or where Debian installs it (`/usr/sbin` is not on every PATH).
+fn mosquitto_binary() -> &'static str {
+    let on_path = std::process::Command::new("mosquitto")
+        .arg("-h")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if on_path {
+        "mosquitto"
+    } else {
+        "/usr/sbin/mosquitto"
+    }
 }

@@ -227,7 +227,7 @@ impl Broker {
     /// Starts the broker (again); it reloads the sessions it saved when stopped.
     fn resume(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
-        let child = std::process::Command::new("mosquitto")
+        let child = std::process::Command::new(mosquitto_binary())
             .arg("-c")
             .arg(&conf)
             .stdout(std::process::Stdio::null())
@@ -685,5 +685,20 @@ fn instances_in_a_shared_group_split_the_readings() {
         stop.store(true, Ordering::Relaxed);
         reader.join().unwrap();
         h.finish();
+    }
+}
+
+/// Mosquitto from PATH, or where Debian installs it (`/usr/sbin` is not on every PATH).
+fn mosquitto_binary() -> &'static str {
+    let on_path = std::process::Command::new("mosquitto")
+        .arg("-h")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if on_path {
+        "mosquitto"
+    } else {
+        "/usr/sbin/mosquitto"
     }
 }
