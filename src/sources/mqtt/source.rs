@@ -5,7 +5,7 @@ use super::config::MqttConfig;
 use super::device;
 use super::topic::{TopicKind, parse_topic};
 use crate::ack::Ack;
-use crate::model::{FrameBatch, now_micros};
+use crate::model::{FrameBatch, Id, now_micros};
 use crate::parse::valid_id;
 use crate::sources::DeviceContext;
 use crate::sources::SourceHandle;
@@ -44,16 +44,10 @@ impl Pending {
         }
     }
 
-    fn push(&mut self, publish: Publish) {
-        // The device id comes from the topic; a topic of another shape gives an empty id,
-        // which the parser rejects as `bad_device_id`.
-        let topic = std::str::from_utf8(&publish.topic).ok();
-        let device = match topic.and_then(parse_topic) {
-            Some((device, TopicKind::Vitals)) => device,
-            _ => "",
-        };
+    /// Adds a reading; `device` is the id segment of its topic.
+    fn push(&mut self, device: Id, publish: Publish) {
         self.batch
-            .push(&publish.payload, now_micros(), Some(device.into()));
+            .push(&publish.payload, now_micros(), Some(device));
         if publish.qos != QoS::AtMostOnce {
             self.messages.push(publish);
         }
@@ -223,7 +217,7 @@ impl MqttSource {
                     match topic {
                         Some((device, TopicKind::Vitals)) => {
                             device::heard(devices, device);
-                            pending.push(publish);
+                            pending.push(device.into(), publish);
                         }
                         Some((device, kind @ (TopicKind::Status | TopicKind::Alerts))) => {
                             if kind == TopicKind::Status {
@@ -234,8 +228,9 @@ impl MqttSource {
                             // Handled in full: the alert book and the registry have it.
                             waiting.push_back(publish);
                         }
-                        // Nothing else is subscribed; the parser rejects the odd topic.
-                        _ => pending.push(publish),
+                        // Nothing else is subscribed; an empty device id makes the parser
+                        // reject the odd topic as `bad_device_id`.
+                        _ => pending.push(Id::default(), publish),
                     }
                 }
                 Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
