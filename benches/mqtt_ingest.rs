@@ -11,6 +11,10 @@
 //! runs its whole path: MQTT 5 persistent session, manual acks after each batch is done,
 //! parsing, routing, the reference rules.
 
+#[path = "../tests/common/broker.rs"]
+mod broker;
+
+use broker::Broker;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{Client, Event, MqttOptions};
@@ -29,34 +33,6 @@ static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
 fn port() -> u16 {
     *PORT.get().expect("broker started")
-}
-
-/// Starts a Mosquitto of the bench's own: with the packaged defaults a broker drops QoS 1
-/// messages once 1,000 wait for a subscriber, which would measure the drop, not the rate.
-fn start_broker(dir: &std::path::Path) -> std::process::Child {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nmax_queued_messages 0\nmax_inflight_messages 0\n"),
-    )
-    .unwrap();
-    let child = std::process::Command::new(mosquitto_binary())
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("mosquitto is installed");
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    PORT.set(port).unwrap();
-    child
 }
 
 fn run_id() -> String {
@@ -240,8 +216,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = start_broker(dir.path());
+    // A broker of the bench's own: with the packaged defaults Mosquitto drops QoS 1 messages
+    // once 1,000 wait for a subscriber, which would measure the drop, not the rate.
+    let broker = Broker::start("max_queued_messages 0\nmax_inflight_messages 0\n");
+    PORT.set(broker.port).unwrap();
     let total: usize = std::env::var("MQTT_BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -257,21 +235,5 @@ fn main() {
         "  vitalstream       {ours:>10.0} readings/s  ({:.1}% of bare)",
         100.0 * ours / bare_rate
     );
-    let _ = broker.kill();
-    let _ = broker.wait();
-}
-
-/// Mosquitto from PATH, or where Debian installs it (`/usr/sbin` is not on every PATH).
-fn mosquitto_binary() -> &'static str {
-    let on_path = std::process::Command::new("mosquitto")
-        .arg("-h")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok();
-    if on_path {
-        "mosquitto"
-    } else {
-        "/usr/sbin/mosquitto"
-    }
+    drop(broker);
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::broker::Broker;
+
 use common::*;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -192,80 +194,10 @@ fn readings_from_many_device_connections_arrive_and_raise_alerts() {
     );
 }
 
-/// A Mosquitto of this test's own, on its own port, so stopping it disturbs no other test.
-struct Broker {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {dir}/\nlog_dest file {dir}/mosquitto.log\nlog_type all\n",
-                dir = dir.path().display()
-            ),
-        )
-        .unwrap();
-        let mut broker = Broker {
-            dir,
-            port,
-            child: None,
-        };
-        broker.resume();
-        broker
-    }
-
-    /// Starts the broker (again); it reloads the sessions it saved when stopped.
-    fn resume(&mut self) {
-        let conf = self.dir.path().join("mosquitto.conf");
-        let child = std::process::Command::new(mosquitto_binary())
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed (.ci/run installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops the broker the way an operator would (SIGTERM: it saves its sessions).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = std::process::Command::new("kill")
-                .arg(child.id().to_string())
-                .status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() {
     let run = unique("vs-fault");
-    let mut broker = Broker::start();
+    let mut broker = Broker::start("persistence true\n");
     let mut h = Harness::start(&config(), rules(HR_RULE));
     // "Storage": records every stored (device, seq) and makes it durable at once.
     let readings = h.readings.clone();
@@ -685,20 +617,5 @@ fn instances_in_a_shared_group_split_the_readings() {
         stop.store(true, Ordering::Relaxed);
         reader.join().unwrap();
         h.finish();
-    }
-}
-
-/// Mosquitto from PATH, or where Debian installs it (`/usr/sbin` is not on every PATH).
-fn mosquitto_binary() -> &'static str {
-    let on_path = std::process::Command::new("mosquitto")
-        .arg("-h")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok();
-    if on_path {
-        "mosquitto"
-    } else {
-        "/usr/sbin/mosquitto"
     }
 }

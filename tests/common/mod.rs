@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
+
 use crossbeam_channel::{Receiver, bounded, unbounded};
 use std::time::Duration;
 use vitalstream::alerts::{AlertEvent, Transition};
