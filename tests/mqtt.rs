@@ -619,3 +619,79 @@ fn instances_in_a_shared_group_split_the_readings() {
         h.finish();
     }
 }
+
+#[test]
+fn a_full_engine_stops_the_socket_and_the_broker_holds_the_rest() {
+    let run = unique("vs-bp");
+    // Storage takes one batch and then nothing until the test drains it.
+    let config = vitalstream::engine::EngineConfig {
+        queue_batches: 1,
+        ..config()
+    };
+    let mut h = Harness::with_slow_storage(&config, rules(HR_RULE), 1);
+    let source = mqtt::MqttSource::new(&MqttConfig {
+        client_id: format!("{run}-ingest"),
+        batch_size: 50,
+        batch_linger: Duration::from_millis(5),
+        ..MqttConfig::default()
+    });
+    let (stop, reader) = spawn_source(&mut h, source);
+    wait_for("the source to subscribe", || {
+        publish_one(
+            &format!("{run}-p"),
+            &format!("devices/{run}-probe/vitals"),
+            r#"{"seq":0,"hr":70}"#,
+            false,
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        h.engine.metrics.snapshot().frames > 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let probes = h.engine.metrics.snapshot().frames;
+    // Fewer than `receive_maximum` (4096), so the shared broker never has to queue past its
+    // default limit of 1,000 for us: what it holds is in flight to this session.
+    let total = 3000u64;
+    let messages = (0..total)
+        .map(|i| {
+            (
+                format!("devices/{run}-bed-{}/vitals", i % 20),
+                format!(r#"{{"seq":{i},"hr":80}}"#),
+            )
+        })
+        .collect();
+    publish_all(&format!("{run}-pub"), messages);
+    // The broker took everything, but the engine is full: the source has stopped reading.
+    std::thread::sleep(Duration::from_millis(1000));
+    let stalled = h.engine.metrics.snapshot().frames - probes;
+    assert!(
+        stalled < total,
+        "with storage blocked, not everything can have been read ({stalled})"
+    );
+    // Storage catches up: every reading arrives, none twice.
+    let mut stored = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored < total + probes {
+        let batch = h
+            .readings
+            .recv_timeout(Duration::from_secs(10))
+            .expect("readings keep coming");
+        stored += batch.readings.len() as u64;
+        if let Some(ack) = batch.ack {
+            ack.done();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored {stored} of {}",
+            total + probes
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let (m, _, rest) = h.finish();
+    assert_eq!(
+        stored + rest as u64,
+        total + probes,
+        "every reading exactly once"
+    );
+    assert_eq!(m.frames, total + probes);
+}
