@@ -88,6 +88,8 @@ fn readings_from_many_device_connections_arrive_and_raise_alerts() {
     };
     let source_config = MqttConfig {
         client_id: format!("{run}-ingest"),
+        // Short, so sessions of finished test runs do not pile up in the shared broker.
+        session_expiry: Duration::from_secs(30),
         batch_linger: Duration::from_millis(10),
         ..MqttConfig::default()
     };
@@ -223,6 +225,8 @@ fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() {
     let source_config = MqttConfig {
         port: broker.port,
         client_id: format!("{run}-ingest"),
+        // Short, so sessions of finished test runs do not pile up in the shared broker.
+        session_expiry: Duration::from_secs(30),
         batch_linger: Duration::from_millis(10),
         reconnect_min: Duration::from_millis(50),
         reconnect_max: Duration::from_millis(500),
@@ -413,6 +417,8 @@ fn device_status_technical_alerts_and_commands() {
     });
     let source = mqtt::MqttSource::new(&MqttConfig {
         client_id: format!("{run}-ingest"),
+        // Short, so sessions of finished test runs do not pile up in the shared broker.
+        session_expiry: Duration::from_secs(30),
         batch_linger: Duration::from_millis(10),
         offline_after: Duration::from_millis(1500),
         ..MqttConfig::default()
@@ -558,6 +564,8 @@ fn instances_in_a_shared_group_split_the_readings() {
             });
             let source = mqtt::MqttSource::new(&MqttConfig {
                 client_id: format!("{run}-ingest-{i}"),
+                // Short, so sessions of finished test runs do not pile up in the shared broker.
+                session_expiry: Duration::from_secs(30),
                 shared_group: Some(group.clone()),
                 batch_linger: Duration::from_millis(10),
                 ..MqttConfig::default()
@@ -631,6 +639,8 @@ fn a_full_engine_stops_the_socket_and_the_broker_holds_the_rest() {
     let mut h = Harness::with_slow_storage(&config, rules(HR_RULE), 1);
     let source = mqtt::MqttSource::new(&MqttConfig {
         client_id: format!("{run}-ingest"),
+        // Short, so sessions of finished test runs do not pile up in the shared broker.
+        session_expiry: Duration::from_secs(30),
         batch_size: 50,
         batch_linger: Duration::from_millis(5),
         ..MqttConfig::default()
