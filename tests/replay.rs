@@ -17,20 +17,21 @@ fn vitalstream(args: &[&str]) -> std::process::Output {
         .expect("running vitalstream")
 }
 
-fn replay(input: &Path) -> Value {
-    let out = vitalstream(&[
-        "replay",
-        "--input",
-        input.to_str().unwrap(),
-        "--pipeline",
-        "pipelines/reference.toml",
-    ]);
+/// `vitalstream replay --input INPUT ARGS…`; it must succeed, and its report is returned.
+fn replay_with(input: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["replay", "--input", input.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = vitalstream(&all);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("the report is JSON")
+}
+
+fn replay(input: &Path) -> Value {
+    replay_with(input, &["--pipeline", "pipelines/reference.toml"])
 }
 
 /// The fields an independent implementation must agree on exactly.
@@ -129,21 +130,15 @@ fn rejects_are_written_with_their_original_bytes() {
         b"{\"device_id\":\"a\",\"ts\":1767225600000,\"hr\":80}\n{\"device_id\":\"a\",\"hr\":\"x\",\"ts\":1}\n\xff\xfe\n",
     )
     .unwrap();
-    let out = vitalstream(&[
-        "replay",
-        "--input",
-        input.to_str().unwrap(),
-        "--pipeline",
-        "builtin:reference",
-        "--rejects",
-        rejects.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = replay_with(
+        &input,
+        &[
+            "--pipeline",
+            "builtin:reference",
+            "--rejects",
+            rejects.to_str().unwrap(),
+        ],
     );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["accepted"], 1);
     assert_eq!(report["rejected"], 2);
     let text = std::fs::read_to_string(&rejects).unwrap();
@@ -205,22 +200,11 @@ fn speed_paces_the_replay_at_a_multiple_of_event_time() {
         .collect();
     std::fs::write(&input, lines).unwrap();
     let started = std::time::Instant::now();
-    let out = vitalstream(&[
-        "replay",
-        "--input",
-        input.to_str().unwrap(),
-        "--pipeline",
-        "builtin:reference",
-        "--speed",
-        "10",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = replay_with(
+        &input,
+        &["--pipeline", "builtin:reference", "--speed", "10"],
     );
     // 3 s of event time at 10× takes at least 0.3 s; as fast as possible it takes far less.
     assert!(started.elapsed() >= std::time::Duration::from_millis(300));
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["accepted"], 4);
 }
