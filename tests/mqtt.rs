@@ -17,6 +17,34 @@ use vitalstream::alerts::Transition;
 use vitalstream::model::ClockMode;
 use vitalstream::sources::mqtt::{self, MqttConfig};
 
+/// Waits until the source on the broker at `port` is subscribed, by publishing a probe
+/// reading until the engine sees it; then until late probes have settled. Returns how many
+/// probe readings the engine saw.
+fn await_subscription(h: &Harness, run: &str, port: u16) -> u64 {
+    let frames = || h.engine.metrics.snapshot().frames;
+    let probe = (
+        format!("devices/{run}-probe/vitals"),
+        r#"{"hr":70}"#.to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while frames() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the MQTT source never subscribed"
+        );
+        publish_all_to(port, &format!("{run}-probe"), vec![probe.clone()]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut probes = frames();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        if frames() == probes {
+            return probes;
+        }
+        probes = frames();
+    }
+}
+
 /// Runs an MQTT source feeding the harness's engine; returns its stop flag and thread.
 fn spawn_source(
     h: &mut Harness,
@@ -43,7 +71,12 @@ fn unique(prefix: &str) -> String {
 
 /// Publishes `(topic, payload)` pairs at QoS 1 from one client and waits for every PUBACK.
 fn publish_all(client_id: &str, messages: Vec<(String, String)>) {
-    let mut options = MqttOptions::new(client_id, "127.0.0.1", 1883);
+    publish_all_to(1883, client_id, messages)
+}
+
+/// Like `publish_all`, to the broker on `port`.
+fn publish_all_to(port: u16, client_id: &str, messages: Vec<(String, String)>) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(10));
     let (client, mut connection) = Client::new(options, messages.len() + 10);
     let expected = messages.len();
@@ -95,30 +128,7 @@ fn readings_from_many_device_connections_arrive_and_raise_alerts() {
     };
     let (stop, source) = spawn_source(&mut h, mqtt::MqttSource::new(&source_config));
 
-    // Wait until the source is subscribed: publish a probe until it arrives.
-    let probe_topic = format!("devices/{run}-probe/vitals");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while h.engine.metrics.snapshot().frames == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the MQTT source never received the probe"
-        );
-        publish_all(
-            &format!("{run}-probe"),
-            vec![(probe_topic.clone(), r#"{"hr":70}"#.into())],
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // A probe still in flight may arrive late: wait until the count settles.
-    let mut probes = h.engine.metrics.snapshot().frames;
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = h.engine.metrics.snapshot().frames;
-        if now == probes {
-            break;
-        }
-        probes = now;
-    }
+    let probes = await_subscription(&h, &run, 1883);
 
     // 20 devices × 50 readings, each device on its own connection; two are tachycardic.
     let devices = 20;
@@ -213,7 +223,7 @@ fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() {
                     batch
                         .readings
                         .iter()
-                        .map(|r| (r.device_id.to_string(), r.seq.unwrap())),
+                        .map(|r| (r.device_id.to_string(), r.seq.unwrap_or(u64::MAX))),
                 );
                 drop(s);
                 if let Some(ack) = batch.ack {
@@ -234,33 +244,7 @@ fn a_broker_restart_mid_stream_loses_and_duplicates_nothing() {
     };
     let (stop, source) = spawn_source(&mut h, mqtt::MqttSource::new(&source_config));
     // The source's session must exist before devices publish: wait for its subscription.
-    let probe = format!("devices/{run}-probe/vitals");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while h.engine.metrics.snapshot().frames == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the MQTT source never subscribed"
-        );
-        let mut options = MqttOptions::new(format!("{run}-probe"), "127.0.0.1", broker.port);
-        options.set_keep_alive(Duration::from_secs(5));
-        let (client, mut connection) = Client::new(options, 10);
-        client
-            .publish(
-                probe.as_str(),
-                QoS::AtLeastOnce,
-                false,
-                r#"{"seq":0,"hr":70}"#,
-            )
-            .unwrap();
-        for _ in 0..10 {
-            if let Ok(Ok(Event::Incoming(Packet::PubAck(_)))) =
-                connection.recv_timeout(Duration::from_millis(100))
-            {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    await_subscription(&h, &run, broker.port);
 
     // Three devices publish 150 readings each at ~50 Hz, QoS 1, persistent sessions; the
     // broker is stopped and restarted in the middle.
@@ -646,18 +630,7 @@ fn a_full_engine_stops_the_socket_and_the_broker_holds_the_rest() {
         ..MqttConfig::default()
     });
     let (stop, reader) = spawn_source(&mut h, source);
-    wait_for("the source to subscribe", || {
-        publish_one(
-            &format!("{run}-p"),
-            &format!("devices/{run}-probe/vitals"),
-            r#"{"seq":0,"hr":70}"#,
-            false,
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        h.engine.metrics.snapshot().frames > 0
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let probes = h.engine.metrics.snapshot().frames;
+    let probes = await_subscription(&h, &run, 1883);
     // Fewer than `receive_maximum` (4096), so the shared broker never has to queue past its
     // default limit of 1,000 for us: what it holds is in flight to this session.
     let total = 3000u64;
