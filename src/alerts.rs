@@ -14,7 +14,7 @@ use crossbeam_channel::Sender;
 use dashmap::DashMap;
 use serde::Serialize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -139,7 +139,6 @@ pub struct AlertBook {
     holders: DashMap<(Arc<str>, Id), AlertKey>,
     out: Sender<AlertEvent>,
     metrics: Arc<Metrics>,
-    next_id: AtomicU64,
 }
 
 impl AlertBook {
@@ -151,7 +150,6 @@ impl AlertBook {
             holders: DashMap::new(),
             out,
             metrics,
-            next_id: AtomicU64::new(1),
         }
     }
 
@@ -193,8 +191,7 @@ impl AlertBook {
                     self.release(&previous, &device, now);
                 }
                 let mut entry = self.active.entry(key.clone()).or_insert_with(|| {
-                    let alert_id =
-                        format!("alr-{:x}-{:x}", now, self.next_id.fetch_add(1, Relaxed));
+                    let alert_id = alert_id(&key, s.trigger.event_ts);
                     self.by_id.insert(alert_id.clone(), key);
                     Alert {
                         alert_id,
@@ -372,6 +369,18 @@ impl AlertBook {
         let key = self.by_id.get(alert_id)?.clone();
         self.active.get(&key).map(|a| a.clone())
     }
+}
+
+/// An alert's id follows from what raised it — the rule, the subject and the event time of
+/// the first reading (or window) that met the condition — so replaying a stream gives its
+/// alerts the same ids and storage does not count them twice.
+fn alert_id(key: &AlertKey, event_ts: Millis) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    key.rule_id.hash(&mut h);
+    key.subject.as_str().hash(&mut h);
+    event_ts.hash(&mut h);
+    format!("alr-{:016x}", h.finish())
 }
 
 #[cfg(test)]

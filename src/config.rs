@@ -7,6 +7,7 @@ use crate::rules::{self, RuleSet};
 use crate::sinks::alert_log::AlertLogConfig;
 use crate::sinks::dead_letter::DeadLetterConfig;
 use crate::sinks::parquet::ParquetConfig;
+use crate::sinks::postgres::PostgresConfig;
 use crate::sources::mqtt::MqttConfig;
 use crate::sources::simulator::SimulatorConfig;
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,8 @@ pub enum SourceConfig {
 pub enum StorageConfig {
     /// Parquet files under a directory: the embedded default.
     Parquet(ParquetConfig),
+    /// TimescaleDB, or PostgreSQL partitioned by day when the extension is not there.
+    Postgres(PostgresConfig),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +175,13 @@ pub fn load_rules(pipeline: &str) -> Result<RuleSet, rules::PipelineError> {
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
     for (k, v) in overlay {
         match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            // A table that names another `type` (storage = postgres over the default parquet)
+            // replaces the default instead of mixing keys of two kinds.
+            (Some(toml::Value::Table(b)), toml::Value::Table(o))
+                if o.get("type").is_none_or(|t| b.get("type") == Some(t)) =>
+            {
+                merge(b, o)
+            }
             (_, v) => {
                 base.insert(k, v);
             }
@@ -216,6 +225,36 @@ mod tests {
         assert_eq!(c.pipeline, "builtin:icu");
         assert!(matches!(c.sources[..], [SourceConfig::Simulator(_)]));
         assert!(matches!(c.storage, Some(StorageConfig::Parquet(_))));
+    }
+
+    #[test]
+    fn a_storage_of_another_type_replaces_the_default_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[storage]\ntype = \"postgres\"\nurl = \"postgres://u@db/vitals\"\n",
+        )
+        .unwrap();
+        let c = Config::load_with(Some(&path), &[]).unwrap();
+        let Some(StorageConfig::Postgres(pg)) = c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        assert_eq!(pg.url, "postgres://u@db/vitals");
+        assert_eq!(pg.batch_rows, PostgresConfig::default().batch_rows);
+        std::fs::write(
+            &path,
+            "[storage]\ntype = \"parquet\"\ndir = \"elsewhere\"\n",
+        )
+        .unwrap();
+        let c = Config::load_with(Some(&path), &[]).unwrap();
+        let Some(StorageConfig::Parquet(p)) = c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        assert_eq!(
+            (p.dir.to_str(), p.max_rows_per_file),
+            (Some("elsewhere"), 1_000_000)
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use vitalstream::config::{Config, LogFormat, load_rules};
 use vitalstream::service::{self, ReplayOptions};
 use vitalstream::sinks::alert_log::AlertLogConfig;
 use vitalstream::sinks::dead_letter::DeadLetterConfig;
+use vitalstream::sinks::postgres::{self, TimescaleMode};
 
 #[derive(Parser)]
 #[command(version, about = "Ingest tier for bedside vital signs")]
@@ -45,9 +46,21 @@ enum Command {
         /// Replay at this multiple of event time (default: as fast as possible).
         #[arg(long, default_value_t = 0.0)]
         speed: f64,
-        /// Engine settings from this config file's [engine] section.
+        /// Engine settings from this config file's [engine] section (and [storage] with --store).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also write readings and alerts to the configured [storage].
+        #[arg(long)]
+        store: bool,
+    },
+    /// Create or update the database schema (safe to re-run).
+    Migrate {
+        /// postgres://user@host:port/database
+        #[arg(long, env = "VITALSTREAM_DATABASE_URL")]
+        database_url: String,
+        /// auto (TimescaleDB when available), require, or off.
+        #[arg(long, default_value = "auto")]
+        timescaledb: String,
     },
     /// Validate a pipeline file and list every problem.
     Check {
@@ -86,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             alerts,
             speed,
             config,
+            store,
         } => {
             let config = Config::load(config.as_deref())?;
             init_logging("warn", config.log.format);
@@ -96,6 +110,7 @@ fn main() -> anyhow::Result<()> {
                 speed,
                 rejects: rejects.map(|p| DeadLetterConfig { path: Some(p) }),
                 alerts: alerts.map(|p| AlertLogConfig { path: Some(p) }),
+                storage: if store { config.storage } else { None },
             };
             let result = if input == "-" {
                 service::replay(std::io::stdin().lock(), options)?
@@ -111,6 +126,20 @@ fn main() -> anyhow::Result<()> {
                 std::fs::write(&report, json + "\n")
                     .with_context(|| format!("writing {report}"))?;
             }
+        }
+        Command::Migrate {
+            database_url,
+            timescaledb,
+        } => {
+            init_logging("info", LogFormat::Text);
+            let mode = match timescaledb.as_str() {
+                "auto" => TimescaleMode::Auto,
+                "require" => TimescaleMode::Require,
+                "off" => TimescaleMode::Off,
+                other => anyhow::bail!("--timescaledb {other}: expected auto, require or off"),
+            };
+            let flavour = postgres::migrate_url(&database_url, mode)?;
+            println!("schema up to date ({})", flavour.name());
         }
         Command::Check { pipeline } => match load_rules(&pipeline) {
             Ok(set) => {

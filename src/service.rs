@@ -13,6 +13,7 @@ use crate::sinks::Storage;
 use crate::sinks::alert_log::{AlertLog, AlertLogConfig};
 use crate::sinks::dead_letter::{DeadLetter, DeadLetterConfig};
 use crate::sinks::parquet::ParquetStorage;
+use crate::sinks::postgres::PostgresStorage;
 use crate::sources::{mqtt, replay, simulator};
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
@@ -173,6 +174,19 @@ fn run_storage(
     Ok(())
 }
 
+/// Opens the configured store.
+pub fn open_storage(config: &StorageConfig) -> anyhow::Result<Box<dyn Storage>> {
+    Ok(match config {
+        StorageConfig::Parquet(p) => Box::new(
+            ParquetStorage::open(p)
+                .with_context(|| format!("opening Parquet storage in {}", p.dir.display()))?,
+        ),
+        StorageConfig::Postgres(p) => {
+            Box::new(PostgresStorage::open(p).context("opening PostgreSQL storage")?)
+        }
+    })
+}
+
 fn spawn_source(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name(name.into())
@@ -184,14 +198,7 @@ fn spawn_source(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()>
 pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     let rules = config.rules()?;
     tracing::info!(pipeline = %config.pipeline, rules = rules.rules.len(), "starting");
-    let storage: Option<Box<dyn Storage>> = match &config.storage {
-        Some(StorageConfig::Parquet(p)) => {
-            Some(Box::new(ParquetStorage::open(p).with_context(|| {
-                format!("opening Parquet storage in {}", p.dir.display())
-            })?))
-        }
-        None => None,
-    };
+    let storage = config.storage.as_ref().map(open_storage).transpose()?;
     let (outputs, sinks) =
         start_sinks(Some(&config.alert_log), Some(&config.dead_letter), storage)?;
     let mut engine = Engine::start(&config.engine, rules, outputs);
@@ -268,6 +275,8 @@ pub struct ReplayOptions {
     pub speed: f64,
     pub rejects: Option<DeadLetterConfig>,
     pub alerts: Option<AlertLogConfig>,
+    /// Also store readings and alerts here.
+    pub storage: Option<StorageConfig>,
 }
 
 /// The replay report.
@@ -296,7 +305,8 @@ pub struct RuleReport {
 /// `vitalstream replay`: pushes a recording through the engine and reports what happened.
 pub fn replay(input: impl Read, options: ReplayOptions) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
-    let (outputs, sinks) = start_sinks(options.alerts.as_ref(), options.rejects.as_ref(), None)?;
+    let storage = options.storage.as_ref().map(open_storage).transpose()?;
+    let (outputs, sinks) = start_sinks(options.alerts.as_ref(), options.rejects.as_ref(), storage)?;
     let rule_ids: Vec<String> = options
         .rules
         .rules

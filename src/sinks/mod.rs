@@ -2,13 +2,14 @@
 //! bounded queue, so a slow sink slows only what must wait for it.
 //!
 //! - [`Storage`] is the contract every reading store implements: the embedded Parquet
-//!   writer ([`parquet`]) now, the TimescaleDB / PostgreSQL writer later.
+//!   writer ([`parquet`]) and the TimescaleDB / PostgreSQL writer ([`postgres`]).
 //! - [`alert_log`] writes alert transitions as NDJSON (stdout or a file).
 //! - [`dead_letter`] writes rejected frames, original bytes included, as NDJSON.
 
 pub mod alert_log;
 pub mod dead_letter;
 pub mod parquet;
+pub mod postgres;
 
 use crate::alerts::AlertEvent;
 use crate::model::Sample;
@@ -22,6 +23,10 @@ pub enum StorageError {
     Parquet(#[from] ::parquet::errors::ParquetError),
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error(transparent)]
+    Postgres(#[from] postgres::PgError),
+    #[error(transparent)]
+    Spool(#[from] postgres::spool::SpoolError),
 }
 
 /// The storage contract. Calls come from one thread, in order. `Ok` from `write_readings`

@@ -1,0 +1,195 @@
+//! Reads for the REST API: a patient's vitals over a range in buckets, and alerts by
+//! patient, state, priority and time. The same calls work on both flavours: buckets come
+//! from `time_bucket` on TimescaleDB and `date_bin` (same origin) on PostgreSQL.
+
+use super::schema::{self, Flavour};
+use super::write::{micros_to_time, time_to_millis};
+use super::{PgError, PostgresConfig, pool};
+use crate::model::Millis;
+use deadpool_postgres::Pool;
+use serde::Serialize;
+use std::time::{Duration, SystemTime};
+use tokio_postgres::Row;
+
+/// Read access to the store.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    flavour: Flavour,
+}
+
+/// Average, minimum and maximum of one vital in one bucket; `None` when no reading in the
+/// bucket had it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Stats {
+    pub avg: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// One bucket of a patient's vitals.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VitalsBucket {
+    /// Start of the bucket, ms since the epoch.
+    pub start: Millis,
+    pub readings: i64,
+    pub hr: Stats,
+    pub spo2: Stats,
+    pub temp: Stats,
+    pub sys_bp: Stats,
+    pub dia_bp: Stats,
+    pub rr: Stats,
+}
+
+/// Which alerts to list; every field narrows the list, `None` does not.
+#[derive(Debug, Clone, Default)]
+pub struct AlertQuery {
+    pub patient_id: Option<String>,
+    /// `firing`, `acknowledged`, `resolved`.
+    pub state: Option<String>,
+    /// `high`, `medium`, `low`.
+    pub priority: Option<String>,
+    /// Raised at or after this time, ms.
+    pub since: Option<Millis>,
+    /// At most this many, newest first (default 100).
+    pub limit: Option<i64>,
+}
+
+/// An alert's current state, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredAlert {
+    pub alert_id: String,
+    pub rule_id: String,
+    pub priority: String,
+    pub message: String,
+    pub state: String,
+    pub subject: String,
+    pub patient_id: Option<String>,
+    pub device_id: String,
+    pub value: Option<f64>,
+    pub correlation_id: String,
+    pub raised_at: Option<Millis>,
+    pub acknowledged_at: Option<Millis>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at: Option<Millis>,
+    pub resolved_by: Option<String>,
+}
+
+impl Db {
+    /// Connects and reads the schema's flavour (the schema must exist: `vitalstream migrate`).
+    pub async fn connect(config: &PostgresConfig) -> Result<Db, PgError> {
+        let pool = pool(config)?;
+        let flavour = schema::flavour(&*pool.get().await?).await?;
+        Ok(Db { pool, flavour })
+    }
+
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
+    /// A patient's vitals in `[from, to)` (ms), in buckets of `bucket`, oldest first. Empty
+    /// buckets are left out.
+    pub async fn vitals(
+        &self,
+        patient_id: &str,
+        from: Millis,
+        to: Millis,
+        bucket: Duration,
+    ) -> Result<Vec<VitalsBucket>, PgError> {
+        if bucket.is_zero() {
+            return Err(PgError::Config("bucket must be longer than zero".into()));
+        }
+        let bucketing = match self.flavour {
+            Flavour::TimescaleDb => "time_bucket(make_interval(secs => $1), time)",
+            Flavour::Postgres => {
+                "date_bin(make_interval(secs => $1), time, TIMESTAMPTZ '2000-01-03 00:00:00+00')"
+            }
+        };
+        let stats = ["hr", "spo2", "temp", "sys_bp", "dia_bp", "rr"]
+            .map(|v| format!("avg({v}), min({v}), max({v})"))
+            .join(", ");
+        let sql = format!(
+            "SELECT {bucketing} AS bucket, count(*), {stats} FROM device_vitals \
+             WHERE patient_id = $2 AND time >= $3 AND time < $4 GROUP BY 1 ORDER BY 1"
+        );
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                &sql,
+                &[
+                    &bucket.as_secs_f64(),
+                    &patient_id,
+                    &micros_to_time(from.saturating_mul(1000)),
+                    &micros_to_time(to.saturating_mul(1000)),
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(bucket_of).collect())
+    }
+
+    /// Alerts, newest first.
+    pub async fn alerts(&self, q: &AlertQuery) -> Result<Vec<StoredAlert>, PgError> {
+        let since = q.since.map(|ms| micros_to_time(ms.saturating_mul(1000)));
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT alert_id, rule_id, priority, message, state, subject, patient_id, \
+                 device_id, value, correlation_id, raised_at, acknowledged_at, acknowledged_by, \
+                 resolved_at, resolved_by FROM alerts \
+                 WHERE ($1::text IS NULL OR patient_id = $1) AND ($2::text IS NULL OR state = $2) \
+                 AND ($3::text IS NULL OR priority = $3) AND ($4::timestamptz IS NULL OR raised_at >= $4) \
+                 ORDER BY raised_at DESC NULLS LAST, alert_id LIMIT $5",
+                &[
+                    &q.patient_id,
+                    &q.state,
+                    &q.priority,
+                    &since,
+                    &q.limit.unwrap_or(100),
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(alert_of).collect())
+    }
+}
+
+fn millis(row: &Row, i: usize) -> Option<Millis> {
+    row.get::<_, Option<SystemTime>>(i).map(time_to_millis)
+}
+
+fn bucket_of(row: &Row) -> VitalsBucket {
+    let stats = |i: usize| Stats {
+        avg: row.get(i),
+        min: row.get(i + 1),
+        max: row.get(i + 2),
+    };
+    VitalsBucket {
+        start: millis(row, 0).unwrap_or_default(),
+        readings: row.get(1),
+        hr: stats(2),
+        spo2: stats(5),
+        temp: stats(8),
+        sys_bp: stats(11),
+        dia_bp: stats(14),
+        rr: stats(17),
+    }
+}
+
+fn alert_of(row: &Row) -> StoredAlert {
+    StoredAlert {
+        alert_id: row.get(0),
+        rule_id: row.get(1),
+        priority: row.get(2),
+        message: row.get(3),
+        state: row.get(4),
+        subject: row.get(5),
+        patient_id: row.get(6),
+        device_id: row.get(7),
+        value: row.get(8),
+        correlation_id: row.get(9),
+        raised_at: millis(row, 10),
+        acknowledged_at: millis(row, 11),
+        acknowledged_by: row.get(12),
+        resolved_at: millis(row, 13),
+        resolved_by: row.get(14),
+    }
+}

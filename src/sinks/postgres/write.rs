@@ -1,0 +1,384 @@
+//! What the writer sends to PostgreSQL, and how: rows, and one call per batch.
+//!
+//! Readings go by binary COPY into a per-connection temporary table, then
+//! `INSERT … SELECT … ON CONFLICT DO NOTHING` into `device_vitals`, in one transaction: a
+//! batch that is retried, replayed from the spool, or sent again by a replayed stream never
+//! stores a reading twice. Alert transitions are few; they go row by row, each into
+//! `alert_events` and onto the alert's current state in `alerts`.
+
+use crate::alerts::{AlertEvent, AlertState, Transition};
+use crate::model::{Id, Sample};
+use crate::rules::Priority;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Error};
+
+/// One row of `device_vitals`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitalRow {
+    /// Event time, µs since the epoch: the device's `ts`, else the receive time at full
+    /// precision (so two readings of a clock-less device in one millisecond stay apart).
+    pub time_us: i64,
+    pub device_id: Id,
+    pub patient_id: Option<Id>,
+    /// hr, spo2, temp, sys_bp, dia_bp, rr.
+    pub vitals: [Option<f64>; 6],
+    pub seq: Option<i64>,
+    pub received_us: i64,
+}
+
+impl From<&Sample> for VitalRow {
+    fn from(s: &Sample) -> VitalRow {
+        VitalRow {
+            time_us: if s.device_ts {
+                s.ts.saturating_mul(1000)
+            } else {
+                s.received_us
+            },
+            device_id: s.device_id.clone(),
+            patient_id: s.patient_id.clone(),
+            vitals: s.vitals.0.map(|v| (!v.is_nan()).then_some(v)),
+            // Sequence numbers above i64::MAX do not fit PostgreSQL's bigint; the reading is
+            // kept, without its seq (the unique key is device and time).
+            seq: s.seq.and_then(|n| i64::try_from(n).ok()),
+            received_us: s.received_us,
+        }
+    }
+}
+
+/// One alert transition: a row of `alert_events`, and the alert's state after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertRow {
+    pub alert_id: String,
+    pub event: String,
+    pub at_ms: i64,
+    pub rule_id: String,
+    pub priority: String,
+    pub message: String,
+    pub state: String,
+    pub subject: Id,
+    pub patient_id: Option<Id>,
+    pub device_id: Id,
+    pub value: Option<f64>,
+    pub window_ms: Option<(i64, i64)>,
+    pub correlation_id: String,
+    pub event_ts_ms: i64,
+    pub raised_at_ms: Option<i64>,
+    pub acknowledged_at_ms: Option<i64>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at_ms: Option<i64>,
+    pub resolved_by: Option<String>,
+}
+
+pub fn priority_name(p: Priority) -> &'static str {
+    match p {
+        Priority::Low => "low",
+        Priority::Medium => "medium",
+        Priority::High => "high",
+    }
+}
+
+fn state_name(s: AlertState) -> &'static str {
+    match s {
+        AlertState::Pending => "pending",
+        AlertState::Firing => "firing",
+        AlertState::Acknowledged => "acknowledged",
+        AlertState::Resolved => "resolved",
+    }
+}
+
+impl From<&AlertEvent> for AlertRow {
+    fn from(e: &AlertEvent) -> AlertRow {
+        let a = &e.alert;
+        let event = match e.event {
+            Transition::Raised => "raised",
+            Transition::Acknowledged => "acknowledged",
+            Transition::Resolved => "resolved",
+        };
+        AlertRow {
+            alert_id: a.alert_id.clone(),
+            event: event.into(),
+            at_ms: e.at,
+            rule_id: a.rule_id.to_string(),
+            priority: priority_name(a.priority).into(),
+            message: a.message.to_string(),
+            state: state_name(a.state).into(),
+            subject: a.subject.clone(),
+            patient_id: a.patient_id.clone(),
+            device_id: a.trigger.device_id.clone(),
+            value: a.trigger.value.is_finite().then_some(a.trigger.value),
+            window_ms: a.trigger.window,
+            correlation_id: a.trigger.correlation_id.to_string(),
+            event_ts_ms: a.trigger.event_ts,
+            raised_at_ms: a.raised_at,
+            acknowledged_at_ms: a.acknowledged_at,
+            acknowledged_by: a.acknowledged_by.clone(),
+            resolved_at_ms: a.resolved_at,
+            resolved_by: a.resolved_by.clone(),
+        }
+    }
+}
+
+impl AlertRow {
+    fn actor(&self) -> Option<&str> {
+        match self.event.as_str() {
+            "acknowledged" => self.acknowledged_by.as_deref(),
+            "resolved" => self.resolved_by.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// 1 raised, 2 acknowledged, 3 resolved: the current state never moves backwards when
+    /// an older transition arrives late (from the spool).
+    fn rank(&self) -> i16 {
+        match self.event.as_str() {
+            "raised" => 1,
+            "acknowledged" => 2,
+            _ => 3,
+        }
+    }
+}
+
+/// A unit of work for the database, and of the spool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Batch {
+    Readings(Vec<VitalRow>),
+    Alerts(Vec<AlertRow>),
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        match self {
+            Batch::Readings(r) => r.len(),
+            Batch::Alerts(a) => a.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub fn micros_to_time(us: i64) -> SystemTime {
+    let d = Duration::from_micros(us.unsigned_abs());
+    if us >= 0 {
+        UNIX_EPOCH + d
+    } else {
+        UNIX_EPOCH - d
+    }
+}
+
+fn millis_to_time(ms: i64) -> SystemTime {
+    micros_to_time(ms.saturating_mul(1000))
+}
+
+pub fn time_to_millis(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+const COLUMNS: &str =
+    "time, device_id, patient_id, hr, spo2, temp, sys_bp, dia_bp, rr, seq, received_at";
+const TYPES: [Type; 11] = [
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::TEXT,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::INT8,
+    Type::TIMESTAMPTZ,
+];
+
+/// How a batch of readings goes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// COPY into a temporary table, then insert with conflict skipping: never a duplicate.
+    /// What the writer uses.
+    Staged,
+    /// COPY straight into `device_vitals`: faster, but a batch with a reading already stored
+    /// fails as a whole. Only for measuring what the staging costs.
+    Direct,
+}
+
+/// Writes readings in one transaction; returns how many were new (the rest were already
+/// stored).
+pub async fn copy_readings(
+    client: &mut Client,
+    rows: &[VitalRow],
+    mode: CopyMode,
+) -> Result<u64, Error> {
+    let tx = client.transaction().await?;
+    let target = match mode {
+        CopyMode::Staged => {
+            tx.batch_execute(
+                "CREATE TEMP TABLE IF NOT EXISTS vitals_staging \
+                 (LIKE device_vitals INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+            )
+            .await?;
+            "vitals_staging"
+        }
+        CopyMode::Direct => "device_vitals",
+    };
+    let sink = tx
+        .copy_in(&format!("COPY {target} ({COLUMNS}) FROM STDIN BINARY"))
+        .await?;
+    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &TYPES));
+    for r in rows {
+        let time = micros_to_time(r.time_us);
+        let received = micros_to_time(r.received_us);
+        let [hr, spo2, temp, sys, dia, rr] = &r.vitals;
+        let values: [&(dyn ToSql + Sync); 11] = [
+            &time,
+            &r.device_id.as_str(),
+            &r.patient_id.as_deref(),
+            hr,
+            spo2,
+            temp,
+            sys,
+            dia,
+            rr,
+            &r.seq,
+            &received,
+        ];
+        writer.as_mut().write(&values).await?;
+    }
+    let copied = writer.as_mut().finish().await?;
+    let inserted = match mode {
+        CopyMode::Staged => {
+            tx.execute(
+                &format!(
+                    "INSERT INTO device_vitals ({COLUMNS}) SELECT {COLUMNS} FROM vitals_staging \
+                     ON CONFLICT DO NOTHING"
+                ),
+                &[],
+            )
+            .await?
+        }
+        CopyMode::Direct => copied,
+    };
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// The seed's pattern, kept only for the benchmark: one INSERT statement per reading.
+pub async fn insert_reading(client: &Client, r: &VitalRow) -> Result<u64, Error> {
+    let [hr, spo2, temp, sys, dia, rr] = &r.vitals;
+    client
+        .execute(
+            &format!(
+                "INSERT INTO device_vitals ({COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING"
+            ),
+            &[
+                &micros_to_time(r.time_us),
+                &r.device_id.as_str(),
+                &r.patient_id.as_deref(),
+                hr,
+                spo2,
+                temp,
+                sys,
+                dia,
+                rr,
+                &r.seq,
+                &micros_to_time(r.received_us),
+            ],
+        )
+        .await
+}
+
+/// Writes alert transitions in one transaction; returns how many were new.
+pub async fn write_alerts(client: &mut Client, rows: &[AlertRow]) -> Result<u64, Error> {
+    let tx = client.transaction().await?;
+    let event = tx
+        .prepare(
+            "INSERT INTO alert_events (alert_id, event, at, rule_id, priority, patient_id, \
+             device_id, value, correlation_id, actor) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let state = tx
+        .prepare(
+            "INSERT INTO alerts AS a (alert_id, rule_id, priority, message, state, subject, \
+             patient_id, device_id, value, window_start, window_end, correlation_id, event_time, \
+             raised_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by, updated_at, \
+             state_rank) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19, $20) \
+             ON CONFLICT (alert_id) DO UPDATE SET state = EXCLUDED.state, \
+             acknowledged_at = EXCLUDED.acknowledged_at, acknowledged_by = EXCLUDED.acknowledged_by, \
+             resolved_at = EXCLUDED.resolved_at, resolved_by = EXCLUDED.resolved_by, \
+             updated_at = EXCLUDED.updated_at, state_rank = EXCLUDED.state_rank \
+             WHERE a.state_rank <= EXCLUDED.state_rank",
+        )
+        .await?;
+    let mut new = 0;
+    for r in rows {
+        let at = millis_to_time(r.at_ms);
+        new += tx
+            .execute(
+                &event,
+                &[
+                    &r.alert_id,
+                    &r.event,
+                    &at,
+                    &r.rule_id,
+                    &r.priority,
+                    &r.patient_id.as_deref(),
+                    &r.device_id.as_str(),
+                    &r.value,
+                    &r.correlation_id,
+                    &r.actor(),
+                ],
+            )
+            .await?;
+        let opt = |ms: Option<i64>| ms.map(millis_to_time);
+        tx.execute(
+            &state,
+            &[
+                &r.alert_id,
+                &r.rule_id,
+                &r.priority,
+                &r.message,
+                &r.state,
+                &r.subject.as_str(),
+                &r.patient_id.as_deref(),
+                &r.device_id.as_str(),
+                &r.value,
+                &opt(r.window_ms.map(|w| w.0)),
+                &opt(r.window_ms.map(|w| w.1)),
+                &r.correlation_id,
+                &millis_to_time(r.event_ts_ms),
+                &opt(r.raised_at_ms),
+                &opt(r.acknowledged_at_ms),
+                &r.acknowledged_by,
+                &opt(r.resolved_at_ms),
+                &r.resolved_by,
+                &at,
+                &r.rank(),
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_on_both_sides_of_the_epoch() {
+        for ms in [0, 1, -1, 1_795_000_000_123, -86_400_000] {
+            assert_eq!(time_to_millis(millis_to_time(ms)), ms);
+        }
+    }
+}
