@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod pg;
 
 use crossbeam_channel::{Receiver, bounded, unbounded};
 use std::time::Duration;

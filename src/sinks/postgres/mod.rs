@@ -473,9 +473,33 @@ impl PostgresStorage {
         })?;
         match result {
             Ok(()) => Ok(()),
-            Err((batch, e)) if e.is_data_error() => self.refuse(&batch, &e),
+            Err((batch, e)) if e.is_data_error() => self.isolate(batch, &e),
             Err((batch, _)) => self.spool_batch(&batch),
         }
+    }
+
+    /// The database refused a batch as data: halves it until the refused rows are alone,
+    /// so one bad row does not take good ones down with it.
+    fn isolate(&mut self, batch: Batch, error: &PgError) -> Result<(), StorageError> {
+        let halves = match batch {
+            Batch::Readings(mut rows) if rows.len() > 1 => {
+                let tail = rows.split_off(rows.len() / 2);
+                [Batch::Readings(rows), Batch::Readings(tail)]
+            }
+            Batch::Alerts(mut rows) if rows.len() > 1 => {
+                let tail = rows.split_off(rows.len() / 2);
+                [Batch::Alerts(rows), Batch::Alerts(tail)]
+            }
+            single => return self.refuse(&single, error),
+        };
+        for half in halves {
+            match self.rt.block_on(self.shared.clone().write(half)) {
+                Ok(()) => {}
+                Err((half, e)) if e.is_data_error() => self.isolate(half, &e)?,
+                Err((half, _)) => self.spool_batch(&half)?,
+            }
+        }
+        Ok(())
     }
 
     /// Puts a batch in the spool. A full spool holds the caller (and so, through the
@@ -498,7 +522,7 @@ impl PostgresStorage {
                     if self.deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(SpoolError::Full { bytes, max }.into());
                     }
-                    if self.drain(Duration::from_secs(1))? == 0 {
+                    if self.drain(Duration::from_secs(1), true)? == 0 {
                         std::thread::sleep(Duration::from_millis(200));
                     }
                 }
@@ -533,10 +557,11 @@ impl PostgresStorage {
         Ok(())
     }
 
-    /// Writes spooled batches, oldest first, for up to `budget`; returns how many went.
-    fn drain(&mut self, budget: Duration) -> Result<usize, StorageError> {
+    /// Writes spooled batches, oldest first, for up to `budget`; returns how many went. With
+    /// `wait`, a failure or an open breaker pauses the drain instead of ending it.
+    fn drain(&mut self, budget: Duration, wait: bool) -> Result<usize, StorageError> {
         let started = Instant::now();
-        let mut drained = 0;
+        let (mut drained, mut failures) = (0, 0);
         while !self.spool.is_empty() && started.elapsed() < budget {
             let Some(payload) = self.spool.peek()? else {
                 break;
@@ -557,9 +582,20 @@ impl PostgresStorage {
             };
             match self.rt.block_on(self.shared.attempt(&batch)) {
                 Ok(()) => {}
-                Err(e) if e.is_data_error() => self.refuse(&batch, &e)?,
+                Err(e) if e.is_data_error() => self.isolate(batch.clone(), &e)?,
+                // Waiting: for the breaker's cooldown, and through up to three failed probes.
+                Err(PgError::CircuitOpen) if wait => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(_) if wait && failures < 2 => {
+                    failures += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
                 Err(_) => break,
             }
+            failures = 0;
             self.spool.pop()?;
             self.shared
                 .metrics
@@ -641,7 +677,7 @@ impl Storage for PostgresStorage {
         }
         self.maintain();
         if !self.spool.is_empty() {
-            self.drain(Duration::from_secs(1))?;
+            self.drain(Duration::from_secs(1), false)?;
         }
         Ok(())
     }
@@ -650,7 +686,7 @@ impl Storage for PostgresStorage {
         self.deadline = Some(Instant::now() + self.shared.config.shutdown_timeout);
         self.flush()?;
         if !self.spool.is_empty() {
-            self.drain(Duration::from_secs(5))?;
+            self.drain(self.shared.config.shutdown_timeout, true)?;
         }
         if !self.spool.is_empty() {
             tracing::warn!(
