@@ -428,7 +428,9 @@ fn shutdown_with_a_full_spool_fails_so_nothing_unkept_is_acknowledged() {
     let err = storage.close().unwrap_err();
     assert!(err.to_string().contains("spool is full"), "{err}");
     assert!(started.elapsed() >= Duration::from_secs(1));
-    assert_eq!(metrics.rows_spooled.load(Relaxed), 1_000);
+    // The new readings go in batches (one lane of devices each); some fit, not all.
+    let spooled = metrics.rows_spooled.load(Relaxed);
+    assert!((1_000..1_999).contains(&spooled), "{spooled}");
 }
 
 #[test]

@@ -60,6 +60,16 @@ CREATE TABLE rules (
     updated_by  text
 );
 
+-- Which devices reported readings for which patient, per UTC day: written by the storage
+-- writer with the readings, so a patient's readings are found by device and time (the key
+-- of device_vitals) without a second index on every reading.
+CREATE TABLE patient_devices (
+    patient_id  text COLLATE "C" NOT NULL,
+    day         date NOT NULL,
+    device_id   text COLLATE "C" NOT NULL,
+    PRIMARY KEY (patient_id, day, device_id)
+);
+
 -- Which device was attached to which patient, and when. valid_to NULL = still attached.
 CREATE TABLE device_assignments (
     device_id   text NOT NULL,

@@ -108,10 +108,15 @@ impl Db {
         let stats = ["hr", "spo2", "temp", "sys_bp", "dia_bp", "rr"]
             .map(|v| format!("avg({v}), min({v}), max({v})"))
             .join(", ");
+        // The patient's devices on the days of the range, then their readings by the key.
         let sql = format!(
             "SELECT {bucketing} AS bucket, count(*), {stats} FROM device_vitals \
-             WHERE patient_id = $2 AND time >= $3 AND time < $4 GROUP BY 1 ORDER BY 1"
+             WHERE device_id IN (SELECT device_id FROM patient_devices WHERE patient_id = $2 \
+                 AND day BETWEEN DATE '1970-01-01' + $5::int4 AND DATE '1970-01-01' + $6::int4) \
+             AND patient_id = $2 AND time >= $3 AND time < $4 GROUP BY 1 ORDER BY 1"
         );
+        let first_day = schema::day_of(from.saturating_mul(1000));
+        let last_day = schema::day_of(to.saturating_sub(1).saturating_mul(1000));
         let client = self.pool.get().await?;
         let rows = client
             .query(
@@ -121,6 +126,8 @@ impl Db {
                     &patient_id,
                     &micros_to_time(from.saturating_mul(1000)),
                     &micros_to_time(to.saturating_mul(1000)),
+                    &first_day,
+                    &last_day,
                 ],
             )
             .await?;

@@ -1,9 +1,11 @@
 //! What the writer sends to PostgreSQL, and how: rows, and one call per batch.
 //!
-//! Readings go by binary COPY into a per-connection temporary table, then
-//! `INSERT … SELECT … ON CONFLICT DO NOTHING` into `device_vitals`, in one transaction: a
-//! batch that is retried, replayed from the spool, or sent again by a replayed stream never
-//! stores a reading twice. Alert transitions are few; they go row by row, each into
+//! Readings go by binary COPY straight into `device_vitals`, in one transaction. If any of
+//! them is already stored — a batch retried after a lost commit, replayed from the spool, or
+//! sent again by a replayed stream — the unique key (device_id, time) refuses the COPY, the
+//! transaction rolls back, and the batch goes again through a temporary table and
+//! `INSERT … SELECT … ON CONFLICT DO NOTHING`. Either way no reading is stored twice; the
+//! common case pays only for the COPY (the bench measures both). Alert transitions are few; they go row by row, each into
 //! `alert_events` and onto the alert's current state in `alerts`.
 
 use crate::alerts::{AlertEvent, AlertState, Transition};
@@ -201,21 +203,70 @@ const TYPES: [Type; 11] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyMode {
     /// COPY into a temporary table, then insert with conflict skipping: never a duplicate.
-    /// What the writer uses.
     Staged,
-    /// COPY straight into `device_vitals`: faster, but a batch with a reading already stored
-    /// fails as a whole. Only for measuring what the staging costs.
+    /// COPY straight into `device_vitals`: fastest, but a batch with a reading already
+    /// stored fails as a whole (and changes nothing).
     Direct,
 }
 
-/// Writes readings in one transaction; returns how many were new (the rest were already
-/// stored).
+/// What the writer does: [`CopyMode::Direct`], and [`CopyMode::Staged`] when the batch
+/// holds a reading already stored. Returns how many readings were new.
+pub async fn store_readings(
+    client: &mut Client,
+    rows: &[VitalRow],
+    links: &[Link],
+) -> Result<u64, Error> {
+    match copy_readings(client, rows, links, CopyMode::Direct).await {
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            copy_readings(client, rows, links, CopyMode::Staged).await
+        }
+        result => result,
+    }
+}
+
+/// A row of `patient_devices`: a patient, a UTC day (days since the epoch), a device.
+pub type Link = (Id, i32, Id);
+
+/// The distinct links of a batch's readings.
+pub fn links_of(rows: &[VitalRow]) -> Vec<Link> {
+    let mut links: Vec<Link> = rows
+        .iter()
+        .filter_map(|r| {
+            let patient = r.patient_id.clone()?;
+            Some((
+                patient,
+                super::schema::day_of(r.time_us),
+                r.device_id.clone(),
+            ))
+        })
+        .collect();
+    links.sort_unstable();
+    links.dedup();
+    links
+}
+
+/// Writes readings, and the `links` they bring to `patient_devices`, in one transaction;
+/// returns how many readings were new (the rest were already stored).
 pub async fn copy_readings(
     client: &mut Client,
     rows: &[VitalRow],
+    links: &[Link],
     mode: CopyMode,
 ) -> Result<u64, Error> {
     let tx = client.transaction().await?;
+    if !links.is_empty() {
+        let patients: Vec<&str> = links.iter().map(|l| l.0.as_str()).collect();
+        let days: Vec<i32> = links.iter().map(|l| l.1).collect();
+        let devices: Vec<&str> = links.iter().map(|l| l.2.as_str()).collect();
+        tx.execute(
+            "INSERT INTO patient_devices (patient_id, day, device_id) \
+             SELECT p, DATE '1970-01-01' + d, v \
+             FROM unnest($1::text[], $2::int4[], $3::text[]) AS t(p, d, v) \
+             ON CONFLICT DO NOTHING",
+            &[&patients, &days, &devices],
+        )
+        .await?;
+    }
     let target = match mode {
         CopyMode::Staged => {
             tx.batch_execute(
