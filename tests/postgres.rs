@@ -544,3 +544,157 @@ fn vitals_come_back_in_buckets_and_alerts_by_patient_state_and_time() {
     };
     assert!(alerts(later).is_empty());
 }
+
+/// The whole path, as deployed: a device publishes over MQTT (QoS 1), `vitalstream run`
+/// stores into PostgreSQL. PostgreSQL goes down mid-stream, and while it is down the
+/// service is killed (SIGKILL) and started again. Every reading must end up stored exactly
+/// once: what was acknowledged to the broker was in the spool, what was not is redelivered.
+#[test]
+fn mqtt_to_postgres_loses_nothing_through_an_outage_and_a_crash() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{Client, MqttOptions};
+
+    let broker = common::broker::Broker::start("");
+    let db = TestDb::create();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"pipeline = "builtin:reference"
+status_interval = "1s"
+[[sources]]
+type = "mqtt"
+port = {port}
+client_id = "vs-e2e-ingest"
+session_expiry = "1h"
+batch_linger = "10ms"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+[storage]
+type = "postgres"
+url = "{url}"
+spool_dir = "{spool}"
+connect_timeout = "1s"
+retries = 0
+breaker_failures = 1
+breaker_cooldown = "200ms"
+[alert_log]
+path = "{alerts}"
+[dead_letter]
+path = "{dead}"
+"#,
+            port = broker.port,
+            url = db.url,
+            spool = dir.path().join("spool").display(),
+            alerts = dir.path().join("alerts.ndjson").display(),
+            dead = dir.path().join("dead.ndjson").display(),
+        ),
+    )
+    .unwrap();
+    let log = |n: u32| dir.path().join(format!("run-{n}.log"));
+    let start = |n: u32| {
+        Command::new(env!("CARGO_BIN_EXE_vitalstream"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log(n)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut service = start(1);
+
+    let mut options = MqttOptions::new("vs-e2e-bed-1", "127.0.0.1", broker.port);
+    options
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(3600));
+    let (client, mut connection) = Client::new(options, 1000);
+    let running = Arc::new(AtomicBool::new(true));
+    let poller = {
+        let running = running.clone();
+        std::thread::spawn(move || {
+            while running.load(Relaxed) {
+                if let Ok(Err(_)) = connection.recv_timeout(Duration::from_millis(100)) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+    };
+    let stored = |device: &str| {
+        db.try_count(&format!(
+            "SELECT count(*) FROM device_vitals WHERE device_id = '{device}'"
+        ))
+        .unwrap_or(0)
+    };
+    // The service's subscription exists once a probe reading reaches the database.
+    let probe_deadline = Instant::now() + Duration::from_secs(30);
+    while stored("vs-e2e-probe") == 0 {
+        assert!(
+            Instant::now() < probe_deadline,
+            "the service never stored a probe reading"
+        );
+        client
+            .publish(
+                "devices/vs-e2e-probe/vitals",
+                QoS::AtLeastOnce,
+                false,
+                r#"{"hr":70}"#,
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let total = 600u64;
+    let t0 = now_millis() - 3_600_000;
+    let publisher = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            for seq in 0..total {
+                let payload = format!(r#"{{"ts":{},"seq":{seq},"hr":80}}"#, t0 + seq as i64 * 1000);
+                client
+                    .publish(
+                        "devices/vs-e2e-bed-1/vitals",
+                        QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let outage = Outage::begin();
+    std::thread::sleep(Duration::from_millis(1500));
+    service.kill().unwrap();
+    service.wait().unwrap();
+    let mut service = start(2);
+    std::thread::sleep(Duration::from_millis(1500));
+    outage.end();
+    publisher.join().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored("vs-e2e-bed-1") < total as i64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &service.id().to_string()])
+        .status();
+    service.wait().unwrap();
+    running.store(false, Relaxed);
+    poller.join().unwrap();
+    assert_eq!(
+        stored("vs-e2e-bed-1"),
+        total as i64,
+        "logs in {}",
+        dir.path().display()
+    );
+    assert_eq!(
+        db.count("SELECT count(DISTINCT seq) FROM device_vitals WHERE device_id = 'vs-e2e-bed-1'"),
+        total as i64
+    );
+    // The scenario happened as intended: the first run spooled, the second drained.
+    let text = |n| std::fs::read_to_string(log(n)).unwrap();
+    assert!(text(1).contains("circuit open"), "{}", text(1));
+    assert!(text(2).contains("spool drained"), "{}", text(2));
+}

@@ -54,6 +54,18 @@ impl TestDb {
         })
     }
 
+    /// Like `count`, but `None` when the query fails (the table is not there yet).
+    pub fn try_count(&self, sql: &str) -> Option<i64> {
+        self.rt.block_on(async {
+            let client = connect(&self.url).await;
+            client
+                .query_one(sql, &[])
+                .await
+                .ok()
+                .map(|r| r.get::<_, i64>(0))
+        })
+    }
+
     /// Runs a query and returns every row's columns as text (NULL as "null").
     pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
         self.rt.block_on(async {
