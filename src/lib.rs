@@ -20,7 +20,9 @@
 //! 4. [`alerts`] — the lifecycle per (rule, patient): pending → firing → acknowledged →
 //!    resolved; one active alert per key, however long the condition lasts.
 //! 5. [`sinks`] — alert transitions go to the alert log (NDJSON); readings and alerts to
-//!    [`sinks::Storage`] (Parquet files by default); rejects to the dead-letter output.
+//!    [`sinks::Storage`] — Parquet files by default, or TimescaleDB / PostgreSQL
+//!    ([`sinks::postgres`]: binary COPY, retries, a circuit breaker and a local spool while
+//!    the database is away); rejects to the dead-letter output.
 //!
 //! Sources that must acknowledge upstream attach an [`ack::Ack`] to a batch; every piece of
 //! it carries a share until it is durable, so nothing is acknowledged before it is safe.
