@@ -332,8 +332,9 @@ impl AlertBook {
         Ok(resolved)
     }
 
-    /// Resolves every alert of a rule that was removed from the rule set.
-    pub fn retire_rule(&self, rule_id: &str) {
+    /// Resolves every alert of a rule that was removed from the rule set, or whose
+    /// definition changed (`why` says which; it is recorded as `resolved_by`).
+    pub fn retire_rule(&self, rule_id: &str, why: &str) {
         self.holders.retain(|(rule, _), _| &**rule != rule_id);
         let keys: Vec<AlertKey> = self
             .active
@@ -347,7 +348,7 @@ impl AlertBook {
                 if alert.state != AlertState::Pending {
                     alert.state = AlertState::Resolved;
                     alert.resolved_at = Some(now_millis());
-                    alert.resolved_by = Some("rule removed".into());
+                    alert.resolved_by = Some(why.into());
                     self.emit(Transition::Resolved, &alert);
                 }
             }
@@ -527,7 +528,7 @@ mod tests {
     fn retiring_a_rule_resolves_its_alerts() {
         let (book, rx, rule) = setup();
         book.signal(signal(&rule, "d1", None, Edge::Raise));
-        book.retire_rule("hr_high");
+        book.retire_rule("hr_high", "rule removed");
         assert!(book.active().is_empty());
         assert_eq!(events(&rx), [Transition::Raised, Transition::Resolved]);
     }

@@ -2,6 +2,7 @@
 //! `--config` (only the keys it names change), then `VITALSTREAM__SECTION__KEY` environment
 //! variables. Unknown keys are errors, and [`Config::validate`] reports every problem at once.
 
+use crate::api::ApiConfig;
 use crate::engine::EngineConfig;
 use crate::rules::{self, RuleSet};
 use crate::sinks::alert_log::AlertLogConfig;
@@ -40,6 +41,9 @@ pub struct Config {
     pub storage: Option<StorageConfig>,
     pub alert_log: AlertLogConfig,
     pub dead_letter: DeadLetterConfig,
+    /// REST (and later socket.io) on one HTTP server.
+    #[serde(default)]
+    pub api: ApiConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -83,6 +83,17 @@ impl DeviceRegistry {
         gone
     }
 
+    /// Every known device, sorted by id.
+    pub fn list(&self) -> Vec<(Id, DeviceStatus)> {
+        let mut all: Vec<(Id, DeviceStatus)> = self
+            .devices
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     pub fn get(&self, device: &str) -> Option<DeviceStatus> {
         self.devices.get(device).map(|s| *s)
     }

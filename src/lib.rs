@@ -33,6 +33,7 @@
 
 pub mod ack;
 pub mod alerts;
+pub mod api;
 pub mod config;
 pub mod devices;
 pub mod engine;

@@ -4,16 +4,20 @@
 
 use crate::ack::{self, Ack};
 use crate::alerts::AlertEvent;
+use crate::api;
 use crate::config::{Config, SourceConfig, StorageConfig};
+use crate::engine::Control;
 use crate::engine::{EndOfInput, Engine, EngineConfig, Outputs, ReadingBatch, RejectBatch};
 use crate::metrics::{LatencySnapshot, Snapshot};
 use crate::model::ClockMode;
 use crate::rules::RuleSet;
+use crate::rules::{self, RuleSpec};
 use crate::sinks::Storage;
 use crate::sinks::alert_log::{AlertLog, AlertLogConfig};
 use crate::sinks::dead_letter::{DeadLetter, DeadLetterConfig};
 use crate::sinks::parquet::ParquetStorage;
 use crate::sinks::postgres::PostgresStorage;
+use crate::sinks::postgres::query::Db;
 use crate::sources::{mqtt, replay, simulator};
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
@@ -174,6 +178,107 @@ fn run_storage(
     Ok(())
 }
 
+/// The pipeline's rules with the changes made at runtime (REST) and kept in PostgreSQL.
+/// When the database cannot be read, the pipeline's rules alone (and a warning).
+fn with_runtime_rules(config: &Config, pipeline: RuleSet) -> RuleSet {
+    let Some(StorageConfig::Postgres(pg)) = &config.storage else {
+        return pipeline;
+    };
+    let changes = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                let db = tokio::time::timeout(pg.connect_timeout, Db::connect(pg)).await??;
+                Ok::<_, anyhow::Error>(db.runtime_rules().await?)
+            })
+        });
+    let changes = match changes {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "rules changed at runtime could not be read; using the pipeline's");
+            return pipeline;
+        }
+    };
+    let mut specs: Vec<RuleSpec> = pipeline.rules.iter().map(|r| r.spec.clone()).collect();
+    for (id, spec) in changes {
+        specs.retain(|s| s.id != id);
+        specs.extend(spec);
+    }
+    match rules::compile(&specs) {
+        Ok(set) => set,
+        Err(e) => {
+            tracing::error!(problems = ?e.problems, "rules changed at runtime do not compile; using the pipeline's");
+            pipeline
+        }
+    }
+}
+
+/// The HTTP server, on its own thread and runtime.
+struct ApiServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<std::io::Result<()>>,
+}
+
+impl ApiServer {
+    fn stop(self) {
+        let _ = self.stop.send(());
+        match self.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "API server failed"),
+            Err(_) => tracing::error!("API server thread panicked"),
+        }
+    }
+}
+
+fn start_api(config: &Config, control: Control) -> anyhow::Result<Option<ApiServer>> {
+    if !config.api.enabled {
+        return Ok(None);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("api")
+        .enable_all()
+        .build()?;
+    let listen = config.api.listen;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .with_context(|| format!("binding the API to {listen}"))?;
+    let addr = listener.local_addr()?;
+    let storage = match &config.storage {
+        Some(StorageConfig::Postgres(pg)) => Some(pg.clone()),
+        _ => None,
+    };
+    let state = api::ApiState::new(&config.api, control, storage);
+    if config.api.dev_token {
+        let token = state.keys.sign(&api::auth::Claims {
+            sub: "developer".into(),
+            role: api::auth::Role::Admin,
+            patients: None,
+            exp: (crate::model::now_millis() / 1000 + 86_400) as u64,
+        });
+        tracing::info!(
+            url = %format!("http://{addr}/api/v1"),
+            dev_token = %token,
+            "API listening; try: curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/alerts \
+             (a development token, admin for 24 h; [api] dev_token = false turns it off)"
+        );
+    } else {
+        tracing::info!(url = %format!("http://{addr}/api/v1"), "API listening");
+    }
+    let router = api::router(&config.api, state);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            rt.block_on(api::serve(listener, router, async {
+                let _ = stopped.await;
+            }))
+        })?;
+    Ok(Some(ApiServer { stop, thread }))
+}
+
 /// Opens the configured store.
 pub fn open_storage(config: &StorageConfig) -> anyhow::Result<Box<dyn Storage>> {
     Ok(match config {
@@ -196,12 +301,13 @@ fn spawn_source(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()>
 
 /// `vitalstream run`: the service, until `stop` is set.
 pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
-    let rules = config.rules()?;
-    tracing::info!(pipeline = %config.pipeline, rules = rules.rules.len(), "starting");
     let storage = config.storage.as_ref().map(open_storage).transpose()?;
+    let rules = with_runtime_rules(config, config.rules()?);
+    tracing::info!(pipeline = %config.pipeline, rules = rules.rules.len(), "starting");
     let (outputs, sinks) =
         start_sinks(Some(&config.alert_log), Some(&config.dead_letter), storage)?;
     let mut engine = Engine::start(&config.engine, rules, outputs);
+    let api = start_api(config, engine.control())?;
     let mut sources = Vec::new();
     for source in &config.sources {
         match source {
@@ -253,6 +359,9 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     stop.store(true, Ordering::Relaxed);
     for s in sources {
         let _ = s.join();
+    }
+    if let Some(api) = api {
+        api.stop();
     }
     let metrics = engine.metrics.clone();
     engine.join(EndOfInput::KeepOpen);

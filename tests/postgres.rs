@@ -583,6 +583,8 @@ breaker_cooldown = "200ms"
 path = "{alerts}"
 [dead_letter]
 path = "{dead}"
+[api]
+listen = "127.0.0.1:0"
 "#,
             port = broker.port,
             url = db.url,
@@ -697,4 +699,118 @@ path = "{dead}"
     let text = |n| std::fs::read_to_string(log(n)).unwrap();
     assert!(text(1).contains("circuit open"), "{}", text(1));
     assert!(text(2).contains("spool drained"), "{}", text(2));
+}
+
+/// Rules changed through the API are kept in `rules` and come back at the next start.
+#[test]
+fn rules_changed_through_the_api_survive_a_restart() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+    use vitalstream::api::auth::{Claims, Role};
+    use vitalstream::api::{ApiConfig, ApiState, router};
+
+    let db = TestDb::create();
+    migrate_url(&db.url, TimescaleMode::Auto).unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api_config = ApiConfig::default();
+    let storage = config(&db, spool.path());
+    let state = ApiState::new(&api_config, h.engine.control(), Some(storage));
+    let app = router(&api_config, state.clone());
+    let token = state.keys.sign(&Claims {
+        sub: "ana".into(),
+        role: Role::Analyst,
+        patients: None,
+        exp: (now_millis() / 1000 + 600) as u64,
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let call = |method: &str, uri: &str, body: Option<serde_json::Value>| {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .unwrap();
+        rt.block_on(app.clone().oneshot(req))
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let rule = serde_json::json!({"id": "hr_low", "kind": "threshold", "priority": "high",
+        "message": "HR low", "condition": "hr < 40"});
+    assert_eq!(call("POST", "/api/v1/rules", Some(rule)), 201);
+    assert_eq!(call("DELETE", "/api/v1/rules/hr_high", None), 200);
+    assert_eq!(
+        db.rows("SELECT rule_id, enabled::text, updated_by FROM rules ORDER BY 1"),
+        [["hr_high", "false", "ana"], ["hr_low", "true", "ana"]]
+    );
+    drop(app);
+    h.finish();
+
+    // A new process on the same database: the pipeline file says hr_high only; the database
+    // says hr_high was deleted and hr_low added.
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(&pipeline, HR_RULE).unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pipeline = \"{}\"\n[log]\nformat = \"json\"\n[[sources]]\ntype = \"simulator\"\ndevices = 1\n\
+             [storage]\ntype = \"postgres\"\nurl = \"{}\"\nspool_dir = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n\
+             [alert_log]\npath = \"{}\"\n",
+            pipeline.display(),
+            db.url,
+            spool.path().display(),
+            dir.path().join("alerts.ndjson").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vitalstream"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let started = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["fields"]["url"].is_string())
+        {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service did not start:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let url = started["fields"]["url"].as_str().unwrap();
+    let dev = started["fields"]["dev_token"].as_str().unwrap();
+    let mut answer = ureq::get(format!("{url}/rules"))
+        .header("Authorization", format!("Bearer {dev}"))
+        .call()
+        .unwrap();
+    let body: serde_json::Value =
+        serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["hr_low"], "{body}");
 }

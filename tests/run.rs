@@ -51,18 +51,28 @@ dir = "{data}"
 path = "{alerts}"
 [dead_letter]
 path = "{data}/dead-letter.ndjson"
+[api]
+listen = "127.0.0.1:0"
 "#,
             data = data.display(),
             alerts = alerts.display()
         ),
     )
     .unwrap();
+    let log_path = dir.path().join("run.log");
     let child = Command::new(env!("CARGO_BIN_EXE_vitalstream"))
         .args(["run", "--config", config.to_str().unwrap()])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
+    let log_lines = || -> Vec<Value> {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    };
     // Let it run until alerts have been raised (anomalies start within seconds), and for long
     // enough to print status lines.
     std::thread::sleep(Duration::from_millis(2500));
@@ -71,13 +81,34 @@ path = "{data}/dead-letter.ndjson"
         assert!(Instant::now() < deadline, "no alert within 60 s");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The start-up line names the API and a development token that works at once.
+    let api = log_lines()
+        .into_iter()
+        .find(|l| l["fields"]["url"].is_string())
+        .expect("the API's address in the log");
+    let (url, token) = (
+        api["fields"]["url"].as_str().unwrap().to_string(),
+        api["fields"]["dev_token"].as_str().unwrap().to_string(),
+    );
+    let mut answer = ureq::get(format!("{url}/alerts"))
+        .header("Authorization", format!("Bearer {token}"))
+        .call()
+        .unwrap();
+    let alerts_now: Value =
+        serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(alerts_now["success"], true, "{alerts_now}");
+    assert!(
+        !alerts_now["data"].as_array().unwrap().is_empty(),
+        "{alerts_now}"
+    );
+
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(out.status.success(), "exit status {:?}\n{log}", out.status);
 
     let stopped: Value = log

@@ -215,6 +215,48 @@ pub struct Engine {
     close_at_end: Arc<AtomicBool>,
 }
 
+/// What other threads may do with a running engine: read its state, swap its rules.
+#[derive(Clone)]
+pub struct Control {
+    rules: Arc<ArcSwap<RuleSet>>,
+    pub book: Arc<AlertBook>,
+    pub metrics: Arc<Metrics>,
+    pub assignments: Arc<Assignments>,
+    pub devices: Arc<DeviceRegistry>,
+    queues: Arc<QueueDepths>,
+}
+
+impl Control {
+    /// Replaces the rule set; shards switch at their next batch. Rules whose definition is
+    /// unchanged keep their state. Alerts of removed rules are resolved, and so are those of
+    /// rules whose definition changed: the new definition starts from a clean state and
+    /// raises again where its condition holds.
+    pub fn set_rules(&self, rules: RuleSet) {
+        let old = self.rules.load_full();
+        for rule in &rules.rules {
+            self.metrics.rule(&rule.id);
+        }
+        self.rules.store(Arc::new(rules));
+        let new = self.rules.load();
+        for rule in &old.rules {
+            match new.get(&rule.id) {
+                None => self.book.retire_rule(&rule.id, "rule removed"),
+                Some(n) if n.spec != rule.spec => self.book.retire_rule(&rule.id, "rule changed"),
+                Some(_) => {}
+            }
+        }
+    }
+
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.rules.load_full()
+    }
+
+    /// Batches waiting: (parse input, sum over shard inputs).
+    pub fn queue_depths(&self) -> (usize, usize) {
+        self.queues.depths()
+    }
+}
+
 /// Queue depths, for the status line.
 #[derive(Default)]
 pub struct QueueDepths {
@@ -332,20 +374,9 @@ impl Engine {
         }
     }
 
-    /// Replaces the rule set; shards switch at their next batch. Rules whose definition is
-    /// unchanged keep their state; alerts of removed rules are resolved.
+    /// Replaces the rule set; see [`Control::set_rules`].
     pub fn set_rules(&self, rules: RuleSet) {
-        let old = self.rules.load_full();
-        for rule in &rules.rules {
-            self.metrics.rule(&rule.id);
-        }
-        self.rules.store(Arc::new(rules));
-        let new = self.rules.load();
-        for rule in &old.rules {
-            if new.get(&rule.id).is_none() {
-                self.book.retire_rule(&rule.id);
-            }
-        }
+        self.control().set_rules(rules)
     }
 
     pub fn rules(&self) -> Arc<RuleSet> {
@@ -354,6 +385,18 @@ impl Engine {
 
     pub fn queue_depths(&self) -> (usize, usize) {
         self.queues.depths()
+    }
+
+    /// A handle on the running engine's state for other threads (the API).
+    pub fn control(&self) -> Control {
+        Control {
+            rules: self.rules.clone(),
+            book: self.book.clone(),
+            metrics: self.metrics.clone(),
+            assignments: self.assignments.clone(),
+            devices: self.devices.clone(),
+            queues: self.queues.clone(),
+        }
     }
 
     /// Waits until every source handle is dropped and every stage has drained: all alerts

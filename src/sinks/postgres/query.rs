@@ -6,6 +6,7 @@ use super::schema::{self, Flavour};
 use super::write::{micros_to_time, time_to_millis};
 use super::{PgError, PostgresConfig, pool};
 use crate::model::Millis;
+use crate::rules::RuleSpec;
 use deadpool_postgres::Pool;
 use serde::Serialize;
 use std::time::{Duration, SystemTime};
@@ -132,6 +133,77 @@ impl Db {
             )
             .await?;
         Ok(rows.iter().map(bucket_of).collect())
+    }
+
+    /// A round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), PgError> {
+        self.pool.get().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Stores a rule submitted at runtime (a new version when it exists).
+    pub async fn save_rule(&self, spec: &RuleSpec, by: &str) -> Result<(), PgError> {
+        let definition = serde_json::to_string(spec).map_err(|e| PgError::Config(e.to_string()))?;
+        let kind = serde_json::to_value(spec.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.pool
+            .get()
+            .await?
+            .execute(
+                "INSERT INTO rules (rule_id, kind, definition, enabled, updated_by) \
+                 VALUES ($1, $2, $3::text::jsonb, true, $4) \
+                 ON CONFLICT (rule_id) DO UPDATE SET kind = EXCLUDED.kind, \
+                 definition = EXCLUDED.definition, enabled = true, version = rules.version + 1, \
+                 updated_at = now(), updated_by = EXCLUDED.updated_by",
+                &[&spec.id, &kind, &definition, &by],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a rule deleted (kept, disabled, so a restart does not bring back a rule of the
+    /// pipeline file that was deleted at runtime).
+    pub async fn delete_rule(&self, id: &str, by: &str) -> Result<(), PgError> {
+        self.pool
+            .get()
+            .await?
+            .execute(
+                "INSERT INTO rules (rule_id, kind, definition, enabled, updated_by) \
+                 VALUES ($1, 'deleted', '{}'::jsonb, false, $2) \
+                 ON CONFLICT (rule_id) DO UPDATE SET enabled = false, \
+                 version = rules.version + 1, updated_at = now(), updated_by = EXCLUDED.updated_by",
+                &[&id, &by],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Rules changed at runtime: `(id, Some(spec))` to add or replace, `(id, None)` deleted.
+    pub async fn runtime_rules(&self) -> Result<Vec<(String, Option<RuleSpec>)>, PgError> {
+        let rows = self
+            .pool
+            .get()
+            .await?
+            .query(
+                "SELECT rule_id, enabled, definition::text FROM rules ORDER BY rule_id",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let (id, enabled, text): (String, bool, String) = (r.get(0), r.get(1), r.get(2));
+                let spec = if enabled {
+                    Some(serde_json::from_str(&text).map_err(|e| {
+                        PgError::Schema(format!("stored rule {id} does not parse: {e}"))
+                    })?)
+                } else {
+                    None
+                };
+                Ok((id, spec))
+            })
+            .collect()
     }
 
     /// Alerts, newest first.

@@ -1,0 +1,138 @@
+//! The HTTP side: REST under `/api/v1` (platform envelope, JWT roles, request ids,
+//! idempotency, rate limits), and `/health`, `/ready`, `/metrics`. One axum server on
+//! `[api] listen` (port 7000 by default), started by `vitalstream run`.
+//!
+//! - [`envelope`]: the response envelope, request ids, errors, the time limit.
+//! - [`auth`]: JWT claims and roles, the per-token rate limit.
+//! - [`idempotency`]: `Idempotency-Key` on POST.
+//! - [`routes`]: the handlers.
+
+pub mod auth;
+pub mod envelope;
+pub mod idempotency;
+pub mod routes;
+
+use crate::engine::Control;
+use crate::sinks::postgres::PostgresConfig;
+use crate::sinks::postgres::query::Db;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `[api]` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// HS256 secret for the platform's JWTs. Set it from the environment in production
+    /// (`VITALSTREAM__API__JWT_SECRET`).
+    pub jwt_secret: String,
+    /// Print a development token (admin, one day) at start. For the embedded default only.
+    pub dev_token: bool,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub body_limit: usize,
+    /// Requests per minute per token subject.
+    pub rate_limit_per_minute: u32,
+    /// How long an `Idempotency-Key` is remembered.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            jwt_secret: "vitalstream-development-secret".into(),
+            dev_token: true,
+            request_timeout: Duration::from_secs(10),
+            body_limit: 256 * 1024,
+            rate_limit_per_minute: 600,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState(Arc<Inner>);
+
+pub struct Inner {
+    pub engine: Control,
+    pub keys: auth::Keys,
+    pub limiter: auth::Limiter,
+    pub idempotency: idempotency::Idempotency,
+    /// The database, when storage is PostgreSQL; connected on first use.
+    pub storage: Option<PostgresConfig>,
+    db: tokio::sync::OnceCell<Db>,
+    /// Rule edits read, change and write the whole set: one at a time.
+    pub rule_edits: tokio::sync::Mutex<()>,
+}
+
+impl std::ops::Deref for ApiState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl ApiState {
+    pub fn new(config: &ApiConfig, engine: Control, storage: Option<PostgresConfig>) -> ApiState {
+        ApiState(Arc::new(Inner {
+            engine,
+            keys: auth::Keys::new(&config.jwt_secret),
+            limiter: auth::Limiter::new(config.rate_limit_per_minute),
+            idempotency: idempotency::Idempotency::new(config.idempotency_ttl, config.body_limit),
+            storage,
+            db: tokio::sync::OnceCell::new(),
+            rule_edits: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The database, or why not.
+    pub async fn db(&self) -> Result<&Db, envelope::ApiError> {
+        let Some(config) = &self.storage else {
+            return Err(envelope::ApiError::unavailable(
+                "no PostgreSQL storage is configured",
+            ));
+        };
+        self.db
+            .get_or_try_init(|| Db::connect(config))
+            .await
+            .map_err(|e| envelope::ApiError::unavailable(format!("database: {e}")))
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(config: &ApiConfig, state: ApiState) -> Router {
+    let timeout = config.request_timeout;
+    let api = routes::api()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::idempotency,
+        ))
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            envelope::envelope(timeout, req, next)
+        }));
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(routes::plain())
+        .with_state(state)
+}
+
+/// Serves until `stop` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop)
+        .await
+}

@@ -1,0 +1,482 @@
+//! The handlers. Each checks the caller's role (and patient scope) first, then answers from
+//! the engine's live state or, for history, from storage.
+
+use super::ApiState;
+use super::auth::{Auth, Role};
+use super::envelope::{ApiError, Reply};
+use crate::alerts::{Alert, AlertState, LifecycleError};
+use crate::rules::{self, RuleSpec};
+use crate::sinks::postgres::query::AlertQuery;
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use std::fmt::Write;
+use std::time::Duration;
+
+type Result<T = Reply> = std::result::Result<T, ApiError>;
+
+/// Routes under `/api/v1` (enveloped).
+pub fn api() -> Router<ApiState> {
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { Reply::ok("alive", json!({ "status": "ok" })) }),
+        )
+        .route("/ready", get(ready_enveloped))
+        .route("/alerts", get(list_alerts))
+        .route("/alerts/{id}", get(get_alert))
+        .route("/alerts/{id}/acknowledge", post(acknowledge))
+        .route("/alerts/{id}/resolve", post(resolve))
+        .route("/rules", get(list_rules).post(create_rule))
+        .route(
+            "/rules/{id}",
+            get(get_rule).put(replace_rule).delete(delete_rule),
+        )
+        .route("/devices", get(list_devices))
+        .route("/patients/{id}/vitals", get(patient_vitals))
+        .fallback(|| async { ApiError::not_found("no such route") })
+}
+
+/// Routes outside the envelope, for orchestrators and Prometheus.
+pub fn plain() -> Router<ApiState> {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/ready", get(ready_plain))
+        .route("/metrics", get(metrics))
+}
+
+/// Every configured dependency, and whether it answers.
+async fn readiness(state: &ApiState) -> (bool, serde_json::Value) {
+    let mut checks = serde_json::Map::new();
+    checks.insert("engine".into(), json!("ok"));
+    let mut ready = true;
+    if state.storage.is_some() {
+        let result = match state.db().await {
+            Ok(db) => tokio::time::timeout(Duration::from_secs(2), db.ping())
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            Err(e) => Err(e.message),
+        };
+        ready &= result.is_ok();
+        checks.insert(
+            "postgres".into(),
+            json!(result.err().unwrap_or_else(|| "ok".into())),
+        );
+    }
+    (ready, serde_json::Value::Object(checks))
+}
+
+async fn ready_enveloped(State(state): State<ApiState>) -> Result {
+    match readiness(&state).await {
+        (true, checks) => Ok(Reply::ok("ready", checks)),
+        (false, checks) => {
+            Err(ApiError::unavailable("a dependency is not reachable").details(checks))
+        }
+    }
+}
+
+async fn ready_plain(State(state): State<ApiState>) -> Response {
+    let (ready, checks) = readiness(&state).await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "ready": ready, "checks": checks }))).into_response()
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let snap = state.engine.metrics.snapshot();
+    let (input_q, shard_q) = state.engine.queue_depths();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP vitalstream_{name} {help}\n# TYPE vitalstream_{name} counter\nvitalstream_{name} {value}"
+        );
+    };
+    counter(
+        "frames_total",
+        "Frames received from every source.",
+        snap.frames,
+    );
+    counter(
+        "readings_accepted_total",
+        "Readings accepted.",
+        snap.accepted,
+    );
+    counter(
+        "readings_late_total",
+        "Readings behind their source's watermark (stored, not evaluated).",
+        snap.late,
+    );
+    counter(
+        "readings_duplicate_total",
+        "Readings recognised as duplicates.",
+        snap.duplicates,
+    );
+    counter(
+        "alert_events_total",
+        "Alert lifecycle transitions.",
+        snap.alert_events,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vitalstream_readings_rejected_total Frames rejected, by reason.\n# TYPE vitalstream_readings_rejected_total counter"
+    );
+    for (reason, n) in &snap.rejected_by_reason {
+        let _ = writeln!(
+            out,
+            "vitalstream_readings_rejected_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vitalstream_rule_matches_total Rule condition matches.\n# TYPE vitalstream_rule_matches_total counter"
+    );
+    for (rule, r) in &snap.rules {
+        let _ = writeln!(
+            out,
+            "vitalstream_rule_matches_total{{rule=\"{rule}\"}} {}",
+            r.matches
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vitalstream_queue_batches Batches waiting in the engine's queues.\n# TYPE vitalstream_queue_batches gauge"
+    );
+    let _ = writeln!(
+        out,
+        "vitalstream_queue_batches{{queue=\"parse\"}} {input_q}\nvitalstream_queue_batches{{queue=\"shards\"}} {shard_q}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vitalstream_active_alerts Alerts pending, firing or acknowledged.\n# TYPE vitalstream_active_alerts gauge\nvitalstream_active_alerts {}",
+        state.engine.book.active().len()
+    );
+    let l = &snap.alert_latency_us;
+    let _ = writeln!(
+        out,
+        "# HELP vitalstream_alert_latency_seconds Reading receipt to alert, from an HDR histogram.\n# TYPE vitalstream_alert_latency_seconds summary"
+    );
+    for (q, v) in [("0.5", l.p50), ("0.99", l.p99), ("1", l.max)] {
+        let _ = writeln!(
+            out,
+            "vitalstream_alert_latency_seconds{{quantile=\"{q}\"}} {}",
+            v as f64 / 1e6
+        );
+    }
+    let _ = writeln!(out, "vitalstream_alert_latency_seconds_count {}", l.count);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertFilter {
+    patient: Option<String>,
+    /// pending, firing, acknowledged, resolved
+    status: Option<String>,
+    priority: Option<String>,
+    /// ms since the epoch: raised at or after.
+    since: Option<i64>,
+    limit: Option<usize>,
+}
+
+fn state_name(s: AlertState) -> &'static str {
+    match s {
+        AlertState::Pending => "pending",
+        AlertState::Firing => "firing",
+        AlertState::Acknowledged => "acknowledged",
+        AlertState::Resolved => "resolved",
+    }
+}
+
+/// Active alerts from the engine; resolved ones from storage when it is PostgreSQL.
+async fn list_alerts(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Query(f): Query<AlertFilter>,
+) -> Result {
+    if let Some(s) = f.status.as_deref()
+        && !["pending", "firing", "acknowledged", "resolved"].contains(&s)
+    {
+        return Err(ApiError::invalid(format!(
+            "status {s:?}: expected pending, firing, acknowledged or resolved"
+        )));
+    }
+    if let Some(p) = f.priority.as_deref()
+        && !["high", "medium", "low"].contains(&p)
+    {
+        return Err(ApiError::invalid(format!(
+            "priority {p:?}: expected high, medium or low"
+        )));
+    }
+    let limit = f.limit.unwrap_or(100).min(1000);
+    let mut alerts: Vec<serde_json::Value> = state
+        .engine
+        .book
+        .active()
+        .into_iter()
+        .filter(|a| auth.0.may_see(a.patient_id.as_deref()))
+        .filter(|a| {
+            f.patient
+                .as_deref()
+                .is_none_or(|p| a.patient_id.as_deref() == Some(p))
+        })
+        .filter(|a| f.status.as_deref().is_none_or(|s| state_name(a.state) == s))
+        .filter(|a| {
+            f.priority
+                .as_deref()
+                .is_none_or(|p| crate::sinks::postgres::write::priority_name(a.priority) == p)
+        })
+        .filter(|a| {
+            f.since
+                .is_none_or(|t| a.raised_at.or(a.pending_at).is_some_and(|r| r >= t))
+        })
+        .map(|a| serde_json::to_value(&a).unwrap_or_default())
+        .collect();
+    let wants_resolved = f.status.as_deref().is_none_or(|s| s == "resolved");
+    if wants_resolved && state.storage.is_some() {
+        let db = state.db().await?;
+        let stored = db
+            .alerts(&AlertQuery {
+                patient_id: f.patient.clone(),
+                state: Some("resolved".into()),
+                priority: f.priority.clone(),
+                since: f.since,
+                limit: Some(limit as i64),
+            })
+            .await
+            .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+        alerts.extend(
+            stored
+                .into_iter()
+                .filter(|a| auth.0.may_see(a.patient_id.as_deref()))
+                .map(|a| serde_json::to_value(&a).unwrap_or_default()),
+        );
+    }
+    alerts.truncate(limit);
+    Ok(Reply::ok(format!("{} alerts", alerts.len()), alerts))
+}
+
+fn visible(auth: &Auth, alert: Option<Alert>, id: &str) -> Result<Alert> {
+    let alert = alert.ok_or_else(|| ApiError::not_found(format!("no active alert {id}")))?;
+    auth.may_see(alert.patient_id.as_deref())?;
+    Ok(alert)
+}
+
+async fn get_alert(auth: Auth, State(state): State<ApiState>, Path(id): Path<String>) -> Result {
+    let alert = visible(&auth, state.engine.book.get(&id), &id)?;
+    Ok(Reply::ok("alert", alert))
+}
+
+fn lifecycle_error(e: LifecycleError) -> ApiError {
+    match e {
+        LifecycleError::NotFound(_) => ApiError::not_found(e.to_string()),
+        LifecycleError::NotFiring(_) | LifecycleError::ConditionActive(_) => {
+            ApiError::new(StatusCode::CONFLICT, "INVALID_STATE", e.to_string())
+        }
+    }
+}
+
+async fn acknowledge(auth: Auth, State(state): State<ApiState>, Path(id): Path<String>) -> Result {
+    auth.require(&[Role::Clinician, Role::Admin])?;
+    visible(&auth, state.engine.book.get(&id), &id)?;
+    let alert = state
+        .engine
+        .book
+        .acknowledge(&id, &auth.0.sub)
+        .map_err(lifecycle_error)?;
+    Ok(Reply::ok("alert acknowledged", alert))
+}
+
+async fn resolve(auth: Auth, State(state): State<ApiState>, Path(id): Path<String>) -> Result {
+    auth.require(&[Role::Clinician, Role::Admin])?;
+    visible(&auth, state.engine.book.get(&id), &id)?;
+    let alert = state
+        .engine
+        .book
+        .resolve(&id, &auth.0.sub)
+        .map_err(lifecycle_error)?;
+    Ok(Reply::ok("alert resolved", alert))
+}
+
+fn specs(state: &ApiState) -> Vec<RuleSpec> {
+    state
+        .engine
+        .rules()
+        .rules
+        .iter()
+        .map(|r| r.spec.clone())
+        .collect()
+}
+
+async fn list_rules(auth: Auth, State(state): State<ApiState>) -> Result {
+    auth.require(&[Role::Analyst, Role::Admin, Role::Clinician, Role::Service])?;
+    let all = specs(&state);
+    Ok(Reply::ok(format!("{} rules", all.len()), all))
+}
+
+async fn get_rule(auth: Auth, State(state): State<ApiState>, Path(id): Path<String>) -> Result {
+    auth.require(&[Role::Analyst, Role::Admin, Role::Clinician, Role::Service])?;
+    specs(&state)
+        .into_iter()
+        .find(|s| s.id == id)
+        .map(|s| Reply::ok("rule", s))
+        .ok_or_else(|| ApiError::not_found(format!("no rule {id}")))
+}
+
+/// Validates the new rule set as `vitalstream check` does, persists the change when storage
+/// is configured, then swaps it into the running engine.
+async fn apply(
+    state: &ApiState,
+    auth: &Auth,
+    new: Vec<RuleSpec>,
+    change: Change<'_>,
+) -> Result<()> {
+    let set = rules::compile(&new).map_err(|e| {
+        ApiError::invalid("the rule is not valid").details(json!({ "problems": e.problems }))
+    })?;
+    if state.storage.is_some() {
+        let db = state.db().await?;
+        let result = match change {
+            Change::Save(spec) => db.save_rule(spec, &auth.0.sub).await,
+            Change::Delete(id) => db.delete_rule(id, &auth.0.sub).await,
+        };
+        result.map_err(|e| ApiError::unavailable(format!("the rule could not be saved: {e}")))?;
+    }
+    state.engine.set_rules(set);
+    Ok(())
+}
+
+enum Change<'a> {
+    Save(&'a RuleSpec),
+    Delete(&'a str),
+}
+
+async fn create_rule(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Json(spec): Json<RuleSpec>,
+) -> Result {
+    auth.require(&[Role::Analyst, Role::Admin])?;
+    let _guard = state.rule_edits.lock().await;
+    let mut all = specs(&state);
+    if all.iter().any(|s| s.id == spec.id) {
+        return Err(ApiError::conflict(format!(
+            "rule {} exists; PUT /rules/{} replaces it",
+            spec.id, spec.id
+        )));
+    }
+    all.push(spec.clone());
+    apply(&state, &auth, all, Change::Save(&spec)).await?;
+    Ok(Reply::created("rule created and applied", spec))
+}
+
+async fn replace_rule(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Json(spec): Json<RuleSpec>,
+) -> Result {
+    auth.require(&[Role::Analyst, Role::Admin])?;
+    if spec.id != id {
+        return Err(ApiError::invalid(format!(
+            "the body's id {:?} is not the path's {id:?}",
+            spec.id
+        )));
+    }
+    let _guard = state.rule_edits.lock().await;
+    let mut all = specs(&state);
+    let Some(slot) = all.iter_mut().find(|s| s.id == id) else {
+        return Err(ApiError::not_found(format!(
+            "no rule {id}; POST /rules creates one"
+        )));
+    };
+    *slot = spec.clone();
+    apply(&state, &auth, all, Change::Save(&spec)).await?;
+    Ok(Reply::ok("rule replaced and applied", spec))
+}
+
+async fn delete_rule(auth: Auth, State(state): State<ApiState>, Path(id): Path<String>) -> Result {
+    auth.require(&[Role::Analyst, Role::Admin])?;
+    let _guard = state.rule_edits.lock().await;
+    let mut all = specs(&state);
+    let before = all.len();
+    all.retain(|s| s.id != id);
+    if all.len() == before {
+        return Err(ApiError::not_found(format!("no rule {id}")));
+    }
+    apply(&state, &auth, all, Change::Delete(&id)).await?;
+    Ok(Reply::ok(
+        "rule deleted; its alerts are resolved",
+        json!({ "id": id }),
+    ))
+}
+
+async fn list_devices(auth: Auth, State(state): State<ApiState>) -> Result {
+    auth.require(&[Role::Admin, Role::Clinician, Role::Service, Role::Analyst])?;
+    let devices: Vec<_> = state
+        .engine
+        .devices
+        .list()
+        .into_iter()
+        .map(|(id, s)| {
+            let patient = state.engine.assignments.patient_of(&id);
+            (id, s, patient)
+        })
+        .filter(|(_, _, p)| auth.0.may_see(p.as_deref()))
+        .map(|(id, s, patient)| {
+            json!({ "device_id": id, "online": s.online, "last_seen": s.last_seen,
+                    "changed_at": s.changed_at, "patient_id": patient })
+        })
+        .collect();
+    Ok(Reply::ok(format!("{} devices", devices.len()), devices))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VitalsRange {
+    /// ms since the epoch
+    from: i64,
+    to: i64,
+    /// "1m", "5m", "1h"
+    bucket: Option<String>,
+}
+
+async fn patient_vitals(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(range): Query<VitalsRange>,
+) -> Result {
+    auth.may_see(Some(&id))?;
+    let bucket = match range.bucket.as_deref() {
+        None => Duration::from_secs(60),
+        Some(b) => humantime::parse_duration(b)
+            .map_err(|e| ApiError::invalid(format!("bucket {b:?}: {e}")))?,
+    };
+    if bucket < Duration::from_secs(1) || range.to <= range.from {
+        return Err(ApiError::invalid(
+            "need from < to and a bucket of at least 1s",
+        ));
+    }
+    if (range.to - range.from) / (bucket.as_millis() as i64).max(1) > 10_000 {
+        return Err(ApiError::invalid(
+            "more than 10,000 buckets: choose a wider bucket",
+        ));
+    }
+    let db = state.db().await?;
+    let buckets = db
+        .vitals(&id, range.from, range.to, bucket)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+    Ok(Reply::ok(format!("{} buckets", buckets.len()), buckets))
+}
