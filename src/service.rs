@@ -59,6 +59,7 @@ fn start_sinks(
     alert_log: Option<&AlertLogConfig>,
     dead_letter: Option<&DeadLetterConfig>,
     storage: Option<Box<dyn Storage>>,
+    bus: Option<api::AlertBus>,
 ) -> anyhow::Result<(Outputs, Sinks)> {
     let mut threads = Vec::new();
     let (alert_tx, alert_rx) = bounded::<AlertEvent>(4096);
@@ -72,6 +73,12 @@ fn start_sinks(
         for event in &alert_rx {
             let mut batch = vec![event];
             batch.extend(alert_rx.try_iter().take(1023));
+            // People first: the live push goes out before anything is written.
+            if let Some(bus) = &bus {
+                for e in &batch {
+                    let _ = bus.send(Arc::new(e.clone()));
+                }
+            }
             if let Some(log) = &mut log {
                 for e in &batch {
                     log.write(e).context("writing the alert log")?;
@@ -232,10 +239,7 @@ impl ApiServer {
     }
 }
 
-fn start_api(config: &Config, control: Control) -> anyhow::Result<Option<ApiServer>> {
-    if !config.api.enabled {
-        return Ok(None);
-    }
+fn start_api(config: &Config, control: Control, bus: api::AlertBus) -> anyhow::Result<ApiServer> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("api")
@@ -267,7 +271,8 @@ fn start_api(config: &Config, control: Control) -> anyhow::Result<Option<ApiServ
     } else {
         tracing::info!(url = %format!("http://{addr}/api/v1"), "API listening");
     }
-    let router = api::router(&config.api, state);
+    let (router, io) = api::app(&config.api, state);
+    rt.spawn(api::socket::push_alerts(io, bus.subscribe()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("api".into())
@@ -276,7 +281,7 @@ fn start_api(config: &Config, control: Control) -> anyhow::Result<Option<ApiServ
                 let _ = stopped.await;
             }))
         })?;
-    Ok(Some(ApiServer { stop, thread }))
+    Ok(ApiServer { stop, thread })
 }
 
 /// Opens the configured store.
@@ -304,10 +309,21 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     let storage = config.storage.as_ref().map(open_storage).transpose()?;
     let rules = with_runtime_rules(config, config.rules()?);
     tracing::info!(pipeline = %config.pipeline, rules = rules.rules.len(), "starting");
-    let (outputs, sinks) =
-        start_sinks(Some(&config.alert_log), Some(&config.dead_letter), storage)?;
+    let bus = config
+        .api
+        .enabled
+        .then(|| tokio::sync::broadcast::channel(16_384).0);
+    let (outputs, sinks) = start_sinks(
+        Some(&config.alert_log),
+        Some(&config.dead_letter),
+        storage,
+        bus.clone(),
+    )?;
     let mut engine = Engine::start(&config.engine, rules, outputs);
-    let api = start_api(config, engine.control())?;
+    let api = match bus {
+        Some(bus) => Some(start_api(config, engine.control(), bus)?),
+        None => None,
+    };
     let mut sources = Vec::new();
     for source in &config.sources {
         match source {
@@ -415,7 +431,12 @@ pub struct RuleReport {
 pub fn replay(input: impl Read, options: ReplayOptions) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
     let storage = options.storage.as_ref().map(open_storage).transpose()?;
-    let (outputs, sinks) = start_sinks(options.alerts.as_ref(), options.rejects.as_ref(), storage)?;
+    let (outputs, sinks) = start_sinks(
+        options.alerts.as_ref(),
+        options.rejects.as_ref(),
+        storage,
+        None,
+    )?;
     let rule_ids: Vec<String> = options
         .rules
         .rules

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod envelope;
 pub mod idempotency;
 pub mod routes;
+pub mod socket;
 
 use crate::engine::Control;
 use crate::sinks::postgres::PostgresConfig;
@@ -108,7 +109,16 @@ impl ApiState {
     }
 }
 
-/// The whole HTTP surface.
+/// The alert bus the sinks publish every transition on (socket.io, and the page's SSE).
+pub type AlertBus = tokio::sync::broadcast::Sender<Arc<crate::alerts::AlertEvent>>;
+
+/// The whole HTTP surface, and the socket.io handle that pushes alerts.
+pub fn app(config: &ApiConfig, state: ApiState) -> (Router, socketioxide::SocketIo) {
+    let (layer, io) = socket::layer(state.clone());
+    (router(config, state).layer(layer), io)
+}
+
+/// The HTTP routes (REST, health, metrics), without socket.io.
 pub fn router(config: &ApiConfig, state: ApiState) -> Router {
     let timeout = config.request_timeout;
     let api = routes::api()

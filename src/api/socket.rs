@@ -1,0 +1,156 @@
+//! socket.io (v4 clients) on the API's port: alerts pushed to the people who should see them.
+//!
+//! - Handshake: `auth.token` is the platform JWT; a missing or bad token refuses the
+//!   connection (`connect_error` with the reason).
+//! - Rooms: `user:{sub}` and `role:{role}` on connect (the role room only for tokens without
+//!   a `patients` list, since it carries every patient's alerts); `subscribe:patient` /
+//!   `unsubscribe:patient` (`{patient_id}`) join or leave `patient:{id}` when the token
+//!   covers that patient, answering with an ack `{ok, error?}`.
+//! - Events out: `alert:critical` (a high-priority alert raised) and `alert:updated` (any
+//!   other transition: lower-priority raises, acknowledgements, resolutions), to the
+//!   patient's room and `role:clinician`, each socket once.
+//! - Events in: `alert:acknowledge` (`{alert_id}`), answered with an ack `{ok, alert | error}`.
+
+use super::ApiState;
+use super::auth::{Claims, Role};
+use crate::alerts::{AlertEvent, Transition};
+use crate::rules::Priority;
+use serde::Deserialize;
+use serde_json::json;
+use socketioxide::SocketIo;
+use socketioxide::extract::{AckSender, Data, Extension, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::layer::SocketIoLayer;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+#[derive(Debug, Deserialize)]
+struct Handshake {
+    token: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct PatientRequest {
+    patient_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct AlertRequest {
+    alert_id: String,
+}
+
+/// The socket.io layer for the router, and the handle that emits.
+pub fn layer(state: ApiState) -> (SocketIoLayer, SocketIo) {
+    let (layer, io) = SocketIo::builder().with_state(state).build_layer();
+    io.ns("/", on_connect.with(authenticate));
+    (layer, io)
+}
+
+async fn authenticate(
+    s: SocketRef,
+    State(state): State<ApiState>,
+    TryData(auth): TryData<Handshake>,
+) -> Result<(), String> {
+    let auth = auth.map_err(|_| "missing auth.token".to_string())?;
+    let claims = state.keys.verify(&auth.token).map_err(|e| e.message)?;
+    s.extensions.insert(claims);
+    Ok(())
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Admin => "admin",
+        Role::Analyst => "analyst",
+        Role::Clinician => "clinician",
+        Role::Service => "service",
+    }
+}
+
+async fn on_connect(s: SocketRef, Extension(claims): Extension<Claims>) {
+    s.join(format!("user:{}", claims.sub));
+    // Role rooms carry every patient's alerts: only tokens that may see every patient join.
+    if claims.patients.is_none() {
+        s.join(format!("role:{}", role_name(claims.role)));
+    }
+    s.on(
+        "subscribe:patient",
+        async |s: SocketRef,
+               Extension(claims): Extension<Claims>,
+               TryData(req): TryData<PatientRequest>,
+               ack: AckSender| {
+            let answer = match req {
+                Err(_) => json!({ "ok": false, "error": "expected {patient_id}" }),
+                Ok(r) if claims.may_see(Some(&r.patient_id)) => {
+                    s.join(format!("patient:{}", r.patient_id));
+                    json!({ "ok": true })
+                }
+                Ok(_) => json!({ "ok": false, "error": "this token does not cover that patient" }),
+            };
+            let _ = ack.send(&answer);
+        },
+    );
+    s.on(
+        "unsubscribe:patient",
+        async |s: SocketRef, Data(req): Data<PatientRequest>, ack: AckSender| {
+            s.leave(format!("patient:{}", req.patient_id));
+            let _ = ack.send(&json!({ "ok": true }));
+        },
+    );
+    s.on(
+        "alert:acknowledge",
+        async |Extension(claims): Extension<Claims>,
+               State(state): State<ApiState>,
+               TryData(req): TryData<AlertRequest>,
+               ack: AckSender| {
+            let answer = match req {
+                Err(_) => json!({ "ok": false, "error": "expected {alert_id}" }),
+                Ok(r) => acknowledge(&state, &claims, &r.alert_id),
+            };
+            let _ = ack.send(&answer);
+        },
+    );
+}
+
+fn acknowledge(state: &ApiState, claims: &Claims, alert_id: &str) -> serde_json::Value {
+    if !matches!(claims.role, Role::Clinician | Role::Admin) {
+        return json!({ "ok": false, "error": "only clinicians acknowledge alerts" });
+    }
+    match state.engine.book.get(alert_id) {
+        None => json!({ "ok": false, "error": format!("no active alert {alert_id}") }),
+        Some(a) if !claims.may_see(a.patient_id.as_deref()) => {
+            json!({ "ok": false, "error": "this token does not cover that patient" })
+        }
+        Some(_) => match state.engine.book.acknowledge(alert_id, &claims.sub) {
+            Ok(alert) => json!({ "ok": true, "alert": alert }),
+            Err(e) => json!({ "ok": false, "error": e.to_string() }),
+        },
+    }
+}
+
+/// Emits every alert transition from the bus until it closes.
+pub async fn push_alerts(io: SocketIo, mut bus: broadcast::Receiver<Arc<AlertEvent>>) {
+    loop {
+        let event = match bus.recv().await {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::error!(
+                    missed = n,
+                    "socket.io push fell behind the alert bus; clients must re-read /api/v1/alerts"
+                );
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let name = match (event.event, event.alert.priority) {
+            (Transition::Raised, Priority::High) => "alert:critical",
+            _ => "alert:updated",
+        };
+        let mut rooms = vec!["role:clinician".to_string()];
+        if let Some(p) = &event.alert.patient_id {
+            rooms.push(format!("patient:{p}"));
+        }
+        if let Err(e) = io.to(rooms).emit(name, &*event).await {
+            tracing::warn!(error = %e, alert_id = %event.alert.alert_id, "socket.io emit failed");
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! socket.io with the official client (Node, `socket.io-client` v4 from npm, installed by
+//! `.ci/run` into tests/socketio/node_modules): JWT handshake, patient rooms and their
+//! scope, `alert:critical` for a reading pushed through the engine, `alert:acknowledge`.
+
+mod common;
+
+use common::{HR_RULE, Harness, WAIT, reading, rules};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use vitalstream::alerts::{AlertState, Transition};
+use vitalstream::api::auth::{Claims, Role};
+use vitalstream::api::{ApiConfig, ApiState, app, serve, socket};
+use vitalstream::model::now_millis;
+
+#[test]
+fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them() {
+    let mut h = Harness::start(&common::config(), rules(HR_RULE));
+    let config = ApiConfig::default();
+    let state = ApiState::new(&config, h.engine.control(), None);
+    let token = state.keys.sign(&Claims {
+        sub: "nurse-7".into(),
+        role: Role::Clinician,
+        patients: Some(vec!["p1".into()]),
+        exp: (now_millis() / 1000 + 600) as u64,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (router, io) = app(&config, state);
+    let (bus, _) = tokio::sync::broadcast::channel(1024);
+    rt.spawn(socket::push_alerts(io, bus.subscribe()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(serve(listener, router, async {
+        let _ = stopped.await;
+    }));
+    // What the service's alert sink does: every transition onto the bus.
+    let alerts = h.alerts.clone();
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let relay = {
+        let bus = bus.clone();
+        std::thread::spawn(move || {
+            for e in alerts {
+                let _ = bus.send(Arc::new(e.clone()));
+                let _ = seen_tx.send(e);
+            }
+        })
+    };
+
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/socketio");
+    let mut node = Command::new("node")
+        .arg("client.mjs")
+        .current_dir(dir)
+        .env("VS_URL", format!("http://{addr}"))
+        .env("VS_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node (`.ci/run` installs it, and the client with npm)");
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut steps: Vec<Value> = Vec::new();
+    let mut next = || -> Value {
+        let line = lines.next().expect("the client ended early").unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    loop {
+        let step = next();
+        let ready = step["step"] == "ready";
+        steps.push(step);
+        if ready {
+            break;
+        }
+    }
+    // p2's alert first: this client may not see it. Then p1's.
+    let mut source = h.replay_source();
+    let t = now_millis() - 5_000;
+    let line = |dev: &str, pat: &str| {
+        reading(dev, t, "hr", 150.0).replace('{', &format!(r#"{{"patient_id":"{pat}","#))
+    };
+    common::send_lines(&mut source, &[line("d2", "p2")], 1);
+    let p2 = seen.recv_timeout(WAIT).expect("p2's alert");
+    assert_eq!(p2.alert.patient_id.as_deref(), Some("p2"));
+    common::send_lines(&mut source, &[line("d1", "p1")], 1);
+    for step in std::iter::from_fn(|| {
+        lines
+            .next()
+            .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
+    }) {
+        steps.push(step);
+    }
+    let status = node.wait().unwrap();
+    let by = |name: &str| {
+        steps
+            .iter()
+            .find(|s| s["step"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {steps:#?}"))
+    };
+    assert!(status.success(), "{steps:#?}");
+
+    assert!(
+        by("refused_bad_token")["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid token"),
+        "{steps:#?}"
+    );
+    assert!(
+        by("refused_no_token")["message"]
+            .as_str()
+            .unwrap()
+            .contains("auth.token"),
+        "{steps:#?}"
+    );
+    assert_eq!(by("subscribe_p2")["answer"]["ok"], false);
+    assert_eq!(by("subscribe_p1")["answer"]["ok"], true);
+    let critical: Vec<&Value> = steps.iter().filter(|s| s["step"] == "critical").collect();
+    assert_eq!(critical.len(), 1, "{steps:#?}");
+    let event = &critical[0]["event"];
+    assert_eq!(
+        (
+            event["patient_id"].as_str(),
+            event["event"].as_str(),
+            event["priority"].as_str()
+        ),
+        (Some("p1"), Some("raised"), Some("high"))
+    );
+    let answer = &by("acknowledged")["answer"];
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["alert"]["acknowledged_by"], "nurse-7");
+
+    // The engine's book agrees, and the acknowledgement went out as a transition.
+    let id = event["alert_id"].as_str().unwrap();
+    assert_eq!(
+        h.engine.book.get(id).unwrap().state,
+        AlertState::Acknowledged
+    );
+    let raised = seen.recv_timeout(WAIT).expect("p1's alert");
+    assert_eq!(
+        (raised.event, raised.alert.alert_id.as_str()),
+        (Transition::Raised, id)
+    );
+    let acked = seen
+        .recv_timeout(WAIT)
+        .expect("the acknowledgement transition");
+    assert_eq!(
+        (acked.event, acked.alert.alert_id.as_str()),
+        (Transition::Acknowledged, id)
+    );
+
+    drop(source);
+    let _ = stop.send(());
+    rt.block_on(server).unwrap().unwrap();
+    drop(rt);
+    h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
+    // The relay ends when the last alert sender is gone; it holds nothing the test needs.
+    drop(relay);
+}
