@@ -39,6 +39,7 @@ fn engine(c: &mut Criterion) {
                     alerts: alerts_tx,
                     readings: None,
                     rejects: None,
+                    latest: None,
                 };
                 let mut engine = Engine::start(&EngineConfig::default(), rules.clone(), outputs);
                 let mut source = engine.source(ClockMode::Replay { speed: 0.0 });

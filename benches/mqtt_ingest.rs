@@ -156,6 +156,7 @@ fn vitalstream(total: usize) -> Duration {
         alerts: alerts_tx,
         readings: None,
         rejects: None,
+        latest: None,
     };
     let rules = parse_pipeline(include_str!("../pipelines/reference.toml")).unwrap();
     let mut engine = Engine::start(&EngineConfig::default(), rules, outputs);

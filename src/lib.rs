@@ -37,6 +37,7 @@ pub mod api;
 pub mod config;
 pub mod devices;
 pub mod engine;
+pub mod latest;
 pub mod metrics;
 pub mod model;
 pub mod parse;

@@ -127,6 +127,7 @@ fn start_sinks(
         alerts: alert_tx,
         readings,
         rejects,
+        latest: None,
     };
     Ok((outputs, Sinks { threads }))
 }
@@ -254,7 +255,8 @@ fn start_api(config: &Config, control: Control, bus: api::AlertBus) -> anyhow::R
         Some(StorageConfig::Postgres(pg)) => Some(pg.clone()),
         _ => None,
     };
-    let state = api::ApiState::new(&config.api, control, storage);
+    let control_latest = control.latest.clone();
+    let state = api::ApiState::with_bus(&config.api, control, storage, Some(bus.clone()));
     if config.api.dev_token {
         let token = state.keys.sign(&api::auth::Claims {
             sub: "developer".into(),
@@ -262,17 +264,23 @@ fn start_api(config: &Config, control: Control, bus: api::AlertBus) -> anyhow::R
             patients: None,
             exp: (crate::model::now_millis() / 1000 + 86_400) as u64,
         });
+        let page = format!("http://{addr}/?token={token}");
         tracing::info!(
             url = %format!("http://{addr}/api/v1"),
             dev_token = %token,
-            "API listening; try: curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/alerts \
-             (a development token, admin for 24 h; [api] dev_token = false turns it off)"
+            page = %page,
+            "API listening. Live ward page: {page} (a development token, admin for 24 h; \
+             [api] dev_token = false turns it off)"
         );
     } else {
         tracing::info!(url = %format!("http://{addr}/api/v1"), "API listening");
     }
+    let latest = control_latest;
     let (router, io) = api::app(&config.api, state);
-    rt.spawn(api::socket::push_alerts(io, bus.subscribe()));
+    rt.spawn(api::socket::push_alerts(io.clone(), bus.subscribe()));
+    if let Some(latest) = latest {
+        rt.spawn(api::socket::push_vitals(io, latest));
+    }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("api".into())
@@ -313,12 +321,14 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         .api
         .enabled
         .then(|| tokio::sync::broadcast::channel(16_384).0);
-    let (outputs, sinks) = start_sinks(
+    let (mut outputs, sinks) = start_sinks(
         Some(&config.alert_log),
         Some(&config.dead_letter),
         storage,
         bus.clone(),
     )?;
+    // Screens want each patient's latest vitals: gathered only when the API is on.
+    outputs.latest = bus.is_some().then(Default::default);
     let mut engine = Engine::start(&config.engine, rules, outputs);
     let api = match bus {
         Some(bus) => Some(start_api(config, engine.control(), bus)?),

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod envelope;
 pub mod idempotency;
+pub mod live;
 pub mod routes;
 pub mod socket;
 
@@ -73,6 +74,8 @@ pub struct Inner {
     db: tokio::sync::OnceCell<Db>,
     /// Rule edits read, change and write the whole set: one at a time.
     pub rule_edits: tokio::sync::Mutex<()>,
+    /// Every alert transition (for the page's event stream).
+    pub bus: Option<AlertBus>,
 }
 
 impl std::ops::Deref for ApiState {
@@ -84,6 +87,15 @@ impl std::ops::Deref for ApiState {
 
 impl ApiState {
     pub fn new(config: &ApiConfig, engine: Control, storage: Option<PostgresConfig>) -> ApiState {
+        Self::with_bus(config, engine, storage, None)
+    }
+
+    pub fn with_bus(
+        config: &ApiConfig,
+        engine: Control,
+        storage: Option<PostgresConfig>,
+        bus: Option<AlertBus>,
+    ) -> ApiState {
         ApiState(Arc::new(Inner {
             engine,
             keys: auth::Keys::new(&config.jwt_secret),
@@ -92,6 +104,7 @@ impl ApiState {
             storage,
             db: tokio::sync::OnceCell::new(),
             rule_edits: tokio::sync::Mutex::new(()),
+            bus,
         }))
     }
 

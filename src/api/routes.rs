@@ -38,6 +38,8 @@ pub fn api() -> Router<ApiState> {
             get(get_rule).put(replace_rule).delete(delete_rule),
         )
         .route("/devices", get(list_devices))
+        .route("/patients", get(list_patients))
+        .route("/patients/{id}/latest", get(patient_latest))
         .route("/patients/{id}/vitals", get(patient_vitals))
         .fallback(|| async { ApiError::not_found("no such route") })
 }
@@ -45,6 +47,8 @@ pub fn api() -> Router<ApiState> {
 /// Routes outside the envelope, for orchestrators and Prometheus.
 pub fn plain() -> Router<ApiState> {
     Router::new()
+        .route("/", get(super::live::page))
+        .route("/api/v1/stream", get(super::live::stream))
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready_plain))
         .route("/metrics", get(metrics))
@@ -439,6 +443,36 @@ async fn list_devices(auth: Auth, State(state): State<ApiState>) -> Result {
         })
         .collect();
     Ok(Reply::ok(format!("{} devices", devices.len()), devices))
+}
+
+fn latest(state: &ApiState) -> Result<&crate::latest::Latest> {
+    state
+        .engine
+        .latest
+        .as_deref()
+        .ok_or_else(|| ApiError::unavailable("latest vitals are not gathered by this engine"))
+}
+
+/// Patients with their latest vitals (those the token covers).
+async fn list_patients(auth: Auth, State(state): State<ApiState>) -> Result {
+    let all: Vec<_> = latest(&state)?
+        .all()
+        .into_iter()
+        .filter(|p| auth.0.may_see(Some(&p.patient_id)))
+        .collect();
+    Ok(Reply::ok(format!("{} patients", all.len()), all))
+}
+
+async fn patient_latest(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result {
+    auth.may_see(Some(&id))?;
+    latest(&state)?
+        .get(&id)
+        .map(|v| Reply::ok("latest vitals", v))
+        .ok_or_else(|| ApiError::not_found(format!("no readings for patient {id}")))
 }
 
 #[derive(Debug, Deserialize)]

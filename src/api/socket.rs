@@ -127,6 +127,24 @@ fn acknowledge(state: &ApiState, claims: &Claims, alert_id: &str) -> serde_json:
     }
 }
 
+/// Once a second, `vitals:update` to each patient's room for the patients whose vitals
+/// changed. A slow client misses updates instead of queueing them (the next one supersedes).
+pub async fn push_vitals(io: SocketIo, latest: Arc<crate::latest::Latest>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut seen = 0;
+    loop {
+        tick.tick().await;
+        let now = latest.version();
+        for vitals in latest.changed_since(seen) {
+            let room = format!("patient:{}", vitals.patient_id);
+            // Errors are full or closed sockets: that client skips this update.
+            let _ = io.to(room).emit("vitals:update", &vitals).await;
+        }
+        seen = now;
+    }
+}
+
 /// Emits every alert transition from the bus until it closes.
 pub async fn push_alerts(io: SocketIo, mut bus: broadcast::Receiver<Arc<AlertEvent>>) {
     loop {

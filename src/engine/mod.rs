@@ -19,6 +19,7 @@ pub(crate) use shard::prefetch;
 use crate::ack::Ack;
 use crate::alerts::{AlertBook, AlertEvent};
 use crate::devices::DeviceRegistry;
+use crate::latest::Latest;
 use crate::metrics::Metrics;
 use crate::model::{ClockMode, FrameBatch, Id, Rejected, Sample, SourceId};
 use crate::parse::{ParseOptions, Parser};
@@ -122,6 +123,9 @@ pub struct Outputs {
     pub readings: Option<Sender<ReadingBatch>>,
     /// Rejected frames for the dead-letter output.
     pub rejects: Option<Sender<RejectBatch>>,
+    /// Where shards publish each patient's latest vitals (once a second), if anyone reads
+    /// them (the API); `None` saves the hot path the bookkeeping.
+    pub latest: Option<Arc<Latest>>,
 }
 
 /// Readings for storage. The storage sink calls `ack.done()` once they are durable.
@@ -210,6 +214,8 @@ pub struct Engine {
     pub assignments: Arc<Assignments>,
     /// Which devices are online, fed by the sources that know.
     pub devices: Arc<DeviceRegistry>,
+    /// Each patient's latest vitals, when the outputs asked for them.
+    pub latest: Option<Arc<Latest>>,
     dead_letter: Option<Sender<RejectBatch>>,
     queues: Arc<QueueDepths>,
     close_at_end: Arc<AtomicBool>,
@@ -223,6 +229,7 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
     pub assignments: Arc<Assignments>,
     pub devices: Arc<DeviceRegistry>,
+    pub latest: Option<Arc<Latest>>,
     queues: Arc<QueueDepths>,
 }
 
@@ -325,7 +332,8 @@ impl Engine {
                 assignments.clone(),
                 outputs.readings.clone(),
                 close_at_end.clone(),
-            );
+            )
+            .with_latest(outputs.latest.clone().map(crate::latest::Gatherer::new));
             threads.push(spawn(&format!("shard-{s}"), move || shard.run(rx)));
         }
         let _ = queues.shards.set(shard_rxs);
@@ -343,6 +351,7 @@ impl Engine {
             metrics,
             assignments,
             devices: Arc::new(DeviceRegistry::default()),
+            latest: outputs.latest.clone(),
             dead_letter: outputs.rejects.clone(),
             queues,
             close_at_end,
@@ -395,6 +404,7 @@ impl Engine {
             metrics: self.metrics.clone(),
             assignments: self.assignments.clone(),
             devices: self.devices.clone(),
+            latest: self.latest.clone(),
             queues: self.queues.clone(),
         }
     }

@@ -7,6 +7,7 @@ use super::dedup::Dedup;
 use super::{Assignments, EngineConfig, ReadingBatch};
 use crate::ack::Ack;
 use crate::alerts::{AlertBook, Cause, Signal, Trigger};
+use crate::latest::Gatherer;
 use crate::metrics::{Metrics, RuleCounters};
 use crate::model::{Id, Millis, Sample};
 use crate::rules::threshold::ThresholdState;
@@ -129,11 +130,19 @@ pub(crate) struct Shard {
     slots: Vec<u32>,
     /// Read when the input ends: evaluate every open window, or leave them.
     close_at_end: Arc<AtomicBool>,
+    /// Each patient's latest vitals, gathered here and published once a second.
+    latest: Option<Gatherer>,
     late: u64,
     duplicates: u64,
 }
 
 impl Shard {
+    /// Gathers each patient's latest vitals into `latest`.
+    pub(crate) fn with_latest(mut self, latest: Option<Gatherer>) -> Shard {
+        self.latest = latest;
+        self
+    }
+
     pub(crate) fn new(
         config: &EngineConfig,
         rules_source: Arc<ArcSwap<RuleSet>>,
@@ -167,6 +176,7 @@ impl Shard {
             outcomes: Vec::new(),
             slots: Vec::new(),
             close_at_end,
+            latest: None,
             late: 0,
             duplicates: 0,
         }
@@ -183,6 +193,9 @@ impl Shard {
                 } => {
                     self.refresh_rules();
                     let keep = self.process(samples, now_ms);
+                    if let Some(latest) = &mut self.latest {
+                        latest.maybe_publish(now_ms, false);
+                    }
                     self.advance(watermark);
                     self.maintain(now_ms);
                     self.flush_counters();
@@ -321,8 +334,11 @@ impl Shard {
                 .patient_id
                 .clone()
                 .or_else(|| device.assigned.clone());
-            if patient.is_some() {
+            if let Some(p) = &patient {
                 device.patient.clone_from(&patient);
+                if let Some(latest) = &mut self.latest {
+                    latest.add(p, sample);
+                }
             }
             for (rt, state) in self.runtimes.iter_mut().zip(&mut device.rules) {
                 let Some(value) = sample.vitals.get(rt.rule.vital()) else {

@@ -63,6 +63,7 @@ impl Harness {
             alerts: alerts_tx,
             readings: Some(readings_tx),
             rejects: Some(rejects_tx),
+            latest: None,
         };
         Harness {
             engine: Engine::start(config, rules, outputs),

@@ -1,0 +1,90 @@
+//! The built-in page at `/`, and the Server-Sent Events stream it listens to:
+//! `/api/v1/stream?token=…` sends `alert` (every transition, from the same bus as socket.io)
+//! and `vitals` (patients whose latest vitals changed, once a second), filtered by the
+//! token's patients. EventSource cannot send headers, hence the token in the query.
+
+use super::ApiState;
+use super::envelope::ApiError;
+use crate::alerts::AlertEvent;
+use axum::extract::{Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    token: String,
+}
+
+enum Next {
+    Alert(Arc<AlertEvent>),
+    Vitals,
+    Lagged(u64),
+    Closed,
+}
+
+pub async fn stream(State(state): State<ApiState>, Query(q): Query<StreamQuery>) -> Response {
+    let claims = match state.keys.verify(&q.token) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let Some(bus) = state.bus.clone() else {
+        return ApiError::unavailable("no alert bus in this process").into_response();
+    };
+    let latest = state.engine.latest.clone();
+    let start = (
+        bus.subscribe(),
+        tokio::time::interval(Duration::from_secs(1)),
+        latest.as_ref().map_or(0, |l| l.version()),
+    );
+    let events = futures_util::stream::unfold(start, move |(mut rx, mut tick, mut seen)| {
+        let (claims, latest) = (claims.clone(), latest.clone());
+        async move {
+            loop {
+                let next = tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(e) => Next::Alert(e),
+                        Err(broadcast::error::RecvError::Lagged(n)) => Next::Lagged(n),
+                        Err(broadcast::error::RecvError::Closed) => Next::Closed,
+                    },
+                    _ = tick.tick() => Next::Vitals,
+                };
+                let event = match next {
+                    Next::Closed => return None,
+                    Next::Alert(e) if claims.may_see(e.alert.patient_id.as_deref()) => {
+                        Event::default().event("alert").json_data(&*e).ok()
+                    }
+                    Next::Alert(_) => None,
+                    // The page reloads its lists when it falls behind.
+                    Next::Lagged(n) => Some(Event::default().event("resync").data(n.to_string())),
+                    Next::Vitals => latest.as_ref().and_then(|latest| {
+                        let now = latest.version();
+                        let changed: Vec<_> = latest
+                            .changed_since(seen)
+                            .into_iter()
+                            .filter(|v| claims.may_see(Some(&v.patient_id)))
+                            .collect();
+                        seen = now;
+                        (!changed.is_empty())
+                            .then(|| Event::default().event("vitals").json_data(&changed).ok())
+                            .flatten()
+                    }),
+                };
+                if let Some(event) = event {
+                    return Some((Ok::<Event, Infallible>(event), (rx, tick, seen)));
+                }
+            }
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,211 @@
+//! The latest vitals of each patient, for screens: each vital's most recent value (readings
+//! may carry only some vitals), the device and the time. Shards gather them locally and
+//! publish at most once a second, so keeping them costs the hot path a local map insert, and
+//! readers (REST, `vitals:update`, the page) never touch shard state.
+
+use crate::model::{Id, Millis, Sample, Vital, Vitals};
+use dashmap::DashMap;
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// One patient's latest vitals, as published.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PatientVitals {
+    pub patient_id: Id,
+    /// The device of the newest reading.
+    pub device_id: Id,
+    /// Event time of the newest reading, ms.
+    pub ts: Millis,
+    pub hr: Option<f64>,
+    pub spo2: Option<f64>,
+    pub temp: Option<f64>,
+    pub sys_bp: Option<f64>,
+    pub dia_bp: Option<f64>,
+    pub rr: Option<f64>,
+    /// The publication that last changed it (see [`Latest::version`]).
+    #[serde(skip)]
+    pub version: u64,
+}
+
+/// Every patient's latest vitals, readable from any thread.
+#[derive(Default)]
+pub struct Latest {
+    map: DashMap<Id, PatientVitals>,
+    version: AtomicU64,
+}
+
+impl Latest {
+    pub fn get(&self, patient: &str) -> Option<PatientVitals> {
+        self.map.get(patient).map(|e| e.value().clone())
+    }
+
+    /// Every patient, sorted by id.
+    pub fn all(&self) -> Vec<PatientVitals> {
+        let mut all: Vec<PatientVitals> = self.map.iter().map(|e| e.value().clone()).collect();
+        all.sort_by(|a, b| a.patient_id.cmp(&b.patient_id));
+        all
+    }
+
+    /// The current publication number; entries changed after `since` have a higher one.
+    pub fn version(&self) -> u64 {
+        self.version.load(Relaxed)
+    }
+
+    /// Patients whose vitals changed after publication `since`.
+    pub fn changed_since(&self, since: u64) -> Vec<PatientVitals> {
+        self.map
+            .iter()
+            .filter(|e| e.value().version > since)
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
+    fn publish(&self, pending: &mut FxHashMap<Id, Pending>) {
+        if pending.is_empty() {
+            return;
+        }
+        let version = self.version.fetch_add(1, Relaxed) + 1;
+        for (patient, p) in pending.drain() {
+            let mut entry = self
+                .map
+                .entry(patient.clone())
+                .or_insert_with(|| PatientVitals {
+                    patient_id: patient,
+                    device_id: p.device_id.clone(),
+                    ts: p.ts,
+                    hr: None,
+                    spo2: None,
+                    temp: None,
+                    sys_bp: None,
+                    dia_bp: None,
+                    rr: None,
+                    version,
+                });
+            let e = entry.value_mut();
+            if p.ts >= e.ts {
+                e.ts = p.ts;
+                e.device_id = p.device_id;
+            }
+            let slots = [
+                &mut e.hr,
+                &mut e.spo2,
+                &mut e.temp,
+                &mut e.sys_bp,
+                &mut e.dia_bp,
+                &mut e.rr,
+            ];
+            for (slot, v) in slots.into_iter().zip(p.vitals.0) {
+                if !v.is_nan() {
+                    *slot = Some(v);
+                }
+            }
+            e.version = version;
+        }
+    }
+}
+
+/// What a shard gathers between publications.
+struct Pending {
+    device_id: Id,
+    ts: Millis,
+    vitals: Vitals,
+}
+
+/// A shard's side: gathers readings, publishes at most once a second.
+pub(crate) struct Gatherer {
+    shared: std::sync::Arc<Latest>,
+    pending: FxHashMap<Id, Pending>,
+    last_publish: Millis,
+}
+
+impl Gatherer {
+    pub(crate) fn new(shared: std::sync::Arc<Latest>) -> Gatherer {
+        Gatherer {
+            shared,
+            pending: FxHashMap::default(),
+            last_publish: 0,
+        }
+    }
+
+    pub(crate) fn add(&mut self, patient: &Id, sample: &Sample) {
+        let p = self
+            .pending
+            .entry(patient.clone())
+            .or_insert_with(|| Pending {
+                device_id: sample.device_id.clone(),
+                ts: sample.ts,
+                vitals: Vitals::default(),
+            });
+        if sample.ts >= p.ts {
+            p.ts = sample.ts;
+            p.device_id.clone_from(&sample.device_id);
+        }
+        for v in Vital::ALL {
+            if let Some(x) = sample.vitals.get(v) {
+                p.vitals.set(v, x);
+            }
+        }
+    }
+
+    /// Publishes when a second has passed since the last time (or always, with `force`).
+    pub(crate) fn maybe_publish(&mut self, now_ms: Millis, force: bool) {
+        if force || now_ms - self.last_publish >= 1000 {
+            self.shared.publish(&mut self.pending);
+            self.last_publish = now_ms;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CorrelationId;
+    use std::sync::Arc;
+
+    fn sample(device: &str, ts: Millis, vitals: &[(Vital, f64)]) -> Sample {
+        let mut v = Vitals::default();
+        for (vital, x) in vitals {
+            v.set(*vital, *x);
+        }
+        Sample {
+            device_id: device.into(),
+            patient_id: None,
+            ts,
+            device_ts: true,
+            received_us: 0,
+            vitals: v,
+            seq: None,
+            correlation_id: CorrelationId::Generated(0),
+            late: false,
+        }
+    }
+
+    #[test]
+    fn each_vital_keeps_its_latest_value_and_publication_is_at_most_once_a_second() {
+        let shared = Arc::new(Latest::default());
+        let mut g = Gatherer::new(shared.clone());
+        let p: Id = "p1".into();
+        g.add(
+            &p,
+            &sample("monitor", 1_000, &[(Vital::Hr, 80.0), (Vital::Spo2, 97.0)]),
+        );
+        g.maybe_publish(5_000, false);
+        let v1 = shared.version();
+        g.add(&p, &sample("oximeter", 2_000, &[(Vital::Spo2, 91.0)]));
+        g.maybe_publish(5_500, false);
+        assert_eq!(
+            shared.get("p1").unwrap().spo2,
+            Some(97.0),
+            "not yet: under a second"
+        );
+        g.maybe_publish(6_000, false);
+        let got = shared.get("p1").unwrap();
+        assert_eq!(
+            (got.hr, got.spo2, got.ts, got.device_id.as_str()),
+            (Some(80.0), Some(91.0), 2_000, "oximeter")
+        );
+        assert_eq!(shared.changed_since(v1).len(), 1);
+        assert!(shared.changed_since(shared.version()).is_empty());
+    }
+}
