@@ -240,7 +240,12 @@ impl ApiServer {
     }
 }
 
-fn start_api(config: &Config, control: Control, bus: api::AlertBus) -> anyhow::Result<ApiServer> {
+fn start_api(
+    config: &Config,
+    control: Control,
+    bus: api::AlertBus,
+    commands: Option<mqtt::Commands>,
+) -> anyhow::Result<ApiServer> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("api")
@@ -256,7 +261,8 @@ fn start_api(config: &Config, control: Control, bus: api::AlertBus) -> anyhow::R
         _ => None,
     };
     let control_latest = control.latest.clone();
-    let state = api::ApiState::with_bus(&config.api, control, storage, Some(bus.clone()));
+    let state = api::ApiState::with_bus(&config.api, control, storage, Some(bus.clone()))
+        .with_commands(commands);
     if config.api.dev_token {
         let token = state.keys.sign(&api::auth::Claims {
             sub: "developer".into(),
@@ -330,8 +336,18 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     // Screens want each patient's latest vitals: gathered only when the API is on.
     outputs.latest = bus.is_some().then(Default::default);
     let mut engine = Engine::start(&config.engine, rules, outputs);
+    // MQTT connections are made first: the API sends device commands through the first.
+    let mut mqtt_sources: Vec<mqtt::MqttSource> = config
+        .sources
+        .iter()
+        .filter_map(|s| match s {
+            SourceConfig::Mqtt(c) => Some(mqtt::MqttSource::new(c)),
+            _ => None,
+        })
+        .collect();
+    let commands = mqtt_sources.first().map(mqtt::MqttSource::commands);
     let api = match bus {
-        Some(bus) => Some(start_api(config, engine.control(), bus)?),
+        Some(bus) => Some(start_api(config, engine.control(), bus, commands)?),
         None => None,
     };
     let mut sources = Vec::new();
@@ -349,8 +365,8 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
                     );
                 }));
             }
-            SourceConfig::Mqtt(config) => {
-                let source = mqtt::MqttSource::new(config);
+            SourceConfig::Mqtt(_) => {
+                let source = mqtt_sources.remove(0);
                 let handle = engine.source(ClockMode::Live);
                 let (devices, stop) = (engine.device_context(), stop.clone());
                 sources.push(spawn_source("mqtt", move || {

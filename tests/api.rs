@@ -518,3 +518,95 @@ fn health_readiness_and_metrics_over_a_real_socket() {
     rt.block_on(server).unwrap().unwrap();
     h.finish();
 }
+
+#[test]
+fn devices_are_assigned_and_released_and_commands_need_an_mqtt_source() {
+    let mut h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let clinician = token(&api, Role::Clinician, None);
+    let analyst = token(&api, Role::Analyst, None);
+    let assign = json!({ "patient_id": "p9" });
+    assert_envelope(
+        &api.call(
+            "POST",
+            "/api/v1/devices/bed-9/assign",
+            Some(&analyst),
+            Some(assign.clone()),
+            &[],
+        ),
+        403,
+    );
+    let ok = api.call(
+        "POST",
+        "/api/v1/devices/bed-9/assign",
+        Some(&clinician),
+        Some(assign),
+        &[],
+    );
+    assert_envelope(&ok, 200);
+    assert_eq!(
+        h.engine.assignments.patient_of("bed-9").as_deref(),
+        Some("p9")
+    );
+    // A reading without a patient id now raises the alert for the assigned patient.
+    let mut source = h.replay_source();
+    common::send_lines(
+        &mut source,
+        &[reading("bed-9", now_millis() - 1000, "hr", 150.0)],
+        1,
+    );
+    let raised = h.alerts.recv_timeout(WAIT).expect("an alert");
+    assert_eq!(raised.alert.patient_id.as_deref(), Some("p9"));
+    assert_envelope(
+        &api.call(
+            "POST",
+            "/api/v1/devices/bed-9/release",
+            Some(&clinician),
+            None,
+            &[],
+        ),
+        200,
+    );
+    assert_eq!(h.engine.assignments.patient_of("bed-9"), None);
+    assert_envelope(
+        &api.call(
+            "POST",
+            "/api/v1/devices/bed-9/release",
+            Some(&clinician),
+            None,
+            &[],
+        ),
+        404,
+    );
+    let bad = api.call(
+        "POST",
+        "/api/v1/devices/bed%209/assign",
+        Some(&clinician),
+        Some(json!({ "patient_id": "p9" })),
+        &[],
+    );
+    assert!(
+        bad.status == 422 || bad.status == 400 || bad.status == 404,
+        "{}",
+        bad.body
+    );
+    let command = api.call(
+        "POST",
+        "/api/v1/devices/bed-9/commands",
+        Some(&clinician),
+        Some(json!({ "command": "silence", "for_s": 120 })),
+        &[],
+    );
+    assert_envelope(&command, 503);
+    let malformed = api.call(
+        "POST",
+        "/api/v1/devices/bed-9/commands",
+        Some(&clinician),
+        Some(json!({ "cmd": 1 })),
+        &[],
+    );
+    assert_envelope(&malformed, 422);
+    drop(source);
+    drop(api);
+    h.finish();
+}

@@ -76,6 +76,8 @@ pub struct Inner {
     pub rule_edits: tokio::sync::Mutex<()>,
     /// Every alert transition (for the page's event stream).
     pub bus: Option<AlertBus>,
+    /// Device commands go out through the MQTT source, when there is one.
+    pub commands: Option<crate::sources::mqtt::Commands>,
 }
 
 impl std::ops::Deref for ApiState {
@@ -105,7 +107,16 @@ impl ApiState {
             db: tokio::sync::OnceCell::new(),
             rule_edits: tokio::sync::Mutex::new(()),
             bus,
+            commands: None,
         }))
+    }
+
+    /// Sends device commands through `commands` (call before sharing the state).
+    pub fn with_commands(self, commands: Option<crate::sources::mqtt::Commands>) -> ApiState {
+        let mut inner = Arc::try_unwrap(self.0)
+            .unwrap_or_else(|_| panic!("with_commands is called before the state is shared"));
+        inner.commands = commands;
+        ApiState(Arc::new(inner))
     }
 
     /// The database, or why not.

@@ -38,6 +38,9 @@ pub fn api() -> Router<ApiState> {
             get(get_rule).put(replace_rule).delete(delete_rule),
         )
         .route("/devices", get(list_devices))
+        .route("/devices/{id}/assign", post(assign_device))
+        .route("/devices/{id}/release", post(release_device))
+        .route("/devices/{id}/commands", post(device_command))
         .route("/patients", get(list_patients))
         .route("/patients/{id}/latest", get(patient_latest))
         .route("/patients/{id}/vitals", get(patient_vitals))
@@ -443,6 +446,101 @@ async fn list_devices(auth: Auth, State(state): State<ApiState>) -> Result {
         })
         .collect();
     Ok(Reply::ok(format!("{} devices", devices.len()), devices))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Assign {
+    patient_id: String,
+}
+
+/// Attaches a device to a patient: its readings without a patient id count for that
+/// patient from now on (and the assignment is recorded when storage is PostgreSQL).
+async fn assign_device(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Json(body): Json<Assign>,
+) -> Result {
+    auth.require(&[Role::Clinician, Role::Admin])?;
+    auth.may_see(Some(&body.patient_id))?;
+    let device = crate::parse::valid_id(&id)
+        .ok_or_else(|| ApiError::invalid(format!("`{id}` is not a valid device id")))?;
+    let patient = crate::parse::valid_id(&body.patient_id).ok_or_else(|| {
+        ApiError::invalid(format!("`{}` is not a valid patient id", body.patient_id))
+    })?;
+    if state.storage.is_some() {
+        state
+            .db()
+            .await?
+            .assign_device(&device, Some(&patient), &auth.0.sub)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+    }
+    state
+        .engine
+        .assignments
+        .assign(device.clone(), patient.clone());
+    Ok(Reply::ok(
+        "device assigned",
+        json!({ "device_id": device, "patient_id": patient }),
+    ))
+}
+
+async fn release_device(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result {
+    auth.require(&[Role::Clinician, Role::Admin])?;
+    let current = state.engine.assignments.patient_of(&id);
+    let Some(patient) = current else {
+        return Err(ApiError::not_found(format!("device {id} is not assigned")));
+    };
+    auth.may_see(Some(&patient))?;
+    if state.storage.is_some() {
+        state
+            .db()
+            .await?
+            .assign_device(&id, None, &auth.0.sub)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+    }
+    state.engine.assignments.unassign(&id);
+    Ok(Reply::ok(
+        "device released",
+        json!({ "device_id": id, "patient_id": patient }),
+    ))
+}
+
+/// Publishes a JSON command to `devices/{id}/commands` (MQTT, QoS 1).
+async fn device_command(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Result {
+    auth.require(&[Role::Clinician, Role::Admin, Role::Service])?;
+    if !body.get("command").is_some_and(|c| c.is_string()) {
+        return Err(ApiError::invalid(
+            "expected a JSON object with a string `command`",
+        ));
+    }
+    let commands = state
+        .commands
+        .as_ref()
+        .ok_or_else(|| ApiError::unavailable("no MQTT source: commands cannot be sent"))?;
+    commands
+        .send(&id, body.to_string().as_bytes())
+        .map_err(|e| match e {
+            crate::sources::mqtt::CommandError::BadDevice(_) => ApiError::invalid(e.to_string()),
+            crate::sources::mqtt::CommandError::Busy(_) => ApiError::unavailable(e.to_string()),
+        })?;
+    Ok(Reply::with_status(
+        StatusCode::ACCEPTED,
+        "command queued for the device",
+        json!({ "device_id": id, "topic": format!("devices/{id}/commands") }),
+    ))
 }
 
 fn latest(state: &ApiState) -> Result<&crate::latest::Latest> {

@@ -135,6 +135,32 @@ impl Db {
         Ok(rows.iter().map(bucket_of).collect())
     }
 
+    /// Ends a device's current assignment and, with `patient`, starts a new one.
+    pub async fn assign_device(
+        &self,
+        device: &str,
+        patient: Option<&str>,
+        by: &str,
+    ) -> Result<(), PgError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "UPDATE device_assignments SET valid_to = now() WHERE device_id = $1 AND valid_to IS NULL",
+            &[&device],
+        )
+        .await?;
+        if let Some(patient) = patient {
+            tx.execute(
+                "INSERT INTO device_assignments (device_id, patient_id, valid_from, assigned_by) \
+                 VALUES ($1, $2, now(), $3)",
+                &[&device, &patient, &by],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// A round trip, for readiness.
     pub async fn ping(&self) -> Result<(), PgError> {
         self.pool.get().await?.simple_query("SELECT 1").await?;
