@@ -610,3 +610,56 @@ fn devices_are_assigned_and_released_and_commands_need_an_mqtt_source() {
     drop(api);
     h.finish();
 }
+
+/// `/api/v1/openapi.json` names every route the router has, and the router answers every
+/// operation the document names.
+#[test]
+fn the_openapi_document_matches_the_routes() {
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let admin = token(&api, Role::Admin, None);
+    let doc = api.call("GET", "/api/v1/openapi.json", None, None, &[]);
+    assert_eq!(doc.status, 200);
+    assert_eq!(doc.body["openapi"], "3.1.0");
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, ops) in doc.body["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            documented.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    documented.sort();
+
+    // The routes as written in src/api/routes.rs: each `.route("path", get(…).post(…))`.
+    let source = include_str!("../src/api/routes.rs");
+    let mut routed: Vec<(String, String)> = Vec::new();
+    for (section, prefix) in [("pub fn api()", "/api/v1"), ("pub fn plain()", "")] {
+        let body = &source[source.find(section).unwrap()..];
+        let body = &body[..body.find("\n}\n").unwrap()];
+        for chunk in body.split(".route(").skip(1) {
+            let path = chunk.split('"').nth(1).unwrap();
+            for method in ["get", "post", "put", "delete"] {
+                if chunk.contains(&format!("{method}(")) {
+                    routed.push((method.to_uppercase(), format!("{prefix}{path}")));
+                }
+            }
+        }
+    }
+    routed.sort();
+    assert_eq!(routed, documented);
+
+    // And the router answers each (a concrete id for the path parameters).
+    for (method, path) in &documented {
+        let uri = path.replace("{id}", "x");
+        let answer = api.call(method, &uri, Some(&admin), None, &[]);
+        assert!(
+            answer.status != 404
+                || answer.body["error"]["details"].is_null()
+                    && answer.body["message"] != "no such route",
+            "{method} {uri}: {}",
+            answer.body
+        );
+        assert_ne!(answer.status, 405, "{method} {uri}");
+    }
+    drop(api);
+    h.finish();
+}

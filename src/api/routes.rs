@@ -52,6 +52,15 @@ pub fn plain() -> Router<ApiState> {
     Router::new()
         .route("/", get(super::live::page))
         .route("/api/v1/stream", get(super::live::stream))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    include_str!("openapi.json"),
+                )
+            }),
+        )
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready_plain))
         .route("/metrics", get(metrics))
