@@ -260,7 +260,6 @@ fn start_api(
         Some(StorageConfig::Postgres(pg)) => Some(pg.clone()),
         _ => None,
     };
-    let control_latest = control.latest.clone();
     let state = api::ApiState::with_bus(&config.api, control, storage, Some(bus.clone()))
         .with_commands(commands);
     if config.api.dev_token {
@@ -281,12 +280,9 @@ fn start_api(
     } else {
         tracing::info!(url = %format!("http://{addr}/api/v1"), "API listening");
     }
-    let latest = control_latest;
-    let (router, io) = api::app(&config.api, state);
-    rt.spawn(api::socket::push_alerts(io.clone(), bus.subscribe()));
-    if let Some(latest) = latest {
-        rt.spawn(api::socket::push_vitals(io, latest));
-    }
+    let router = rt
+        .block_on(api::app(&config.api, state))
+        .context("starting socket.io (is [api] redis_url reachable?)")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("api".into())

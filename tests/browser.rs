@@ -43,7 +43,7 @@ fn a_live_alert_appears_on_the_page_and_its_button_acknowledges_it() {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let (router, _io) = app(&config, state);
+    let router = rt.block_on(app(&config, state)).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(serve(listener, router, async {
         let _ = stopped.await;

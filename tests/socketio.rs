@@ -11,14 +11,15 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use vitalstream::alerts::{AlertState, Transition};
 use vitalstream::api::auth::{Claims, Role};
-use vitalstream::api::{ApiConfig, ApiState, app, serve, socket};
+use vitalstream::api::{ApiConfig, ApiState, app, serve};
 use vitalstream::model::now_millis;
 
 #[test]
 fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them() {
     let mut h = Harness::start(&common::config(), rules(HR_RULE));
     let config = ApiConfig::default();
-    let state = ApiState::new(&config, h.engine.control(), None);
+    let (bus, _) = tokio::sync::broadcast::channel(1024);
+    let state = ApiState::with_bus(&config, h.engine.control(), None, Some(bus.clone()));
     let token = state.keys.sign(&Claims {
         sub: "nurse-7".into(),
         role: Role::Clinician,
@@ -34,9 +35,7 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let (router, io) = app(&config, state);
-    let (bus, _) = tokio::sync::broadcast::channel(1024);
-    rt.spawn(socket::push_alerts(io, bus.subscribe()));
+    let router = rt.block_on(app(&config, state)).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(serve(listener, router, async {
         let _ = stopped.await;
@@ -161,4 +160,88 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
     h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
     // The relay ends when the last alert sender is gone; it holds nothing the test needs.
     drop(relay);
+}
+
+/// Two instances sharing rooms through the Redis on 127.0.0.1:6379: a client connected to
+/// the first gets an alert that the second raised.
+#[test]
+fn an_alert_raised_on_one_instance_reaches_a_client_of_another_through_redis() {
+    let mut h = Harness::start(&common::config(), rules(HR_RULE));
+    let config = ApiConfig {
+        redis_url: Some("redis://127.0.0.1:6379".into()),
+        ..ApiConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Instance 1: the client's. Its bus stays silent.
+    let (quiet, _) = tokio::sync::broadcast::channel(16);
+    let one = ApiState::with_bus(&config, h.engine.control(), None, Some(quiet));
+    // Instance 2: where the alert is raised.
+    let (bus, _) = tokio::sync::broadcast::channel(1024);
+    let two = ApiState::with_bus(&config, h.engine.control(), None, Some(bus.clone()));
+    let token = one.keys.sign(&Claims {
+        sub: "nurse-remote".into(),
+        role: Role::Clinician,
+        patients: Some(vec!["p-redis".into()]),
+        exp: (now_millis() / 1000 + 600) as u64,
+    });
+    let mut stops = Vec::new();
+    let mut addrs = Vec::new();
+    for state in [one, two] {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        let router = rt
+            .block_on(app(&config, state))
+            .expect("Redis on 127.0.0.1:6379");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(serve(listener, router, async {
+            let _ = stopped.await;
+        }));
+        stops.push(stop);
+    }
+    let alerts = h.alerts.clone();
+    std::thread::spawn(move || {
+        for e in alerts {
+            let _ = bus.send(Arc::new(e));
+        }
+    });
+
+    let mut node = Command::new("node")
+        .arg("listen.mjs")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/socketio"))
+        .env("VS_URL", format!("http://{}", addrs[0]))
+        .env("VS_TOKEN", &token)
+        .env("VS_PATIENT", "p-redis")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node");
+    let mut steps: Vec<Value> = Vec::new();
+    let mut source = h.replay_source();
+    for line in BufReader::new(node.stdout.take().unwrap()).lines() {
+        let step: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if step["step"] == "ready" {
+            let t = now_millis() - 1000;
+            let l = reading("bed-r", t, "hr", 150.0).replace('{', r#"{"patient_id":"p-redis","#);
+            common::send_lines(&mut source, &[l], 1);
+        }
+        steps.push(step);
+    }
+    assert!(node.wait().unwrap().success(), "{steps:#?}");
+    let got = steps
+        .iter()
+        .find(|s| s["step"] == "critical")
+        .unwrap_or_else(|| panic!("{steps:#?}"));
+    assert_eq!(got["event"]["patient_id"], "p-redis");
+    drop(source);
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    drop(rt);
+    h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
 }

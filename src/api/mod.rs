@@ -43,6 +43,9 @@ pub struct ApiConfig {
     /// How long an `Idempotency-Key` is remembered.
     #[serde(with = "humantime_serde")]
     pub idempotency_ttl: Duration,
+    /// Share socket.io rooms with other instances through this Redis (≥ 7), e.g.
+    /// `redis://127.0.0.1:6379`. Absent: this instance only.
+    pub redis_url: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -56,6 +59,7 @@ impl Default for ApiConfig {
             body_limit: 256 * 1024,
             rate_limit_per_minute: 600,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            redis_url: None,
         }
     }
 }
@@ -136,10 +140,15 @@ impl ApiState {
 /// The alert bus the sinks publish every transition on (socket.io, and the page's SSE).
 pub type AlertBus = tokio::sync::broadcast::Sender<Arc<crate::alerts::AlertEvent>>;
 
-/// The whole HTTP surface, and the socket.io handle that pushes alerts.
-pub fn app(config: &ApiConfig, state: ApiState) -> (Router, socketioxide::SocketIo) {
-    let (layer, io) = socket::layer(state.clone());
-    (router(config, state).layer(layer), io)
+/// The whole HTTP surface with socket.io, whose pushers (alerts from the state's bus,
+/// vitals) start on the current runtime.
+pub async fn app(config: &ApiConfig, state: ApiState) -> anyhow::Result<Router> {
+    socket::attach(
+        router(config, state.clone()),
+        &state,
+        config.redis_url.as_deref(),
+    )
+    .await
 }
 
 /// The HTTP routes (REST, health, metrics), without socket.io.

@@ -18,9 +18,10 @@ use crate::rules::Priority;
 use serde::Deserialize;
 use serde_json::json;
 use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
 use socketioxide::extract::{AckSender, Data, Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler;
-use socketioxide::layer::SocketIoLayer;
+use socketioxide_redis::{RedisAdapter, RedisAdapterCtr};
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
@@ -39,15 +40,55 @@ struct AlertRequest {
     alert_id: String,
 }
 
-/// The socket.io layer for the router, and the handle that emits.
-pub fn layer(state: ApiState) -> (SocketIoLayer, SocketIo) {
-    let (layer, io) = SocketIo::builder().with_state(state).build_layer();
-    io.ns("/", on_connect.with(authenticate));
-    (layer, io)
+/// Adds socket.io to `router` and starts pushing alerts and vitals. With `redis_url`, rooms
+/// are shared with every other instance through Redis (socketioxide's adapter; Redis ≥ 7), so
+/// an alert raised on one instance reaches a client connected to another.
+pub async fn attach(
+    router: axum::Router,
+    state: &ApiState,
+    redis_url: Option<&str>,
+) -> anyhow::Result<axum::Router> {
+    let builder = SocketIo::builder().with_state(state.clone());
+    Ok(match redis_url {
+        None => {
+            let (layer, io) = builder.build_layer();
+            io.ns("/", on_connect.with(authenticate));
+            start_pushers(io, state);
+            router.layer(layer)
+        }
+        Some(url) => {
+            // The adapter speaks RESP3.
+            let url = if url.contains("protocol=") {
+                url.to_string()
+            } else {
+                format!(
+                    "{url}{}protocol=resp3",
+                    if url.contains('?') { '&' } else { '?' }
+                )
+            };
+            let client = redis::Client::open(url.as_str())?;
+            let adapter = RedisAdapterCtr::new_with_redis(&client).await?;
+            let (layer, io) = builder
+                .with_adapter::<RedisAdapter<_>>(adapter)
+                .build_layer();
+            io.ns("/", on_connect.with(authenticate)).await?;
+            start_pushers(io, state);
+            router.layer(layer)
+        }
+    })
 }
 
-async fn authenticate(
-    s: SocketRef,
+fn start_pushers<A: Adapter>(io: SocketIo<A>, state: &ApiState) {
+    if let Some(bus) = &state.bus {
+        tokio::spawn(push_alerts(io.clone(), bus.subscribe()));
+    }
+    if let Some(latest) = state.engine.latest.clone() {
+        tokio::spawn(push_vitals(io, latest));
+    }
+}
+
+async fn authenticate<A: Adapter>(
+    s: SocketRef<A>,
     State(state): State<ApiState>,
     TryData(auth): TryData<Handshake>,
 ) -> Result<(), String> {
@@ -66,7 +107,7 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-async fn on_connect(s: SocketRef, Extension(claims): Extension<Claims>) {
+async fn on_connect<A: Adapter>(s: SocketRef<A>, Extension(claims): Extension<Claims>) {
     s.join(format!("user:{}", claims.sub));
     // Role rooms carry every patient's alerts: only tokens that may see every patient join.
     if claims.patients.is_none() {
@@ -74,10 +115,10 @@ async fn on_connect(s: SocketRef, Extension(claims): Extension<Claims>) {
     }
     s.on(
         "subscribe:patient",
-        async |s: SocketRef,
+        async |s: SocketRef<A>,
                Extension(claims): Extension<Claims>,
                TryData(req): TryData<PatientRequest>,
-               ack: AckSender| {
+               ack: AckSender<A>| {
             let answer = match req {
                 Err(_) => json!({ "ok": false, "error": "expected {patient_id}" }),
                 Ok(r) if claims.may_see(Some(&r.patient_id)) => {
@@ -91,7 +132,7 @@ async fn on_connect(s: SocketRef, Extension(claims): Extension<Claims>) {
     );
     s.on(
         "unsubscribe:patient",
-        async |s: SocketRef, Data(req): Data<PatientRequest>, ack: AckSender| {
+        async |s: SocketRef<A>, Data(req): Data<PatientRequest>, ack: AckSender<A>| {
             s.leave(format!("patient:{}", req.patient_id));
             let _ = ack.send(&json!({ "ok": true }));
         },
@@ -101,7 +142,7 @@ async fn on_connect(s: SocketRef, Extension(claims): Extension<Claims>) {
         async |Extension(claims): Extension<Claims>,
                State(state): State<ApiState>,
                TryData(req): TryData<AlertRequest>,
-               ack: AckSender| {
+               ack: AckSender<A>| {
             let answer = match req {
                 Err(_) => json!({ "ok": false, "error": "expected {alert_id}" }),
                 Ok(r) => acknowledge(&state, &claims, &r.alert_id),
@@ -129,7 +170,7 @@ fn acknowledge(state: &ApiState, claims: &Claims, alert_id: &str) -> serde_json:
 
 /// Once a second, `vitals:update` to each patient's room for the patients whose vitals
 /// changed. A slow client misses updates instead of queueing them (the next one supersedes).
-pub async fn push_vitals(io: SocketIo, latest: Arc<crate::latest::Latest>) {
+pub async fn push_vitals<A: Adapter>(io: SocketIo<A>, latest: Arc<crate::latest::Latest>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut seen = 0;
@@ -146,7 +187,10 @@ pub async fn push_vitals(io: SocketIo, latest: Arc<crate::latest::Latest>) {
 }
 
 /// Emits every alert transition from the bus until it closes.
-pub async fn push_alerts(io: SocketIo, mut bus: broadcast::Receiver<Arc<AlertEvent>>) {
+pub async fn push_alerts<A: Adapter>(
+    io: SocketIo<A>,
+    mut bus: broadcast::Receiver<Arc<AlertEvent>>,
+) {
     loop {
         let event = match bus.recv().await {
             Ok(e) => e,
