@@ -26,6 +26,12 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
         patients: Some(vec!["p1".into()]),
         exp: (now_millis() / 1000 + 600) as u64,
     });
+    let service = state.keys.sign(&Claims {
+        sub: "reports".into(),
+        role: Role::Service,
+        patients: None,
+        exp: (now_millis() / 1000 + 600) as u64,
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,6 +98,22 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
             .next()
             .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
     }) {
+        if step["step"] == "acknowledged" {
+            // A service tells this user something, through REST.
+            let mut answer = ureq::post(format!("http://{addr}/api/v1/notifications"))
+                .header("Authorization", format!("Bearer {service}"))
+                .header("Content-Type", "application/json")
+                .send(
+                    serde_json::json!({
+                        "to": "user:nurse-7", "title": "Shift report", "message": "ready to read"
+                    })
+                    .to_string(),
+                )
+                .unwrap();
+            let body: Value =
+                serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+            assert_eq!(body["status"], 202, "{body}");
+        }
         steps.push(step);
     }
     let status = node.wait().unwrap();
@@ -133,6 +155,11 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
     let answer = &by("acknowledged")["answer"];
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["alert"]["acknowledged_by"], "nurse-7");
+    let notice = &by("notification")["notice"];
+    assert_eq!(
+        (notice["title"].as_str(), notice["to"].as_str()),
+        (Some("Shift report"), Some("user:nurse-7"))
+    );
 
     // The engine's book agrees, and the acknowledgement went out as a transition.
     let id = event["alert_id"].as_str().unwrap();

@@ -82,6 +82,8 @@ pub struct Inner {
     pub bus: Option<AlertBus>,
     /// Device commands go out through the MQTT source, when there is one.
     pub commands: Option<crate::sources::mqtt::Commands>,
+    /// `notification:new` messages on their way to socket.io rooms.
+    pub notices: tokio::sync::broadcast::Sender<Arc<socket::Notice>>,
 }
 
 impl std::ops::Deref for ApiState {
@@ -112,6 +114,7 @@ impl ApiState {
             rule_edits: tokio::sync::Mutex::new(()),
             bus,
             commands: None,
+            notices: tokio::sync::broadcast::channel(1024).0,
         }))
     }
 

@@ -41,6 +41,7 @@ pub fn api() -> Router<ApiState> {
         .route("/devices/{id}/assign", post(assign_device))
         .route("/devices/{id}/release", post(release_device))
         .route("/devices/{id}/commands", post(device_command))
+        .route("/notifications", post(notify))
         .route("/patients", get(list_patients))
         .route("/patients/{id}/latest", get(patient_latest))
         .route("/patients/{id}/vitals", get(patient_vitals))
@@ -549,6 +550,28 @@ async fn device_command(
         StatusCode::ACCEPTED,
         "command queued for the device",
         json!({ "device_id": id, "topic": format!("devices/{id}/commands") }),
+    ))
+}
+
+/// Sends `notification:new` to a socket.io room.
+async fn notify(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Json(mut notice): Json<super::socket::Notice>,
+) -> Result {
+    auth.require(&[Role::Service, Role::Admin])?;
+    if !notice.valid_room() {
+        return Err(ApiError::invalid(
+            "`to` must be user:<id>, role:<role> or patient:<id>",
+        ));
+    }
+    notice.id = format!("ntf-{:016x}", fastrand::u64(..));
+    notice.created_at = crate::model::now_millis();
+    let _ = state.notices.send(std::sync::Arc::new(notice.clone()));
+    Ok(Reply::with_status(
+        StatusCode::ACCEPTED,
+        "notification sent",
+        notice,
     ))
 }
 

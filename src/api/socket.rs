@@ -9,6 +9,8 @@
 //! - Events out: `alert:critical` (a high-priority alert raised) and `alert:updated` (any
 //!   other transition: lower-priority raises, acknowledgements, resolutions), to the
 //!   patient's room and `role:clinician`, each socket once.
+//! - `notification:new` to a `user:`, `role:` or `patient:` room, from
+//!   `POST /api/v1/notifications` (services, admins) and the task workers.
 //! - Events in: `alert:acknowledge` (`{alert_id}`), answered with an ack `{ok, alert | error}`.
 
 use super::ApiState;
@@ -78,7 +80,52 @@ pub async fn attach(
     })
 }
 
+/// A notification for people: `notification:new` to one room (`user:…`, `role:…` or
+/// `patient:…`).
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct Notice {
+    #[serde(default)]
+    pub id: String,
+    pub to: String,
+    pub title: String,
+    pub message: String,
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+    #[serde(default)]
+    pub created_at: crate::model::Millis,
+}
+
+impl Notice {
+    /// The room is one of the platform's kinds.
+    pub fn valid_room(&self) -> bool {
+        ["user:", "role:", "patient:"]
+            .iter()
+            .any(|p| self.to.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
+    }
+}
+
+async fn push_notices<A: Adapter>(io: SocketIo<A>, mut notices: broadcast::Receiver<Arc<Notice>>) {
+    loop {
+        match notices.recv().await {
+            Ok(n) => {
+                if let Err(e) = io.to(n.to.clone()).emit("notification:new", &*n).await {
+                    tracing::warn!(error = %e, to = %n.to, "notification emit failed");
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::error!(missed, "notifications fell behind");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 fn start_pushers<A: Adapter>(io: SocketIo<A>, state: &ApiState) {
+    tokio::spawn(push_notices(io.clone(), state.notices.subscribe()));
     if let Some(bus) = &state.bus {
         tokio::spawn(push_alerts(io.clone(), bus.subscribe()));
     }

@@ -27,7 +27,12 @@ socket.on("alert:critical", async (event) => {
   say("critical", { event });
   const answer = await socket.timeout(5000).emitWithAck("alert:acknowledge", { alert_id: event.alert_id });
   say("acknowledged", { answer });
-  setTimeout(() => { socket.close(); process.exit(0); }, 500);
+});
+// Last: a notification sent to this user's room.
+socket.on("notification:new", (notice) => {
+  say("notification", { notice });
+  socket.close();
+  process.exit(0);
 });
 socket.on("connect", async () => {
   const other = await socket.timeout(5000).emitWithAck("subscribe:patient", { patient_id: "p2" });
