@@ -26,6 +26,10 @@ pub struct PatientVitals {
     /// The publication that last changed it (see [`Latest::version`]).
     #[serde(skip)]
     pub version: u64,
+    /// Event time of each vital's value: an older reading published later (by another
+    /// shard: the patient's other device) does not overwrite a newer value.
+    #[serde(skip)]
+    vital_ts: [Millis; 6],
 }
 
 /// Every patient's latest vitals, readable from any thread.
@@ -81,6 +85,7 @@ impl Latest {
                     dia_bp: None,
                     rr: None,
                     version,
+                    vital_ts: [Millis::MIN; 6],
                 });
             let e = entry.value_mut();
             if p.ts >= e.ts {
@@ -95,9 +100,11 @@ impl Latest {
                 &mut e.dia_bp,
                 &mut e.rr,
             ];
-            for (slot, v) in slots.into_iter().zip(p.vitals.0) {
-                if !v.is_nan() {
+            for (i, slot) in slots.into_iter().enumerate() {
+                let v = p.vitals.0[i];
+                if !v.is_nan() && p.vital_ts[i] >= e.vital_ts[i] {
                     *slot = Some(v);
+                    e.vital_ts[i] = p.vital_ts[i];
                 }
             }
             e.version = version;
@@ -110,6 +117,7 @@ struct Pending {
     device_id: Id,
     ts: Millis,
     vitals: Vitals,
+    vital_ts: [Millis; 6],
 }
 
 /// A shard's side: gathers readings, publishes at most once a second.
@@ -136,14 +144,18 @@ impl Gatherer {
                 device_id: sample.device_id.clone(),
                 ts: sample.ts,
                 vitals: Vitals::default(),
+                vital_ts: [Millis::MIN; 6],
             });
         if sample.ts >= p.ts {
             p.ts = sample.ts;
             p.device_id.clone_from(&sample.device_id);
         }
         for v in Vital::ALL {
-            if let Some(x) = sample.vitals.get(v) {
+            if let Some(x) = sample.vitals.get(v)
+                && sample.ts >= p.vital_ts[v.index()]
+            {
                 p.vitals.set(v, x);
+                p.vital_ts[v.index()] = sample.ts;
             }
         }
     }
@@ -207,5 +219,17 @@ mod tests {
         );
         assert_eq!(shared.changed_since(v1).len(), 1);
         assert!(shared.changed_since(shared.version()).is_empty());
+        // Another shard publishes an older spo2 after the newer one: it does not win.
+        let mut other = Gatherer::new(shared.clone());
+        other.add(
+            &p,
+            &sample("monitor", 1_500, &[(Vital::Spo2, 99.0), (Vital::Rr, 14.0)]),
+        );
+        other.maybe_publish(7_000, true);
+        let got = shared.get("p1").unwrap();
+        assert_eq!(
+            (got.spo2, got.rr, got.ts, got.device_id.as_str()),
+            (Some(91.0), Some(14.0), 2_000, "oximeter")
+        );
     }
 }

@@ -272,3 +272,83 @@ fn an_alert_raised_on_one_instance_reaches_a_client_of_another_through_redis() {
     drop(rt);
     h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
 }
+
+/// `vitals:update` carries a patient's latest vitals to its room, once a second at most.
+#[test]
+fn a_patients_room_gets_its_latest_vitals() {
+    let (alerts_tx, _alerts) = crossbeam_channel::unbounded();
+    let outputs = vitalstream::engine::Outputs {
+        alerts: alerts_tx,
+        readings: None,
+        rejects: None,
+        latest: Some(Default::default()),
+    };
+    let mut engine = vitalstream::engine::Engine::start(&common::config(), rules(HR_RULE), outputs);
+    let config = ApiConfig::default();
+    let state = ApiState::new(&config, engine.control(), None);
+    let token = state.keys.sign(&Claims {
+        sub: "nurse-v".into(),
+        role: Role::Clinician,
+        patients: Some(vec!["p5".into()]),
+        exp: (now_millis() / 1000 + 600) as u64,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = rt.block_on(app(&config, state)).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(serve(listener, router, async {
+        let _ = stopped.await;
+    }));
+    let mut node = Command::new("node")
+        .arg("listen.mjs")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/socketio"))
+        .env("VS_URL", format!("http://{addr}"))
+        .env("VS_TOKEN", &token)
+        .env("VS_PATIENT", "p5")
+        .env("VS_EVENT", "vitals:update")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node");
+    let mut source = engine.source(vitalstream::model::ClockMode::Replay { speed: 0.0 });
+    let mut steps: Vec<Value> = Vec::new();
+    for line in BufReader::new(node.stdout.take().unwrap()).lines() {
+        let step: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if step["step"] == "ready" {
+            let t = now_millis() - 2000;
+            let lines = [
+                r#"{"device_id":"mon-5","patient_id":"p5","ts":TS,"hr":72,"spo2":97}"#
+                    .replace("TS", &t.to_string()),
+                r#"{"device_id":"ox-5","patient_id":"p5","ts":TS,"spo2":95}"#
+                    .replace("TS", &(t + 500).to_string()),
+            ];
+            common::send_lines(&mut source, &lines, 2);
+        }
+        steps.push(step);
+    }
+    assert!(node.wait().unwrap().success(), "{steps:#?}");
+    let update = &steps
+        .iter()
+        .find(|s| s["step"] == "event")
+        .unwrap_or_else(|| panic!("{steps:#?}"))["event"];
+    assert_eq!(
+        (
+            update["patient_id"].as_str(),
+            update["hr"].as_f64(),
+            update["spo2"].as_f64(),
+            update["device_id"].as_str()
+        ),
+        (Some("p5"), Some(72.0), Some(95.0), Some("ox-5"))
+    );
+    drop(source);
+    let _ = stop.send(());
+    drop(rt);
+    engine.join(vitalstream::engine::EndOfInput::KeepOpen);
+}
