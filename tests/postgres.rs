@@ -543,6 +543,58 @@ fn vitals_come_back_in_buckets_and_alerts_by_patient_state_and_time() {
         ..AlertQuery::default()
     };
     assert!(alerts(later).is_empty());
+
+    // The same buckets through REST, for a token that covers p1 only.
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+    use vitalstream::api::auth::{Claims, Role};
+    use vitalstream::api::{ApiConfig, ApiState, router};
+    let other = Harness::start(&common::config(), rules(HR_RULE));
+    let api_config = ApiConfig::default();
+    let state = ApiState::new(
+        &api_config,
+        other.engine.control(),
+        Some(config(&db, spool.path())),
+    );
+    let app = router(&api_config, state.clone());
+    let token = state.keys.sign(&Claims {
+        sub: "nurse".into(),
+        role: Role::Clinician,
+        patients: Some(vec!["p1".into()]),
+        exp: (now_millis() / 1000 + 600) as u64,
+    });
+    let get = |uri: String| {
+        let req = Request::get(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        rt.block_on(async {
+            let r = app.clone().oneshot(req).await.unwrap();
+            let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
+        })
+    };
+    let range = format!("from={}&to={}&bucket=1m", t0 - 60_000, t0 + 120_000);
+    let body = get(format!("/api/v1/patients/p1/vitals?{range}"));
+    assert_eq!(body["status"], 200, "{body}");
+    let rest: Vec<(i64, i64, f64)> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["start"].as_i64().unwrap() - t0,
+                b["readings"].as_i64().unwrap(),
+                b["hr"]["avg"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rest, [(0, 2, 105.0), (60_000, 2, 95.0)]);
+    let refused = get(format!("/api/v1/patients/p2/vitals?{range}"));
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    drop(app);
+    other.finish();
 }
 
 /// The whole path, as deployed: a device publishes over MQTT (QoS 1), `vitalstream run`
