@@ -244,7 +244,7 @@ fn start_api(
     config: &Config,
     control: Control,
     bus: api::AlertBus,
-    commands: Option<mqtt::Commands>,
+    mqtt: Option<(mqtt::Commands, Arc<AtomicBool>)>,
 ) -> anyhow::Result<ApiServer> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -261,7 +261,7 @@ fn start_api(
         _ => None,
     };
     let state = api::ApiState::with_bus(&config.api, control, storage, Some(bus.clone()))
-        .with_commands(commands);
+        .with_mqtt(mqtt.clone().map(|m| m.0), mqtt.map(|m| m.1));
     if config.api.dev_token {
         let token = state.keys.sign(&api::auth::Claims {
             sub: "developer".into(),
@@ -341,7 +341,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
             _ => None,
         })
         .collect();
-    let commands = mqtt_sources.first().map(mqtt::MqttSource::commands);
+    let commands = mqtt_sources.first().map(|m| (m.commands(), m.connected()));
     let api = match bus {
         Some(bus) => Some(start_api(config, engine.control(), bus, commands)?),
         None => None,

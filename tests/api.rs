@@ -474,7 +474,11 @@ fn health_readiness_and_metrics_over_a_real_socket() {
         connect_timeout: std::time::Duration::from_millis(300),
         ..Default::default()
     };
-    let config = ApiConfig::default();
+    // Redis answers.
+    let config = ApiConfig {
+        redis_url: Some("redis://127.0.0.1:6379".into()),
+        ..ApiConfig::default()
+    };
     let state = ApiState::new(&config, h.engine.control(), Some(storage));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -504,7 +508,11 @@ fn health_readiness_and_metrics_over_a_real_socket() {
     assert_eq!(get("/health"), (200, r#"{"status":"ok"}"#.to_string()));
     let (status, body) = get("/ready");
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("postgres"), "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], false, "{body}");
+    assert_ne!(ready["checks"]["postgres"], "ok", "{body}");
+    assert_eq!(ready["checks"]["redis"], "ok", "{body}");
+    assert_eq!(ready["checks"]["engine"], "ok", "{body}");
     let (status, text) = get("/metrics");
     assert_eq!(status, 200);
     for line in [

@@ -82,6 +82,10 @@ pub struct Inner {
     pub bus: Option<AlertBus>,
     /// Device commands go out through the MQTT source, when there is one.
     pub commands: Option<crate::sources::mqtt::Commands>,
+    /// The MQTT source's connection state, for readiness.
+    pub mqtt_up: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The Redis that socket.io rooms are shared through, for readiness.
+    pub redis_url: Option<String>,
     /// `notification:new` messages on their way to socket.io rooms.
     pub notices: tokio::sync::broadcast::Sender<Arc<socket::Notice>>,
 }
@@ -114,15 +118,23 @@ impl ApiState {
             rule_edits: tokio::sync::Mutex::new(()),
             bus,
             commands: None,
+            mqtt_up: None,
+            redis_url: config.redis_url.clone(),
             notices: tokio::sync::broadcast::channel(1024).0,
         }))
     }
 
-    /// Sends device commands through `commands` (call before sharing the state).
-    pub fn with_commands(self, commands: Option<crate::sources::mqtt::Commands>) -> ApiState {
+    /// Sends device commands through the MQTT source and reports its connection in
+    /// `/ready` (call before sharing the state).
+    pub fn with_mqtt(
+        self,
+        commands: Option<crate::sources::mqtt::Commands>,
+        up: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) -> ApiState {
         let mut inner = Arc::try_unwrap(self.0)
-            .unwrap_or_else(|_| panic!("with_commands is called before the state is shared"));
+            .unwrap_or_else(|_| panic!("with_mqtt is called before the state is shared"));
         inner.commands = commands;
+        inner.mqtt_up = up;
         ApiState(Arc::new(inner))
     }
 

@@ -86,6 +86,31 @@ async fn readiness(state: &ApiState) -> (bool, serde_json::Value) {
             json!(result.err().unwrap_or_else(|| "ok".into())),
         );
     }
+    if let Some(up) = &state.mqtt_up {
+        let ok = up.load(std::sync::atomic::Ordering::Relaxed);
+        ready &= ok;
+        checks.insert(
+            "mqtt".into(),
+            json!(if ok { "ok" } else { "not connected" }),
+        );
+    }
+    if let Some(url) = &state.redis_url {
+        let ping = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        let result = match tokio::time::timeout(Duration::from_secs(2), ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        };
+        ready &= result.is_ok();
+        checks.insert(
+            "redis".into(),
+            json!(result.err().unwrap_or_else(|| "ok".into())),
+        );
+    }
     (ready, serde_json::Value::Object(checks))
 }
 

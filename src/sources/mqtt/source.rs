@@ -162,6 +162,8 @@ pub struct MqttSource {
     config: MqttConfig,
     client: Client,
     connection: Connection,
+    /// Whether the broker connection is up, for readiness checks.
+    up: std::sync::Arc<AtomicBool>,
 }
 
 impl MqttSource {
@@ -171,7 +173,13 @@ impl MqttSource {
             config: config.clone(),
             client,
             connection,
+            up: Default::default(),
         }
+    }
+
+    /// True while the broker connection is up.
+    pub fn connected(&self) -> std::sync::Arc<AtomicBool> {
+        self.up.clone()
     }
 
     /// A handle for sending commands to devices.
@@ -234,6 +242,7 @@ impl MqttSource {
                     }
                 }
                 Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    self.up.store(true, Relaxed);
                     match down_since.take() {
                         Some(since) => {
                             stats.reconnects += 1;
@@ -252,6 +261,7 @@ impl MqttSource {
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
+                    self.up.store(false, Relaxed);
                     if down_since.is_none() {
                         tracing::warn!(
                             "MQTT broker {}:{} unreachable: {e}; retrying",
