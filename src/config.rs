@@ -7,6 +7,7 @@ use crate::engine::EngineConfig;
 use crate::rules::{self, RuleSet};
 use crate::sinks::alert_log::AlertLogConfig;
 use crate::sinks::dead_letter::DeadLetterConfig;
+use crate::sinks::events::KafkaConfig;
 use crate::sinks::parquet::ParquetConfig;
 use crate::sinks::postgres::PostgresConfig;
 use crate::sources::mqtt::MqttConfig;
@@ -44,6 +45,9 @@ pub struct Config {
     /// REST (and later socket.io) on one HTTP server.
     #[serde(default)]
     pub api: ApiConfig,
+    /// Domain events and dead letters on Kafka; absent = no Kafka.
+    #[serde(default)]
+    pub kafka: Option<KafkaConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

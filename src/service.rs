@@ -15,6 +15,7 @@ use crate::rules::{self, RuleSpec};
 use crate::sinks::Storage;
 use crate::sinks::alert_log::{AlertLog, AlertLogConfig};
 use crate::sinks::dead_letter::{DeadLetter, DeadLetterConfig};
+use crate::sinks::events::EventPublisher;
 use crate::sinks::parquet::ParquetStorage;
 use crate::sinks::postgres::PostgresStorage;
 use crate::sinks::postgres::query::Db;
@@ -60,7 +61,9 @@ fn start_sinks(
     dead_letter: Option<&DeadLetterConfig>,
     storage: Option<Box<dyn Storage>>,
     bus: Option<api::AlertBus>,
+    kafka: Option<(Arc<EventPublisher>, Vec<String>)>,
 ) -> anyhow::Result<(Outputs, Sinks)> {
+    let events = kafka.as_ref().map(|k| k.0.clone());
     let mut threads = Vec::new();
     let (alert_tx, alert_rx) = bounded::<AlertEvent>(4096);
     let (stored_alerts_tx, stored_alerts_rx) = bounded::<Vec<AlertEvent>>(64);
@@ -77,6 +80,13 @@ fn start_sinks(
             if let Some(bus) = &bus {
                 for e in &batch {
                     let _ = bus.send(Arc::new(e.clone()));
+                }
+            }
+            if let Some(events) = &events {
+                for e in &batch {
+                    if let Err(err) = events.alert(e) {
+                        tracing::error!(error = %err, alert_id = %e.alert.alert_id, "alert event not queued for Kafka");
+                    }
                 }
             }
             if let Some(log) = &mut log {
@@ -111,6 +121,14 @@ fn start_sinks(
                 for batch in rx {
                     for r in &batch.rejects {
                         dlq.write(r).context("writing the dead-letter output")?;
+                        if let Some((events, names)) = &kafka {
+                            let source = names
+                                .get(r.source as usize)
+                                .map_or("unknown", String::as_str);
+                            if let Err(err) = events.dead_letter(r, source) {
+                                tracing::error!(error = %err, "dead letter not queued for Kafka");
+                            }
+                        }
                     }
                     dlq.flush().context("flushing the dead-letter output")?;
                     if let Some(ack) = batch.ack {
@@ -323,11 +341,27 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         .api
         .enabled
         .then(|| tokio::sync::broadcast::channel(16_384).0);
+    let kafka = match &config.kafka {
+        Some(k) => {
+            let events = EventPublisher::new(k).context("creating the Kafka producer")?;
+            let names = config
+                .sources
+                .iter()
+                .map(|s| match s {
+                    SourceConfig::Simulator(_) => "simulator".to_string(),
+                    SourceConfig::Mqtt(_) => "mqtt".to_string(),
+                })
+                .collect();
+            Some((Arc::new(events), names))
+        }
+        None => None,
+    };
     let (mut outputs, sinks) = start_sinks(
         Some(&config.alert_log),
         Some(&config.dead_letter),
         storage,
         bus.clone(),
+        kafka.clone(),
     )?;
     // Screens want each patient's latest vitals: gathered only when the API is on.
     outputs.latest = bus.is_some().then(Default::default);
@@ -404,6 +438,11 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     let metrics = engine.metrics.clone();
     engine.join(EndOfInput::KeepOpen);
     sinks.join()?;
+    if let Some((events, _)) = &kafka
+        && let Err(e) = events.flush(Duration::from_secs(10))
+    {
+        tracing::error!(error = %e, "Kafka events not all delivered at shutdown");
+    }
     let snapshot = metrics.snapshot();
     tracing::info!(
         accepted = snapshot.accepted,
@@ -457,6 +496,7 @@ pub fn replay(input: impl Read, options: ReplayOptions) -> anyhow::Result<Replay
         options.alerts.as_ref(),
         options.rejects.as_ref(),
         storage,
+        None,
         None,
     )?;
     let rule_ids: Vec<String> = options

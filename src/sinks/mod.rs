@@ -5,9 +5,11 @@
 //!   writer ([`parquet`]) and the TimescaleDB / PostgreSQL writer ([`postgres`]).
 //! - [`alert_log`] writes alert transitions as NDJSON (stdout or a file).
 //! - [`dead_letter`] writes rejected frames, original bytes included, as NDJSON.
+//! - [`events`] publishes domain events and dead letters to Kafka.
 
 pub mod alert_log;
 pub mod dead_letter;
+pub mod events;
 pub mod parquet;
 pub mod postgres;
 

@@ -1,0 +1,243 @@
+//! Domain events and dead letters on Kafka, in the platform's conventions.
+//!
+//! Alert transitions go to `alert.events` as `alert.raised`, `alert.acknowledged`,
+//! `alert.resolved`, each in the platform envelope
+//! `{event_id, event_type, event_version: "1.0", timestamp, source_service: "vitalstream",
+//! correlation_id, user_id?, data, metadata?}`, with headers `event-type`, `event-version`,
+//! `correlation-id`, keyed by patient id (the device id when there is no patient). Rejected
+//! frames go to `vitals.dlq` with their original bytes and headers naming the reason and the
+//! source.
+//!
+//! The producer is idempotent with `acks=all`, lz4-compressed and batched; librdkafka retries
+//! a failed delivery until `delivery_timeout`, and a final failure is counted and logged —
+//! never ignored.
+
+use crate::alerts::{AlertEvent, Transition};
+use crate::model::Rejected;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// `[kafka]` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port,host:port`.
+    pub brokers: String,
+    pub client_id: String,
+    pub alert_topic: String,
+    pub device_topic: String,
+    pub dlq_topic: String,
+    /// `lz4`, `zstd` is not built in; `none` to turn compression off.
+    pub compression: String,
+    /// How long the producer waits to fill a batch.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// How long librdkafka retries a delivery before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "vitalstream".into(),
+            alert_topic: "alert.events".into(),
+            device_topic: "device.events".into(),
+            dlq_topic: "vitals.dlq".into(),
+            compression: "lz4".into(),
+            linger: Duration::from_millis(5),
+            delivery_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Delivery outcomes, counted by the producer's background thread.
+#[derive(Debug, Default)]
+pub struct KafkaMetrics {
+    pub delivered: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+struct Context {
+    metrics: Arc<KafkaMetrics>,
+}
+
+impl ClientContext for Context {}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.metrics.delivered.fetch_add(1, Relaxed);
+            }
+            Err((e, message)) => {
+                self.metrics.failed.fetch_add(1, Relaxed);
+                tracing::error!(topic = message.topic(), error = %e, "Kafka delivery failed after retries");
+            }
+        }
+    }
+}
+
+/// Publishes domain events and dead letters.
+pub struct EventPublisher {
+    producer: ThreadedProducer<Context>,
+    config: KafkaConfig,
+    pub metrics: Arc<KafkaMetrics>,
+}
+
+fn new_event_id() -> String {
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    // A version 4 UUID.
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// The event type and the envelope of an alert transition.
+pub fn alert_envelope(e: &AlertEvent) -> (&'static str, serde_json::Value) {
+    let (event_type, user) = match e.event {
+        Transition::Raised => ("alert.raised", None),
+        Transition::Acknowledged => ("alert.acknowledged", e.alert.acknowledged_by.clone()),
+        Transition::Resolved => ("alert.resolved", e.alert.resolved_by.clone()),
+    };
+    let mut envelope = json!({
+        "event_id": new_event_id(),
+        "event_type": event_type,
+        "event_version": "1.0",
+        "timestamp": rfc3339(e.at),
+        "source_service": "vitalstream",
+        "correlation_id": e.alert.trigger.correlation_id.to_string(),
+        "data": &e.alert,
+        "metadata": {
+            "alert_id": e.alert.alert_id,
+            "rule_id": &*e.alert.rule_id,
+            "priority": crate::sinks::postgres::write::priority_name(e.alert.priority),
+        },
+    });
+    if let Some(user) = user {
+        envelope["user_id"] = json!(user);
+    }
+    (event_type, envelope)
+}
+
+impl EventPublisher {
+    pub fn new(config: &KafkaConfig) -> Result<EventPublisher, KafkaError> {
+        let metrics = Arc::new(KafkaMetrics::default());
+        let producer: ThreadedProducer<Context> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("client.id", &config.client_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &config.compression)
+            .set("linger.ms", config.linger.as_millis().to_string())
+            .set(
+                "delivery.timeout.ms",
+                config.delivery_timeout.as_millis().to_string(),
+            )
+            .create_with_context(Context {
+                metrics: metrics.clone(),
+            })?;
+        Ok(EventPublisher {
+            producer,
+            config: config.clone(),
+            metrics,
+        })
+    }
+
+    /// Queues a record; when librdkafka's queue is full, waits for room (backpressure)
+    /// rather than dropping.
+    fn send(&self, mut record: BaseRecord<'_, str, [u8], ()>) -> Result<(), KafkaError> {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Publishes an alert transition to the alert topic.
+    pub fn alert(&self, e: &AlertEvent) -> Result<(), KafkaError> {
+        let (event_type, envelope) = alert_envelope(e);
+        let body = envelope.to_string();
+        let key = e
+            .alert
+            .patient_id
+            .as_deref()
+            .unwrap_or(e.alert.trigger.device_id.as_str());
+        let correlation = e.alert.trigger.correlation_id.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "event-type",
+                value: Some(event_type),
+            })
+            .insert(Header {
+                key: "event-version",
+                value: Some("1.0"),
+            })
+            .insert(Header {
+                key: "correlation-id",
+                value: Some(correlation.as_str()),
+            });
+        self.send(
+            BaseRecord::to(&self.config.alert_topic)
+                .key(key)
+                .payload(body.as_bytes())
+                .headers(headers),
+        )
+    }
+
+    /// Publishes a rejected frame, original bytes as the payload, to the dead-letter topic.
+    pub fn dead_letter(&self, r: &Rejected, source: &str) -> Result<(), KafkaError> {
+        let reason = r.reason.to_string();
+        let received = r.received_us.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "dlq-reason",
+                value: Some(reason.as_str()),
+            })
+            .insert(Header {
+                key: "dlq-source",
+                value: Some(source),
+            })
+            .insert(Header {
+                key: "dlq-received-us",
+                value: Some(received.as_str()),
+            });
+        self.send(
+            BaseRecord::to(&self.config.dlq_topic)
+                .payload(&r.payload[..])
+                .headers(headers),
+        )
+    }
+
+    /// Waits until everything queued is delivered (or `timeout`).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+}
