@@ -302,6 +302,15 @@ mod tests {
     }
 
     #[test]
+    fn the_production_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/production.example.toml");
+        let c = Config::load_with(Some(&path), &[]).unwrap();
+        assert!(matches!(&c.storage, Some(StorageConfig::Postgres(p)) if p.connections == 4));
+        assert_eq!(c.kafka.unwrap().alert_topic, "alert.events");
+        assert!(!c.api.dev_token && c.api.redis_url.is_some());
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
