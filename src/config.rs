@@ -74,6 +74,8 @@ pub enum SourceConfig {
     Simulator(SimulatorConfig),
     /// Devices publishing to `devices/{id}/vitals` on an MQTT broker.
     Mqtt(MqttConfig),
+    /// Readings on Kafka topics (`vitals.raw`, keyed by device id), in a consumer group.
+    Kafka(crate::sources::kafka::KafkaSourceConfig),
 }
 
 /// Storage back ends; one is chosen with `type`.
@@ -145,6 +147,7 @@ impl Config {
             let (kind, found) = match source {
                 SourceConfig::Simulator(sim) => ("simulator", sim.validate()),
                 SourceConfig::Mqtt(mqtt) => ("mqtt", mqtt.validate()),
+                SourceConfig::Kafka(kafka) => ("kafka", kafka.validate()),
             };
             problems.extend(
                 found

@@ -350,6 +350,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
                 .map(|s| match s {
                     SourceConfig::Simulator(_) => "simulator".to_string(),
                     SourceConfig::Mqtt(_) => "mqtt".to_string(),
+                    SourceConfig::Kafka(_) => "kafka".to_string(),
                 })
                 .collect();
             Some((Arc::new(events), names))
@@ -392,6 +393,19 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
                         readings = stats.readings,
                         episodes = stats.episodes,
                         "simulator stopped"
+                    );
+                }));
+            }
+            SourceConfig::Kafka(k) => {
+                let source = crate::sources::kafka::KafkaSource::new(k)
+                    .context("creating the Kafka consumer")?;
+                let (handle, stop) = (engine.source(ClockMode::Live), stop.clone());
+                sources.push(spawn_source("kafka", move || {
+                    let stats = source.run(handle, &stop);
+                    tracing::info!(
+                        records = stats.records,
+                        commits = stats.commits,
+                        "Kafka source stopped"
                     );
                 }));
             }

@@ -172,3 +172,106 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
     drop(source);
     h.finish();
 }
+
+/// Readings consumed from `vitals.raw` reach the engine (and raise alerts); offsets are
+/// committed only once the batches carrying them are durable.
+#[test]
+fn offsets_are_committed_only_behind_durable_readings() {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::{Offset, TopicPartitionList};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
+
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("vitals.raw", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let t0 = now_millis() - 60_000;
+    let total = 200;
+    for i in 0..total {
+        let device = format!("bed-{}", i % 4);
+        let hr = if i == 100 { 150 } else { 70 };
+        let payload = format!(
+            r#"{{"device_id":"{device}","ts":{},"seq":{i},"hr":{hr}}}"#,
+            t0 + i as i64 * 100
+        );
+        producer
+            .send(
+                BaseRecord::to("vitals.raw")
+                    .key(device.as_str())
+                    .payload(payload.as_bytes()),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let mut h = Harness::start(&common::config(), rules(HR_RULE));
+    let config = KafkaSourceConfig {
+        brokers: brokers.clone(),
+        group_id: "rule-nodes".into(),
+        batch_size: 50,
+        ..KafkaSourceConfig::default()
+    };
+    let source = KafkaSource::new(&config).unwrap();
+    let handle = h.engine.source(vitalstream::model::ClockMode::Live);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || source.run(handle, &stop))
+    };
+    // Hold every batch: nothing is durable yet.
+    let mut held = Vec::new();
+    let mut readings = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readings < total && Instant::now() < deadline {
+        if let Ok(b) = h.readings.recv_timeout(Duration::from_millis(100)) {
+            readings += b.readings.len();
+            held.push(b);
+        }
+    }
+    assert_eq!(readings, total);
+    let alert = h.alerts.recv_timeout(WAIT).expect("hr 150 raises");
+    assert_eq!(alert.alert.trigger.device_id.as_str(), "bed-0");
+
+    let committed = || -> i64 {
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "rule-nodes")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("vitals.raw", 0);
+        tpl.add_partition("vitals.raw", 1);
+        let got = probe
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .unwrap();
+        got.elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(committed(), 0, "nothing durable, nothing committed");
+    for b in held {
+        if let Some(ack) = b.ack {
+            ack.done();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while committed() < total as i64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(committed(), total as i64, "every durable record committed");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let stats = runner.join().unwrap();
+    assert_eq!(stats.records, total as u64);
+    h.finish();
+}

@@ -5,6 +5,7 @@
 //! - [`simulator`]: synthetic bedside devices with seeded anomaly episodes.
 //! - [`mqtt`]: devices publishing to `devices/{id}/vitals` on an MQTT broker.
 
+pub mod kafka;
 pub mod mqtt;
 pub mod replay;
 pub mod simulator;
