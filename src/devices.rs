@@ -23,20 +23,81 @@ pub enum Change {
     WentOffline,
 }
 
+/// A change other services hear about (`device.events` on Kafka).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceEvent {
+    Online {
+        device_id: Id,
+        at: Millis,
+    },
+    Offline {
+        device_id: Id,
+        at: Millis,
+    },
+    /// Assigned to a patient, or released (`patient_id: None`).
+    Assigned {
+        device_id: Id,
+        patient_id: Option<Id>,
+        by: String,
+        at: Millis,
+    },
+}
+
 #[derive(Debug, Default)]
 pub struct DeviceRegistry {
     devices: DashMap<Id, DeviceStatus>,
+    /// Where changes go, once someone listens.
+    listener: std::sync::OnceLock<crossbeam_channel::Sender<DeviceEvent>>,
 }
 
 impl DeviceRegistry {
+    /// Changes from now on; only the first caller gets them.
+    pub fn listen(&self) -> Option<crossbeam_channel::Receiver<DeviceEvent>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.listener.set(tx).ok().map(|()| rx)
+    }
+
+    fn emit(&self, event: DeviceEvent) {
+        if let Some(tx) = self.listener.get() {
+            let _ = tx.send(event);
+        }
+    }
+
+    fn emit_change(&self, device: &str, change: Change, now: Millis) -> Change {
+        match change {
+            Change::CameOnline => self.emit(DeviceEvent::Online {
+                device_id: device.into(),
+                at: now,
+            }),
+            Change::WentOffline => self.emit(DeviceEvent::Offline {
+                device_id: device.into(),
+                at: now,
+            }),
+            Change::Unchanged => {}
+        }
+        change
+    }
+
+    /// A device was assigned to a patient (or released): tells the listener.
+    pub fn assigned(&self, device: &str, patient: Option<&str>, by: &str, now: Millis) {
+        self.emit(DeviceEvent::Assigned {
+            device_id: device.into(),
+            patient_id: patient.map(Id::from),
+            by: by.to_string(),
+            at: now,
+        });
+    }
+
     /// The device was heard from: it is online.
     pub fn seen(&self, device: &str, now: Millis) -> Change {
-        self.set(device, true, now, true)
+        let change = self.set(device, true, now, true);
+        self.emit_change(device, change, now)
     }
 
     /// The device announced its status (a status message or its last will).
     pub fn announce(&self, device: &str, online: bool, now: Millis) -> Change {
-        self.set(device, online, now, online)
+        let change = self.set(device, online, now, online);
+        self.emit_change(device, change, now)
     }
 
     fn set(&self, device: &str, online: bool, now: Millis, heard: bool) -> Change {
@@ -79,6 +140,12 @@ impl DeviceRegistry {
                 entry.changed_at = now;
                 gone.push(entry.key().clone());
             }
+        }
+        for device in &gone {
+            self.emit(DeviceEvent::Offline {
+                device_id: device.clone(),
+                at: now,
+            });
         }
         gone
     }

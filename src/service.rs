@@ -367,6 +367,17 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     // Screens want each patient's latest vitals: gathered only when the API is on.
     outputs.latest = bus.is_some().then(Default::default);
     let mut engine = Engine::start(&config.engine, rules, outputs);
+    // Device changes to Kafka (device.events).
+    let device_events = kafka.as_ref().and_then(|(events, _)| {
+        let (events, changes) = (events.clone(), engine.devices.listen()?);
+        Some(spawn_source("device-events", move || {
+            for change in changes {
+                if let Err(e) = events.device(&change) {
+                    tracing::error!(error = %e, "device event not queued for Kafka");
+                }
+            }
+        }))
+    });
     // MQTT connections are made first: the API sends device commands through the first.
     let mut mqtt_sources: Vec<mqtt::MqttSource> = config
         .sources
@@ -450,6 +461,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         api.stop();
     }
     let metrics = engine.metrics.clone();
+    drop(device_events);
     engine.join(EndOfInput::KeepOpen);
     sinks.join()?;
     if let Some((events, _)) = &kafka

@@ -61,6 +61,7 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("alert.events", 3, 1).unwrap();
     cluster.create_topic("vitals.dlq", 1, 1).unwrap();
+    cluster.create_topic("device.events", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
     let events = EventPublisher::new(&KafkaConfig {
         brokers: brokers.clone(),
@@ -97,6 +98,15 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
     let rejects = h.rejects.recv_timeout(WAIT).unwrap();
     for r in &rejects.rejects {
         events.dead_letter(r, "replay").unwrap();
+    }
+    // Device changes, as the registry reports them.
+    let changes = h.engine.devices.listen().unwrap();
+    h.engine.devices.seen("bed-k", now_millis());
+    h.engine
+        .devices
+        .assigned("bed-k", Some("pat-k"), "nurse-k", now_millis());
+    for change in changes.try_iter() {
+        events.device(&change).unwrap();
     }
     events.flush(Duration::from_secs(10)).unwrap();
     assert_eq!(
@@ -163,6 +173,23 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
         types,
         ["alert.acknowledged", "alert.raised", "alert.resolved"]
     );
+
+    let devices = consume(&brokers, "device.events", 2);
+    let kinds: Vec<(String, Option<String>)> = devices
+        .iter()
+        .map(|m| (m.headers["event-type"].clone(), m.key.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("device.online".to_string(), Some("bed-k".to_string())),
+            ("device.assigned".to_string(), Some("pat-k".to_string()))
+        ]
+    );
+    let assigned: Value = serde_json::from_slice(&devices[1].payload).unwrap();
+    assert_eq!(assigned["data"]["patient_id"], "pat-k");
+    assert_eq!(assigned["user_id"], "nurse-k");
+    assert_eq!(assigned["event_version"], "1.0");
 
     let dlq = consume(&brokers, "vitals.dlq", 1);
     assert_eq!(dlq.len(), 1);

@@ -542,6 +542,10 @@ async fn release_device(
             .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
     }
     state.engine.assignments.unassign(&id);
+    state
+        .engine
+        .devices
+        .assigned(&id, None, &auth.0.sub, crate::model::now_millis());
     Ok(Reply::ok(
         "device released",
         json!({ "device_id": id, "patient_id": patient }),

@@ -6,13 +6,15 @@
 //! correlation_id, user_id?, data, metadata?}`, with headers `event-type`, `event-version`,
 //! `correlation-id`, keyed by patient id (the device id when there is no patient). Rejected
 //! frames go to `vitals.dlq` with their original bytes and headers naming the reason and the
-//! source.
+//! source. Device changes go to `device.events` as `device.online`, `device.offline` and
+//! `device.assigned`.
 //!
 //! The producer is idempotent with `acks=all`, lz4-compressed and batched; librdkafka retries
 //! a failed delivery until `delivery_timeout`, and a final failure is counted and logged —
 //! never ignored.
 
 use crate::alerts::{AlertEvent, Transition};
+use crate::devices::DeviceEvent;
 use crate::model::Rejected;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -206,6 +208,64 @@ impl EventPublisher {
             });
         self.send(
             BaseRecord::to(&self.config.alert_topic)
+                .key(key)
+                .payload(body.as_bytes())
+                .headers(headers),
+        )
+    }
+
+    /// Publishes a device change to the device topic, keyed by patient (assignments) or
+    /// device.
+    pub fn device(&self, e: &DeviceEvent) -> Result<(), KafkaError> {
+        let (event_type, device, patient, user, at) = match e {
+            DeviceEvent::Online { device_id, at } => ("device.online", device_id, None, None, *at),
+            DeviceEvent::Offline { device_id, at } => {
+                ("device.offline", device_id, None, None, *at)
+            }
+            DeviceEvent::Assigned {
+                device_id,
+                patient_id,
+                by,
+                at,
+            } => (
+                "device.assigned",
+                device_id,
+                patient_id.as_ref(),
+                Some(by),
+                *at,
+            ),
+        };
+        let event_id = new_event_id();
+        let mut envelope = json!({
+            "event_id": event_id,
+            "event_type": event_type,
+            "event_version": "1.0",
+            "timestamp": rfc3339(at),
+            "source_service": "vitalstream",
+            // A device change starts its own chain of events.
+            "correlation_id": event_id,
+            "data": { "device_id": device, "patient_id": patient },
+        });
+        if let Some(user) = user {
+            envelope["user_id"] = json!(user);
+        }
+        let body = envelope.to_string();
+        let key = patient.unwrap_or(device).as_str();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "event-type",
+                value: Some(event_type),
+            })
+            .insert(Header {
+                key: "event-version",
+                value: Some("1.0"),
+            })
+            .insert(Header {
+                key: "correlation-id",
+                value: Some(event_id.as_str()),
+            });
+        self.send(
+            BaseRecord::to(&self.config.device_topic)
                 .key(key)
                 .payload(body.as_bytes())
                 .headers(headers),
