@@ -35,6 +35,30 @@ pub enum Transition {
     Resolved,
 }
 
+// The same names the JSON outputs use (`#[serde(rename_all = "lowercase")]`), for the
+// outputs that are not JSON (Parquet, SQL, query filters).
+
+impl AlertState {
+    pub const fn name(self) -> &'static str {
+        match self {
+            AlertState::Pending => "pending",
+            AlertState::Firing => "firing",
+            AlertState::Acknowledged => "acknowledged",
+            AlertState::Resolved => "resolved",
+        }
+    }
+}
+
+impl Transition {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Transition::Raised => "raised",
+            Transition::Acknowledged => "acknowledged",
+            Transition::Resolved => "resolved",
+        }
+    }
+}
+
 /// One alert, as clinicians and other services see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Alert {

@@ -160,9 +160,9 @@ impl Gatherer {
         }
     }
 
-    /// Publishes when a second has passed since the last time (or always, with `force`).
-    pub(crate) fn maybe_publish(&mut self, now_ms: Millis, force: bool) {
-        if force || now_ms - self.last_publish >= 1000 {
+    /// Publishes when a second has passed since the last time.
+    pub(crate) fn maybe_publish(&mut self, now_ms: Millis) {
+        if now_ms - self.last_publish >= 1000 {
             self.shared.publish(&mut self.pending);
             self.last_publish = now_ms;
         }
@@ -202,16 +202,16 @@ mod tests {
             &p,
             &sample("monitor", 1_000, &[(Vital::Hr, 80.0), (Vital::Spo2, 97.0)]),
         );
-        g.maybe_publish(5_000, false);
+        g.maybe_publish(5_000);
         let v1 = shared.version();
         g.add(&p, &sample("oximeter", 2_000, &[(Vital::Spo2, 91.0)]));
-        g.maybe_publish(5_500, false);
+        g.maybe_publish(5_500);
         assert_eq!(
             shared.get("p1").unwrap().spo2,
             Some(97.0),
             "not yet: under a second"
         );
-        g.maybe_publish(6_000, false);
+        g.maybe_publish(6_000);
         let got = shared.get("p1").unwrap();
         assert_eq!(
             (got.hr, got.spo2, got.ts, got.device_id.as_str()),
@@ -225,7 +225,7 @@ mod tests {
             &p,
             &sample("monitor", 1_500, &[(Vital::Spo2, 99.0), (Vital::Rr, 14.0)]),
         );
-        other.maybe_publish(7_000, true);
+        other.maybe_publish(7_000);
         let got = shared.get("p1").unwrap();
         assert_eq!(
             (got.spo2, got.rr, got.ts, got.device_id.as_str()),

@@ -31,12 +31,8 @@ fn api(h: &Harness, config: ApiConfig) -> Api {
 }
 
 fn token(api: &Api, role: Role, patients: Option<&[&str]>) -> String {
-    api.state.keys.sign(&Claims {
-        sub: format!("{role:?}-user").to_lowercase(),
-        role,
-        patients: patients.map(|p| p.iter().map(|s| s.to_string()).collect()),
-        exp: (now_millis() / 1000 + 600) as u64,
-    })
+    let sub = format!("{role:?}-user").to_lowercase();
+    common::server::token(&api.state, &sub, role, patients)
 }
 
 struct Answer {
@@ -480,23 +476,8 @@ fn health_readiness_and_metrics_over_a_real_socket() {
         ..ApiConfig::default()
     };
     let state = ApiState::new(&config, h.engine.control(), Some(storage));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(vitalstream::api::serve(
-        listener,
-        router(&config, state),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let server = common::server::Server::start_rest(&config, state);
+    let addr = server.addr;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -522,8 +503,7 @@ fn health_readiness_and_metrics_over_a_real_socket() {
     ] {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
-    let _ = stop.send(());
-    rt.block_on(server).unwrap().unwrap();
+    server.stop();
     h.finish();
 }
 

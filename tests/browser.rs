@@ -4,14 +4,15 @@
 
 mod common;
 
+use common::server::{Server, token};
 use common::{HR_RULE, WAIT, reading, rules};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use vitalstream::alerts::{AlertState, Transition};
-use vitalstream::api::auth::{Claims, Role};
-use vitalstream::api::{ApiConfig, ApiState, app, serve};
+use vitalstream::api::auth::Role;
+use vitalstream::api::{ApiConfig, ApiState};
 use vitalstream::engine::{EndOfInput, Engine, Outputs};
 use vitalstream::model::{ClockMode, now_millis};
 
@@ -28,26 +29,8 @@ fn a_live_alert_appears_on_the_page_and_its_button_acknowledges_it() {
     let config = ApiConfig::default();
     let (bus, _) = tokio::sync::broadcast::channel(1024);
     let state = ApiState::with_bus(&config, engine.control(), None, Some(bus.clone()));
-    let token = state.keys.sign(&Claims {
-        sub: "charge-nurse".into(),
-        role: Role::Clinician,
-        patients: None,
-        exp: (now_millis() / 1000 + 600) as u64,
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = rt.block_on(app(&config, state)).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(serve(listener, router, async {
-        let _ = stopped.await;
-    }));
+    let token = token(&state, "charge-nurse", Role::Clinician, None);
+    let server = Server::start(&config, state);
     let (seen_tx, seen) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
         for e in alerts {
@@ -66,7 +49,7 @@ fn a_live_alert_appears_on_the_page_and_its_button_acknowledges_it() {
     let mut browser = Command::new("node")
         .arg("page.mjs")
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser"))
-        .env("VS_PAGE", format!("http://{addr}/?token={token}"))
+        .env("VS_PAGE", format!("{}/?token={token}", server.url()))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -118,8 +101,6 @@ fn a_live_alert_appears_on_the_page_and_its_button_acknowledges_it() {
     );
 
     drop(source);
-    let _ = stop.send(());
-    rt.block_on(server).unwrap().unwrap();
-    drop(rt);
+    server.stop();
     engine.join(EndOfInput::KeepOpen);
 }

@@ -548,7 +548,7 @@ fn vitals_come_back_in_buckets_and_alerts_by_patient_state_and_time() {
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
-    use vitalstream::api::auth::{Claims, Role};
+    use vitalstream::api::auth::Role;
     use vitalstream::api::{ApiConfig, ApiState, router};
     let other = Harness::start(&common::config(), rules(HR_RULE));
     let api_config = ApiConfig::default();
@@ -558,12 +558,7 @@ fn vitals_come_back_in_buckets_and_alerts_by_patient_state_and_time() {
         Some(config(&db, spool.path())),
     );
     let app = router(&api_config, state.clone());
-    let token = state.keys.sign(&Claims {
-        sub: "nurse".into(),
-        role: Role::Clinician,
-        patients: Some(vec!["p1".into()]),
-        exp: (now_millis() / 1000 + 600) as u64,
-    });
+    let token = common::server::token(&state, "nurse", Role::Clinician, Some(&["p1"]));
     let get = |uri: String| {
         let req = Request::get(uri)
             .header("authorization", format!("Bearer {token}"))
@@ -759,7 +754,7 @@ fn rules_changed_through_the_api_survive_a_restart() {
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
-    use vitalstream::api::auth::{Claims, Role};
+    use vitalstream::api::auth::Role;
     use vitalstream::api::{ApiConfig, ApiState, router};
 
     let db = TestDb::create();
@@ -770,12 +765,7 @@ fn rules_changed_through_the_api_survive_a_restart() {
     let storage = config(&db, spool.path());
     let state = ApiState::new(&api_config, h.engine.control(), Some(storage));
     let app = router(&api_config, state.clone());
-    let token = state.keys.sign(&Claims {
-        sub: "ana".into(),
-        role: Role::Analyst,
-        patients: None,
-        exp: (now_millis() / 1000 + 600) as u64,
-    });
+    let token = common::server::token(&state, "ana", Role::Analyst, None);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

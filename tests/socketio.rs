@@ -4,14 +4,15 @@
 
 mod common;
 
+use common::server::{Server, token};
 use common::{HR_RULE, Harness, WAIT, reading, rules};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use vitalstream::alerts::{AlertState, Transition};
-use vitalstream::api::auth::{Claims, Role};
-use vitalstream::api::{ApiConfig, ApiState, app, serve};
+use vitalstream::api::auth::Role;
+use vitalstream::api::{ApiConfig, ApiState};
 use vitalstream::model::now_millis;
 
 #[test]
@@ -20,32 +21,10 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
     let config = ApiConfig::default();
     let (bus, _) = tokio::sync::broadcast::channel(1024);
     let state = ApiState::with_bus(&config, h.engine.control(), None, Some(bus.clone()));
-    let token = state.keys.sign(&Claims {
-        sub: "nurse-7".into(),
-        role: Role::Clinician,
-        patients: Some(vec!["p1".into()]),
-        exp: (now_millis() / 1000 + 600) as u64,
-    });
-    let service = state.keys.sign(&Claims {
-        sub: "reports".into(),
-        role: Role::Service,
-        patients: None,
-        exp: (now_millis() / 1000 + 600) as u64,
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = rt.block_on(app(&config, state)).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(serve(listener, router, async {
-        let _ = stopped.await;
-    }));
+    let service = token(&state, "reports", Role::Service, None);
+    let token = token(&state, "nurse-7", Role::Clinician, Some(&["p1"]));
+    let server = Server::start(&config, state);
+    let addr = server.addr;
     // What the service's alert sink does: every transition onto the bus.
     let alerts = h.alerts.clone();
     let (seen_tx, seen) = crossbeam_channel::unbounded();
@@ -181,9 +160,7 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
     );
 
     drop(source);
-    let _ = stop.send(());
-    rt.block_on(server).unwrap().unwrap();
-    drop(rt);
+    server.stop();
     h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
     // The relay ends when the last alert sender is gone; it holds nothing the test needs.
     drop(relay);
@@ -198,39 +175,14 @@ fn an_alert_raised_on_one_instance_reaches_a_client_of_another_through_redis() {
         redis_url: Some("redis://127.0.0.1:6379".into()),
         ..ApiConfig::default()
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     // Instance 1: the client's. Its bus stays silent.
     let (quiet, _) = tokio::sync::broadcast::channel(16);
     let one = ApiState::with_bus(&config, h.engine.control(), None, Some(quiet));
     // Instance 2: where the alert is raised.
     let (bus, _) = tokio::sync::broadcast::channel(1024);
     let two = ApiState::with_bus(&config, h.engine.control(), None, Some(bus.clone()));
-    let token = one.keys.sign(&Claims {
-        sub: "nurse-remote".into(),
-        role: Role::Clinician,
-        patients: Some(vec!["p-redis".into()]),
-        exp: (now_millis() / 1000 + 600) as u64,
-    });
-    let mut stops = Vec::new();
-    let mut addrs = Vec::new();
-    for state in [one, two] {
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        addrs.push(listener.local_addr().unwrap());
-        let router = rt
-            .block_on(app(&config, state))
-            .expect("Redis on 127.0.0.1:6379");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        rt.spawn(serve(listener, router, async {
-            let _ = stopped.await;
-        }));
-        stops.push(stop);
-    }
+    let token = token(&one, "nurse-remote", Role::Clinician, Some(&["p-redis"]));
+    let servers = [Server::start(&config, one), Server::start(&config, two)];
     let alerts = h.alerts.clone();
     std::thread::spawn(move || {
         for e in alerts {
@@ -241,7 +193,7 @@ fn an_alert_raised_on_one_instance_reaches_a_client_of_another_through_redis() {
     let mut node = Command::new("node")
         .arg("listen.mjs")
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/socketio"))
-        .env("VS_URL", format!("http://{}", addrs[0]))
+        .env("VS_URL", servers[0].url())
         .env("VS_TOKEN", &token)
         .env("VS_PATIENT", "p-redis")
         .stdout(Stdio::piped())
@@ -266,10 +218,9 @@ fn an_alert_raised_on_one_instance_reaches_a_client_of_another_through_redis() {
         .unwrap_or_else(|| panic!("{steps:#?}"));
     assert_eq!(got["event"]["patient_id"], "p-redis");
     drop(source);
-    for stop in stops {
-        let _ = stop.send(());
+    for server in servers {
+        server.stop();
     }
-    drop(rt);
     h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
 }
 
@@ -286,30 +237,12 @@ fn a_patients_room_gets_its_latest_vitals() {
     let mut engine = vitalstream::engine::Engine::start(&common::config(), rules(HR_RULE), outputs);
     let config = ApiConfig::default();
     let state = ApiState::new(&config, engine.control(), None);
-    let token = state.keys.sign(&Claims {
-        sub: "nurse-v".into(),
-        role: Role::Clinician,
-        patients: Some(vec!["p5".into()]),
-        exp: (now_millis() / 1000 + 600) as u64,
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = rt.block_on(app(&config, state)).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    rt.spawn(serve(listener, router, async {
-        let _ = stopped.await;
-    }));
+    let token = token(&state, "nurse-v", Role::Clinician, Some(&["p5"]));
+    let server = Server::start(&config, state);
     let mut node = Command::new("node")
         .arg("listen.mjs")
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/socketio"))
-        .env("VS_URL", format!("http://{addr}"))
+        .env("VS_URL", server.url())
         .env("VS_TOKEN", &token)
         .env("VS_PATIENT", "p5")
         .env("VS_EVENT", "vitals:update")
@@ -348,7 +281,6 @@ fn a_patients_room_gets_its_latest_vitals() {
         (Some("p5"), Some(72.0), Some(95.0), Some("ox-5"))
     );
     drop(source);
-    let _ = stop.send(());
-    drop(rt);
+    server.stop();
     engine.join(vitalstream::engine::EndOfInput::KeepOpen);
 }

@@ -4,7 +4,7 @@
 use super::ApiState;
 use super::auth::{Auth, Role};
 use super::envelope::{ApiError, Reply};
-use crate::alerts::{Alert, AlertState, LifecycleError};
+use crate::alerts::{Alert, LifecycleError};
 use crate::rules::{self, RuleSpec};
 use crate::sinks::postgres::query::AlertQuery;
 use axum::Json;
@@ -231,15 +231,6 @@ struct AlertFilter {
     limit: Option<usize>,
 }
 
-fn state_name(s: AlertState) -> &'static str {
-    match s {
-        AlertState::Pending => "pending",
-        AlertState::Firing => "firing",
-        AlertState::Acknowledged => "acknowledged",
-        AlertState::Resolved => "resolved",
-    }
-}
-
 /// Active alerts from the engine; resolved ones from storage when it is PostgreSQL.
 async fn list_alerts(
     auth: Auth,
@@ -272,12 +263,8 @@ async fn list_alerts(
                 .as_deref()
                 .is_none_or(|p| a.patient_id.as_deref() == Some(p))
         })
-        .filter(|a| f.status.as_deref().is_none_or(|s| state_name(a.state) == s))
-        .filter(|a| {
-            f.priority
-                .as_deref()
-                .is_none_or(|p| crate::sinks::postgres::write::priority_name(a.priority) == p)
-        })
+        .filter(|a| f.status.as_deref().is_none_or(|s| a.state.name() == s))
+        .filter(|a| f.priority.as_deref().is_none_or(|p| a.priority.name() == p))
         .filter(|a| {
             f.since
                 .is_none_or(|t| a.raised_at.or(a.pending_at).is_some_and(|r| r >= t))

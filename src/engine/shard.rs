@@ -194,7 +194,7 @@ impl Shard {
                     self.refresh_rules();
                     let keep = self.process(samples, now_ms);
                     if let Some(latest) = &mut self.latest {
-                        latest.maybe_publish(now_ms, false);
+                        latest.maybe_publish(now_ms);
                     }
                     self.advance(watermark);
                     self.maintain(now_ms);

@@ -26,6 +26,17 @@ pub enum Priority {
     High,
 }
 
+impl Priority {
+    /// The name in pipelines and outputs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Medium => "medium",
+            Priority::High => "high",
+        }
+    }
+}
+
 /// A rule as written in a pipeline file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -117,31 +117,37 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// The event type and the envelope of an alert transition.
-pub fn alert_envelope(e: &AlertEvent) -> (&'static str, serde_json::Value) {
-    let (event_type, user) = match e.event {
-        Transition::Raised => ("alert.raised", None),
-        Transition::Acknowledged => ("alert.acknowledged", e.alert.acknowledged_by.clone()),
-        Transition::Resolved => ("alert.resolved", e.alert.resolved_by.clone()),
-    };
-    let mut envelope = json!({
-        "event_id": new_event_id(),
-        "event_type": event_type,
-        "event_version": "1.0",
-        "timestamp": rfc3339(e.at),
-        "source_service": "vitalstream",
-        "correlation_id": e.alert.trigger.correlation_id.to_string(),
-        "data": &e.alert,
-        "metadata": {
-            "alert_id": e.alert.alert_id,
-            "rule_id": &*e.alert.rule_id,
-            "priority": crate::sinks::postgres::write::priority_name(e.alert.priority),
-        },
-    });
-    if let Some(user) = user {
-        envelope["user_id"] = json!(user);
+/// A domain event, before it is put in the platform envelope.
+struct DomainEvent {
+    event_id: String,
+    event_type: &'static str,
+    at: i64,
+    correlation_id: String,
+    /// The person who caused it, if one did.
+    user_id: Option<String>,
+    data: serde_json::Value,
+    metadata: Option<serde_json::Value>,
+}
+
+impl DomainEvent {
+    fn envelope(&self) -> serde_json::Value {
+        let mut envelope = json!({
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "event_version": "1.0",
+            "timestamp": rfc3339(self.at),
+            "source_service": "vitalstream",
+            "correlation_id": self.correlation_id,
+            "data": self.data,
+        });
+        if let Some(user) = &self.user_id {
+            envelope["user_id"] = json!(user);
+        }
+        if let Some(metadata) = &self.metadata {
+            envelope["metadata"] = metadata.clone();
+        }
+        envelope
     }
-    (event_type, envelope)
 }
 
 impl EventPublisher {
@@ -183,20 +189,13 @@ impl EventPublisher {
         }
     }
 
-    /// Publishes an alert transition to the alert topic.
-    pub fn alert(&self, e: &AlertEvent) -> Result<(), KafkaError> {
-        let (event_type, envelope) = alert_envelope(e);
-        let body = envelope.to_string();
-        let key = e
-            .alert
-            .patient_id
-            .as_deref()
-            .unwrap_or(e.alert.trigger.device_id.as_str());
-        let correlation = e.alert.trigger.correlation_id.to_string();
+    /// Publishes an event in the envelope, with the platform's headers, keyed by `key`.
+    fn publish(&self, topic: &str, key: &str, event: &DomainEvent) -> Result<(), KafkaError> {
+        let body = event.envelope().to_string();
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "event-type",
-                value: Some(event_type),
+                value: Some(event.event_type),
             })
             .insert(Header {
                 key: "event-version",
@@ -204,14 +203,43 @@ impl EventPublisher {
             })
             .insert(Header {
                 key: "correlation-id",
-                value: Some(correlation.as_str()),
+                value: Some(event.correlation_id.as_str()),
             });
         self.send(
-            BaseRecord::to(&self.config.alert_topic)
+            BaseRecord::to(topic)
                 .key(key)
                 .payload(body.as_bytes())
                 .headers(headers),
         )
+    }
+
+    /// Publishes an alert transition to the alert topic, keyed by patient (the device when
+    /// there is no patient).
+    pub fn alert(&self, e: &AlertEvent) -> Result<(), KafkaError> {
+        let a = &e.alert;
+        let (event_type, user_id) = match e.event {
+            Transition::Raised => ("alert.raised", None),
+            Transition::Acknowledged => ("alert.acknowledged", a.acknowledged_by.clone()),
+            Transition::Resolved => ("alert.resolved", a.resolved_by.clone()),
+        };
+        let event = DomainEvent {
+            event_id: new_event_id(),
+            event_type,
+            at: e.at,
+            correlation_id: a.trigger.correlation_id.to_string(),
+            user_id,
+            data: json!(a),
+            metadata: Some(json!({
+                "alert_id": a.alert_id,
+                "rule_id": &*a.rule_id,
+                "priority": a.priority.name(),
+            })),
+        };
+        let key = a
+            .patient_id
+            .as_deref()
+            .unwrap_or(a.trigger.device_id.as_str());
+        self.publish(&self.config.alert_topic, key, &event)
     }
 
     /// Publishes a device change to the device topic, keyed by patient (assignments) or
@@ -231,45 +259,22 @@ impl EventPublisher {
                 "device.assigned",
                 device_id,
                 patient_id.as_ref(),
-                Some(by),
+                Some(by.clone()),
                 *at,
             ),
         };
         let event_id = new_event_id();
-        let mut envelope = json!({
-            "event_id": event_id,
-            "event_type": event_type,
-            "event_version": "1.0",
-            "timestamp": rfc3339(at),
-            "source_service": "vitalstream",
+        let event = DomainEvent {
             // A device change starts its own chain of events.
-            "correlation_id": event_id,
-            "data": { "device_id": device, "patient_id": patient },
-        });
-        if let Some(user) = user {
-            envelope["user_id"] = json!(user);
-        }
-        let body = envelope.to_string();
-        let key = patient.unwrap_or(device).as_str();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "event-type",
-                value: Some(event_type),
-            })
-            .insert(Header {
-                key: "event-version",
-                value: Some("1.0"),
-            })
-            .insert(Header {
-                key: "correlation-id",
-                value: Some(event_id.as_str()),
-            });
-        self.send(
-            BaseRecord::to(&self.config.device_topic)
-                .key(key)
-                .payload(body.as_bytes())
-                .headers(headers),
-        )
+            correlation_id: event_id.clone(),
+            event_id,
+            event_type,
+            at,
+            user_id: user,
+            data: json!({ "device_id": device, "patient_id": patient }),
+            metadata: None,
+        };
+        self.publish(&self.config.device_topic, patient.unwrap_or(device), &event)
     }
 
     /// Publishes a rejected frame, original bytes as the payload, to the dead-letter topic.

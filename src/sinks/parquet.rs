@@ -6,9 +6,8 @@
 //! A new file starts after `max_rows_per_file` rows or `roll_interval`, whichever comes first.
 
 use super::{Storage, StorageError};
-use crate::alerts::{AlertEvent, AlertState, Transition};
+use crate::alerts::AlertEvent;
 use crate::model::{Sample, Vital, now_millis};
-use crate::rules::Priority;
 use arrow::array::{
     ArrayRef, BooleanBuilder, Float64Builder, StringBuilder, TimestampMicrosecondBuilder,
     TimestampMillisecondBuilder, UInt64Builder,
@@ -447,11 +446,11 @@ impl Columns for AlertColumns {
     fn append(&mut self, e: &AlertEvent) {
         let a = &e.alert;
         self.at.append_value(e.at);
-        self.event.append_value(transition_name(e.event));
+        self.event.append_value(e.event.name());
         self.alert_id.append_value(&a.alert_id);
         self.rule_id.append_value(&a.rule_id);
-        self.priority.append_value(priority_name(a.priority));
-        self.state.append_value(state_name(a.state));
+        self.priority.append_value(a.priority.name());
+        self.state.append_value(a.state.name());
         self.subject.append_value(&a.subject);
         self.patient_id.append_option(a.patient_id.as_ref());
         let t = &a.trigger;
@@ -496,37 +495,10 @@ fn append_display(
     builder.append_value(&*scratch);
 }
 
-// The same names the JSON outputs use (`#[serde(rename_all = "lowercase")]`).
-
-fn transition_name(t: Transition) -> &'static str {
-    match t {
-        Transition::Raised => "raised",
-        Transition::Acknowledged => "acknowledged",
-        Transition::Resolved => "resolved",
-    }
-}
-
-fn state_name(s: AlertState) -> &'static str {
-    match s {
-        AlertState::Pending => "pending",
-        AlertState::Firing => "firing",
-        AlertState::Acknowledged => "acknowledged",
-        AlertState::Resolved => "resolved",
-    }
-}
-
-fn priority_name(p: Priority) -> &'static str {
-    match p {
-        Priority::Low => "low",
-        Priority::Medium => "medium",
-        Priority::High => "high",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::Alert;
+    use crate::alerts::{Alert, Transition};
     use crate::model::{CorrelationId, Vitals};
     use arrow::array::{
         Array, BooleanArray, Float64Array, StringArray, TimestampMicrosecondArray,

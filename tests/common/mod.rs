@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod pg;
+pub mod server;
 
 use crossbeam_channel::{Receiver, bounded, unbounded};
 use std::time::Duration;

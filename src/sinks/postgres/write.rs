@@ -8,9 +8,8 @@
 //! common case pays only for the COPY (the bench measures both). Alert transitions are few; they go row by row, each into
 //! `alert_events` and onto the alert's current state in `alerts`.
 
-use crate::alerts::{AlertEvent, AlertState, Transition};
+use crate::alerts::AlertEvent;
 use crate::model::{Id, Sample};
-use crate::rules::Priority;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -74,39 +73,17 @@ pub struct AlertRow {
     pub resolved_by: Option<String>,
 }
 
-pub fn priority_name(p: Priority) -> &'static str {
-    match p {
-        Priority::Low => "low",
-        Priority::Medium => "medium",
-        Priority::High => "high",
-    }
-}
-
-fn state_name(s: AlertState) -> &'static str {
-    match s {
-        AlertState::Pending => "pending",
-        AlertState::Firing => "firing",
-        AlertState::Acknowledged => "acknowledged",
-        AlertState::Resolved => "resolved",
-    }
-}
-
 impl From<&AlertEvent> for AlertRow {
     fn from(e: &AlertEvent) -> AlertRow {
         let a = &e.alert;
-        let event = match e.event {
-            Transition::Raised => "raised",
-            Transition::Acknowledged => "acknowledged",
-            Transition::Resolved => "resolved",
-        };
         AlertRow {
             alert_id: a.alert_id.clone(),
-            event: event.into(),
+            event: e.event.name().into(),
             at_ms: e.at,
             rule_id: a.rule_id.to_string(),
-            priority: priority_name(a.priority).into(),
+            priority: a.priority.name().into(),
             message: a.message.to_string(),
-            state: state_name(a.state).into(),
+            state: a.state.name().into(),
             subject: a.subject.clone(),
             patient_id: a.patient_id.clone(),
             device_id: a.trigger.device_id.clone(),
@@ -199,6 +176,44 @@ const TYPES: [Type; 11] = [
     Type::TIMESTAMPTZ,
 ];
 
+/// A reading's values in [`COLUMNS`] order, as statement parameters.
+struct Params<'a> {
+    row: &'a VitalRow,
+    device_id: &'a str,
+    patient_id: Option<&'a str>,
+    time: SystemTime,
+    received: SystemTime,
+}
+
+impl<'a> Params<'a> {
+    fn of(row: &'a VitalRow) -> Params<'a> {
+        Params {
+            row,
+            device_id: row.device_id.as_str(),
+            patient_id: row.patient_id.as_deref(),
+            time: micros_to_time(row.time_us),
+            received: micros_to_time(row.received_us),
+        }
+    }
+
+    fn values(&self) -> [&(dyn ToSql + Sync); 11] {
+        let [hr, spo2, temp, sys, dia, rr] = &self.row.vitals;
+        [
+            &self.time,
+            &self.device_id,
+            &self.patient_id,
+            hr,
+            spo2,
+            temp,
+            sys,
+            dia,
+            rr,
+            &self.row.seq,
+            &self.received,
+        ]
+    }
+}
+
 /// How a batch of readings goes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyMode {
@@ -283,23 +298,7 @@ pub async fn copy_readings(
         .await?;
     let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &TYPES));
     for r in rows {
-        let time = micros_to_time(r.time_us);
-        let received = micros_to_time(r.received_us);
-        let [hr, spo2, temp, sys, dia, rr] = &r.vitals;
-        let values: [&(dyn ToSql + Sync); 11] = [
-            &time,
-            &r.device_id.as_str(),
-            &r.patient_id.as_deref(),
-            hr,
-            spo2,
-            temp,
-            sys,
-            dia,
-            rr,
-            &r.seq,
-            &received,
-        ];
-        writer.as_mut().write(&values).await?;
+        writer.as_mut().write(&Params::of(r).values()).await?;
     }
     let copied = writer.as_mut().finish().await?;
     let inserted = match mode {
@@ -321,26 +320,13 @@ pub async fn copy_readings(
 
 /// The seed's pattern, kept only for the benchmark: one INSERT statement per reading.
 pub async fn insert_reading(client: &Client, r: &VitalRow) -> Result<u64, Error> {
-    let [hr, spo2, temp, sys, dia, rr] = &r.vitals;
     client
         .execute(
             &format!(
                 "INSERT INTO device_vitals ({COLUMNS}) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING"
             ),
-            &[
-                &micros_to_time(r.time_us),
-                &r.device_id.as_str(),
-                &r.patient_id.as_deref(),
-                hr,
-                spo2,
-                temp,
-                sys,
-                dia,
-                rr,
-                &r.seq,
-                &micros_to_time(r.received_us),
-            ],
+            &Params::of(r).values(),
         )
         .await
 }
