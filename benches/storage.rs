@@ -54,6 +54,7 @@ fn samples(n: usize) -> Vec<Sample> {
                 seq: Some((i / 1000) as u64),
                 correlation_id: CorrelationId::Generated(i as u64),
                 late: false,
+                warmup: false,
             }
         })
         .collect()

@@ -137,6 +137,9 @@ pub struct Signal {
     pub trigger: Trigger,
     /// When the triggering reading was received, µs since the epoch.
     pub received_us: i64,
+    /// State being rebuilt from readings another node already evaluated: the book follows
+    /// the edge but announces nothing (that node did).
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -243,6 +246,9 @@ impl AlertBook {
                     alert.state = AlertState::Firing;
                     alert.raised_at = Some(now);
                     alert.trigger = s.trigger;
+                    if s.quiet {
+                        return;
+                    }
                     self.metrics
                         .record_alert_latency(now_micros() - s.received_us);
                     tracing::info!(
@@ -255,7 +261,11 @@ impl AlertBook {
             Edge::Cancel | Edge::Clear => {
                 // The alert the device holds, whatever its patient is now.
                 if let Some((_, key)) = self.holders.remove(&holder) {
-                    self.release(&key, &device, now);
+                    if s.quiet {
+                        self.hand_over_key(&key, &device);
+                    } else {
+                        self.release(&key, &device, now);
+                    }
                 }
             }
         }
@@ -299,6 +309,28 @@ impl AlertBook {
             let id = entry.alert_id.clone();
             drop(entry);
             self.active.remove(&key);
+            self.by_id.remove(&id);
+        }
+    }
+
+    /// Lets go of a device another node now evaluates (its Kafka partition moved): its
+    /// alerts leave this book without a transition, since the condition has not changed;
+    /// the other node rebuilds them from the same readings.
+    pub fn hand_over(&self, rule_id: &Arc<str>, device: &Id) {
+        if let Some((_, key)) = self.holders.remove(&(rule_id.clone(), device.clone())) {
+            self.hand_over_key(&key, device);
+        }
+    }
+
+    fn hand_over_key(&self, key: &AlertKey, device: &Id) {
+        let Some(mut entry) = self.active.get_mut(key) else {
+            return;
+        };
+        entry.holding.retain(|d| d != device);
+        if entry.holding.is_empty() {
+            let id = entry.alert_id.clone();
+            drop(entry);
+            self.active.remove(key);
             self.by_id.remove(&id);
         }
     }
@@ -439,6 +471,7 @@ mod tests {
                 event_ts: 1,
             },
             received_us: now_micros(),
+            quiet: false,
         }
     }
 

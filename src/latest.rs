@@ -190,6 +190,7 @@ mod tests {
             seq: None,
             correlation_id: CorrelationId::Generated(0),
             late: false,
+            warmup: false,
         }
     }
 

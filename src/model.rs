@@ -2,6 +2,7 @@
 
 use compact_str::CompactString;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// A validated identifier (device or patient): `^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$`.
 /// Short ids (up to 24 bytes) live inline, so most readings allocate nothing for them.
@@ -129,6 +130,12 @@ pub struct FrameBatch {
     /// Payload bytes, one frame after another.
     pub data: Vec<u8>,
     pub frames: Vec<FrameMeta>,
+    /// Devices whose state the engine drops before this batch's frames: another node owns
+    /// them now (their Kafka partition moved).
+    pub forget: Vec<Id>,
+    /// The source ends with this batch (a Kafka partition left): its clock no longer holds
+    /// the watermark back.
+    pub last: bool,
 }
 
 /// One frame inside a [`FrameBatch`].
@@ -141,6 +148,18 @@ pub struct FrameMeta {
     pub received_us: i64,
     /// Device id given by the transport (an MQTT topic segment), if any.
     pub device_hint: Option<Id>,
+    /// Where the transport keeps it (a Kafka record), for dead letters.
+    pub origin: Option<Origin>,
+    /// Read again to rebuild state, not new (see [`Sample::warmup`]).
+    pub warmup: bool,
+}
+
+/// A Kafka record's place: topic, partition, offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 impl FrameBatch {
@@ -152,6 +171,8 @@ impl FrameBatch {
             ack: None,
             data: Vec::new(),
             frames: Vec::new(),
+            forget: Vec::new(),
+            last: false,
         }
     }
 
@@ -164,7 +185,24 @@ impl FrameBatch {
             end: self.data.len() as u32,
             received_us,
             device_hint,
+            origin: None,
+            warmup: false,
         });
+    }
+
+    /// Appends a Kafka record: its place, and whether it is read again only to rebuild state.
+    pub fn push_record(
+        &mut self,
+        payload: &[u8],
+        received_us: i64,
+        device_hint: Option<Id>,
+        origin: Origin,
+        warmup: bool,
+    ) {
+        self.push(payload, received_us, device_hint);
+        let frame = self.frames.last_mut().expect("just pushed");
+        frame.origin = Some(origin);
+        frame.warmup = warmup;
     }
 
     pub fn payload(&self, frame: &FrameMeta) -> &[u8] {
@@ -220,6 +258,9 @@ pub struct Sample {
     pub correlation_id: CorrelationId,
     /// Set by the router when the reading arrived behind its source's watermark.
     pub late: bool,
+    /// Read again only to rebuild state (a Kafka partition that moved to this node): it
+    /// fills windows but raises nothing and is not stored again.
+    pub warmup: bool,
 }
 
 /// Why a frame was rejected. The names are stable: they appear in counters,
@@ -341,4 +382,6 @@ pub struct Rejected {
     pub reason: RejectReason,
     pub received_us: i64,
     pub payload: Vec<u8>,
+    /// The Kafka record it came in, if it did.
+    pub origin: Option<Origin>,
 }

@@ -234,6 +234,7 @@ fn validate(
         correlation_id,
         device_ts: fields.ts.is_some(),
         late: false,
+        warmup: false,
     })
 }
 

@@ -408,14 +408,23 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
                 }));
             }
             SourceConfig::Kafka(k) => {
-                let source = crate::sources::kafka::KafkaSource::new(k)
+                // Partitions arriving here are re-read far enough back for every rule.
+                let needed = engine.rules().memory() + config.engine.allowed_lateness;
+                let k = crate::sources::kafka::KafkaSourceConfig {
+                    rebuild: k.rebuild.max(needed),
+                    ..k.clone()
+                };
+                let source = crate::sources::kafka::KafkaSource::new(&k)
                     .context("creating the Kafka consumer")?;
                 let (handle, stop) = (engine.source(ClockMode::Live), stop.clone());
                 sources.push(spawn_source("kafka", move || {
                     let stats = source.run(handle, &stop);
                     tracing::info!(
                         records = stats.records,
+                        rebuilt = stats.warmup_records,
                         commits = stats.commits,
+                        pauses = stats.pauses,
+                        rebalances = stats.rebalances,
                         "Kafka source stopped"
                     );
                 }));
@@ -648,6 +657,7 @@ mod tests {
             seq: None,
             correlation_id: CorrelationId::Generated(0),
             late: false,
+            warmup: false,
         };
         let log = log.clone();
         ReadingBatch {

@@ -212,6 +212,7 @@ fn offsets_are_committed_only_behind_durable_readings() {
 
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("vitals.raw", 2, 1).unwrap();
+    cluster.create_topic("vitals.dlq", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -222,10 +223,13 @@ fn offsets_are_committed_only_behind_durable_readings() {
     for i in 0..total {
         let device = format!("bed-{}", i % 4);
         let hr = if i == 100 { 150 } else { 70 };
-        let payload = format!(
+        let mut payload = format!(
             r#"{{"device_id":"{device}","ts":{},"seq":{i},"hr":{hr}}}"#,
             t0 + i as i64 * 100
         );
+        if i == 150 {
+            payload = payload.replace("\"hr\":70", "\"hr\":\"fast\"");
+        }
         producer
             .send(
                 BaseRecord::to("vitals.raw")
@@ -255,14 +259,41 @@ fn offsets_are_committed_only_behind_durable_readings() {
     let mut held = Vec::new();
     let mut readings = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while readings < total && Instant::now() < deadline {
+    while readings < total - 1 && Instant::now() < deadline {
         if let Ok(b) = h.readings.recv_timeout(Duration::from_millis(100)) {
             readings += b.readings.len();
             held.push(b);
         }
     }
-    assert_eq!(readings, total);
+    assert_eq!(readings, total - 1, "all but the bad one");
     let alert = h.alerts.recv_timeout(WAIT).expect("hr 150 raises");
+    // The bad record goes to the dead-letter output with its place in Kafka…
+    let rejects = h.rejects.recv_timeout(WAIT).unwrap();
+    let origin = rejects.rejects[0].origin.clone().expect("a Kafka record");
+    assert_eq!(&*origin.topic, "vitals.raw");
+    let events = EventPublisher::new(&KafkaConfig {
+        brokers: brokers.clone(),
+        ..KafkaConfig::default()
+    })
+    .unwrap();
+    events.dead_letter(&rejects.rejects[0], "kafka").unwrap();
+    events.flush(Duration::from_secs(10)).unwrap();
+    // Dead-lettered is done with, like stored: its offset may be committed.
+    rejects.ack.unwrap().done();
+    // …which the dead-letter topic carries in its headers.
+    let dlq = consume(&brokers, "vitals.dlq", 1);
+    assert_eq!(dlq[0].headers["dlq-reason"], "bad_type:hr");
+    assert_eq!(dlq[0].headers["dlq-source"], "kafka");
+    assert_eq!(dlq[0].headers["dlq-kafka-topic"], "vitals.raw");
+    assert_eq!(
+        dlq[0].headers["dlq-kafka-partition"],
+        origin.partition.to_string()
+    );
+    assert_eq!(
+        dlq[0].headers["dlq-kafka-offset"],
+        origin.offset.to_string()
+    );
+    assert!(String::from_utf8_lossy(&dlq[0].payload).contains("\"fast\""));
     assert_eq!(alert.alert.trigger.device_id.as_str(), "bed-0");
 
     let committed = || -> i64 {
@@ -300,5 +331,299 @@ fn offsets_are_committed_only_behind_durable_readings() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let stats = runner.join().unwrap();
     assert_eq!(stats.records, total as u64);
+    h.finish();
+}
+
+const SPO2_WINDOW: &str = r#"
+[[rule]]
+id = "spo2_low_10s"
+kind = "window"
+priority = "high"
+message = "SpO2 low"
+condition = "avg(spo2) < 90"
+window = "10s"
+"#;
+
+fn producer(
+    brokers: &str,
+) -> rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap()
+}
+
+/// One reading a second from each of eight devices, seconds `from..to`, with episodes:
+/// some wholly before the rebalance, some across it, some after it.
+fn ward(t0: i64, from: i64, to: i64) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for s in from..to {
+        for d in 0..8 {
+            let device = format!("bed-{d}");
+            let low_spo2 = (d == 1 && (20..75).contains(&s)) || (d == 2 && (52..68).contains(&s));
+            let high_hr = (d == 3 && (55..66).contains(&s))
+                || (d == 4 && (80..90).contains(&s))
+                || (d == 5 && (10..20).contains(&s));
+            let spo2 = if low_spo2 { 85 } else { 97 };
+            let hr = if high_hr { 150 } else { 70 };
+            let line = format!(
+                r#"{{"device_id":"{device}","ts":{},"seq":{s},"hr":{hr},"spo2":{spo2}}}"#,
+                t0 + s * 1000
+            );
+            out.push((device, line));
+        }
+    }
+    out
+}
+
+fn produce(brokers: &str, lines: &[(String, String)]) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let p = producer(brokers);
+    for (key, line) in lines {
+        p.send(BaseRecord::to("vitals.raw").key(key).payload(line))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// A rule node: an engine whose storage makes every reading durable at once, fed by a
+/// Kafka source in the `rule-nodes` group.
+struct Node {
+    h: Harness,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    source: std::thread::JoinHandle<vitalstream::sources::kafka::KafkaStats>,
+    stored: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Node {
+    fn start(name: &str, brokers: &str, rules_toml: &str, strategy: &str) -> Node {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+        use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
+        let mut h = Harness::start(&common::config(), rules(rules_toml));
+        let stored = Arc::new(AtomicUsize::new(0));
+        {
+            let (readings, stored) = (h.readings.clone(), stored.clone());
+            std::thread::spawn(move || {
+                for b in readings {
+                    stored.fetch_add(b.readings.len(), Relaxed);
+                    if let Some(ack) = b.ack {
+                        ack.done();
+                    }
+                }
+            });
+        }
+        let config = KafkaSourceConfig {
+            brokers: brokers.to_string(),
+            group_id: "rule-nodes".into(),
+            batch_size: 64,
+            rebuild_records: 1000,
+            // The mock coordinator waits this long (less a second) for members to rejoin.
+            session_timeout: Duration::from_secs(3),
+            assignment_strategy: strategy.into(),
+            ..KafkaSourceConfig::default()
+        };
+        let source = KafkaSource::new(&config).unwrap();
+        let handle = h.engine.source(vitalstream::model::ClockMode::Live);
+        let stop = Arc::new(AtomicBool::new(false));
+        let source = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("kafka-{name}"))
+                .spawn(move || source.run(handle, &stop))
+                .unwrap()
+        };
+        Node {
+            h,
+            stop,
+            source,
+            stored,
+        }
+    }
+
+    fn stored(&self) -> usize {
+        self.stored.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn frames(&self) -> u64 {
+        self.h.engine.metrics.snapshot().frames
+    }
+
+    fn finish(
+        self,
+    ) -> (
+        vitalstream::sources::kafka::KafkaStats,
+        Vec<vitalstream::alerts::AlertEvent>,
+    ) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let stats = self.source.join().unwrap();
+        let (_, alerts, _) = self.h.finish();
+        (stats, alerts)
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// (transition, alert id) of every raise and resolve, sorted.
+fn edges(events: &[vitalstream::alerts::AlertEvent]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.event != Transition::Acknowledged)
+        .map(|e| (e.event.name().to_string(), e.alert.alert_id.clone()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Two rule nodes in one group split the partitions: moving only what must move
+/// (cooperative-sticky, the default)…
+#[test]
+fn a_cooperative_rebalance_neither_loses_nor_doubles_alerts() {
+    rebalance_between_two_rule_nodes("cooperative-sticky");
+}
+
+/// …or revoking everything and assigning afresh (the eager protocols).
+#[test]
+fn an_eager_rebalance_neither_loses_nor_doubles_alerts() {
+    rebalance_between_two_rule_nodes("range");
+}
+
+/// When the second node joins, partitions move mid-episode, with windows open. Together the
+/// nodes raise and resolve exactly the alerts one engine raises over the same readings:
+/// none lost, none doubled; and every reading is stored once.
+fn rebalance_between_two_rule_nodes(strategy: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_thread_names(true)
+        .with_test_writer()
+        .try_init();
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("vitals.raw", 4, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let rules_toml = format!("{HR_RULE}{SPO2_WINDOW}");
+    let t0 = now_millis() - 200_000;
+    let before = ward(t0, 0, 60);
+    let after = ward(t0, 60, 130);
+
+    let a = Node::start("a", &brokers, &rules_toml, strategy);
+    produce(&brokers, &before);
+    wait_for("node A to store the first minute", || {
+        a.stored() == before.len()
+    });
+    let b = Node::start("b", &brokers, &rules_toml, strategy);
+    // B reads again what it needs to rebuild its partitions' windows before going on.
+    wait_for("node B to be assigned partitions", || b.frames() > 0);
+    produce(&brokers, &after);
+    let total = before.len() + after.len();
+    wait_for("both nodes to store everything", || {
+        a.stored() + b.stored() >= total
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.stored() + b.stored(), total, "every reading stored once");
+    let (a_stats, a_alerts) = a.finish();
+    let (b_stats, b_alerts) = b.finish();
+    assert!(a_stats.rebalances >= 2, "A saw B join: {a_stats:?}");
+    assert!(b_stats.warmup_records > 0, "B rebuilt state: {b_stats:?}");
+    let live = |s: &vitalstream::sources::kafka::KafkaStats| s.records - s.warmup_records;
+    assert!(
+        live(&a_stats) > before.len() as u64 && live(&b_stats) > 0,
+        "the partitions are split: A {a_stats:?}, B {b_stats:?}"
+    );
+
+    // The same readings through one engine, in order.
+    let mut reference = Harness::start(&common::config(), rules(&rules_toml));
+    let mut source = reference.replay_source();
+    let lines: Vec<String> = before
+        .iter()
+        .chain(&after)
+        .map(|(_, l)| l.clone())
+        .collect();
+    common::send_lines(&mut source, &lines, 64);
+    drop(source);
+    let (_, expected, _) = reference.finish();
+    let expected = edges(&expected);
+    assert!(
+        expected.len() >= 8,
+        "the episodes raise and resolve alerts: {expected:?}"
+    );
+
+    let mut got = edges(&a_alerts);
+    got.extend(edges(&b_alerts));
+    got.sort();
+    assert_eq!(got, expected, "A and B together, against one engine");
+}
+
+/// An engine that cannot keep up makes the source pause its partitions, not buffer: every
+/// record still arrives once, in order per device.
+#[test]
+fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
+
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("vitals.raw", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let t0 = now_millis() - 100_000;
+    let total = 6000;
+    let lines: Vec<(String, String)> = (0..total)
+        .map(|i| {
+            let device = format!("bed-{}", i % 6);
+            let line = format!(
+                r#"{{"device_id":"{device}","ts":{},"seq":{i},"hr":70}}"#,
+                t0 + i as i64 * 10
+            );
+            (device, line)
+        })
+        .collect();
+    produce(&brokers, &lines);
+
+    // Storage takes one batch at a time, and slowly.
+    let mut h = Harness::with_slow_storage(&common::config(), rules(HR_RULE), 1);
+    let config = KafkaSourceConfig {
+        brokers: brokers.clone(),
+        group_id: "slow".into(),
+        batch_size: 20,
+        ..KafkaSourceConfig::default()
+    };
+    let source = KafkaSource::new(&config).unwrap();
+    let handle = h.engine.source(vitalstream::model::ClockMode::Live);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || source.run(handle, &stop))
+    };
+    let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
+    let mut stored = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored < total && Instant::now() < deadline {
+        let Ok(batch) = h.readings.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        for r in &batch.readings {
+            let seq = r.seq.unwrap();
+            if let Some(prev) = last_seq.insert(r.device_id.to_string(), seq) {
+                assert!(
+                    seq > prev,
+                    "{} out of order: {prev} then {seq}",
+                    r.device_id
+                );
+            }
+        }
+        stored += batch.readings.len();
+        batch.ack.unwrap().done();
+    }
+    stop.store(true, Relaxed);
+    let stats = runner.join().unwrap();
+    assert_eq!(stored, total, "every record, once");
+    assert!(stats.pauses > 0, "the source paused: {stats:?}");
     h.finish();
 }

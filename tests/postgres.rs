@@ -52,6 +52,7 @@ fn sample(i: u64, devices: u64) -> Sample {
         seq: Some(i / devices),
         correlation_id: CorrelationId::Generated(i),
         late: false,
+        warmup: false,
     }
 }
 

@@ -30,7 +30,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -206,7 +206,7 @@ struct ParsedBatch {
 /// handle and calling [`Engine::join`], which drains every stage.
 pub struct Engine {
     input: Option<Sender<FrameBatch>>,
-    next_source: SourceId,
+    next_source: Arc<AtomicU16>,
     threads: Vec<JoinHandle<()>>,
     rules: Arc<ArcSwap<RuleSet>>,
     pub book: Arc<AlertBook>,
@@ -344,7 +344,7 @@ impl Engine {
 
         Engine {
             input: Some(input_tx),
-            next_source: 0,
+            next_source: Arc::new(AtomicU16::new(0)),
             threads,
             rules,
             book,
@@ -360,12 +360,12 @@ impl Engine {
 
     /// A handle for a new source; each keeps its own clock and watermark.
     pub fn source(&mut self, mode: ClockMode) -> SourceHandle {
-        let id = self.next_source;
-        self.next_source += 1;
+        let id = self.next_source.fetch_add(1, Relaxed);
         SourceHandle {
             id,
             mode,
             next_seq: 0,
+            ids: self.next_source.clone(),
             tx: self
                 .input
                 .clone()
@@ -449,10 +449,13 @@ fn parse_worker(
         for (i, frame) in batch.frames.iter().enumerate() {
             let payload = batch.payload(frame);
             match parser.parse(payload, frame.device_hint.as_deref(), frame.received_us) {
-                Ok(sample) => {
+                Ok(mut sample) => {
+                    sample.warmup = frame.warmup;
                     samples.push(sample);
                     sample_frames.push(i as u32);
                 }
+                // Read again to rebuild state: it was counted and dead-lettered the first time.
+                Err(_) if frame.warmup => {}
                 Err(reason) => {
                     metrics.reject(reason, 1);
                     tracing::debug!(%reason, source = batch.source, "frame rejected");
@@ -461,6 +464,7 @@ fn parse_worker(
                         reason,
                         received_us: frame.received_us,
                         payload: payload.to_vec(),
+                        origin: frame.origin.clone(),
                     });
                 }
             }

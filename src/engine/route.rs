@@ -7,7 +7,7 @@ use super::{ParsedBatch, RejectBatch, dead_letter};
 use crate::ack::Ack;
 use crate::engine::EngineConfig;
 use crate::metrics::Metrics;
-use crate::model::{ClockMode, Millis, RejectReason, Rejected, Sample, SourceId, now_millis};
+use crate::model::{ClockMode, Id, Millis, RejectReason, Rejected, Sample, SourceId, now_millis};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -123,8 +123,13 @@ impl Router {
                     let clock = self.sources.entry(source).or_insert_with(SourceClock::new);
                     clock.pending.insert(batch.seq, batch);
                     while let Some(batch) = self.next_in_order(source) {
+                        let last = batch.raw.last;
                         if !self.route(batch) {
                             return;
+                        }
+                        if last {
+                            self.sources.remove(&source);
+                            break;
                         }
                     }
                 }
@@ -199,10 +204,13 @@ impl Router {
                         reason: RejectReason::FutureTs,
                         received_us: frame.received_us,
                         payload: batch.raw.payload(frame).to_vec(),
+                        origin: frame.origin.clone(),
                     });
                     continue;
                 }
-                Verdict::Accepted { late } => sample.late = late,
+                // A reading read again to rebuild state is older than the source's clock by
+                // design; it still belongs in its windows.
+                Verdict::Accepted { late } => sample.late = late && !sample.warmup,
             }
             if let ClockMode::Replay { speed } = batch.mode
                 && speed > 0.0
@@ -223,11 +231,13 @@ impl Router {
         dead_letter(&self.rejects, rejected, &batch.ack);
         let watermark = self.watermark();
         let now_ms = now_millis();
+        let forget: Arc<[Id]> = std::mem::take(&mut batch.raw.forget).into();
         for (shard, tx) in self.shards.iter().enumerate() {
             let samples = std::mem::take(&mut self.out[shard]);
             if tx
                 .send(ShardMsg::Batch {
                     samples,
+                    forget: forget.clone(),
                     watermark,
                     now_ms,
                     ack: batch.ack.as_ref().map(Ack::share),

@@ -25,6 +25,8 @@ pub(crate) enum ShardMsg {
     /// Readings in source order, and the engine watermark after them.
     Batch {
         samples: Vec<Sample>,
+        /// Devices to drop before the readings: another node owns them now.
+        forget: Arc<[Id]>,
         watermark: Millis,
         now_ms: Millis,
         /// A share of the source batch's ack, done once these readings are stored.
@@ -47,6 +49,11 @@ struct Device {
     id: Id,
     /// Last patient seen in a reading or assignment, for alert keys.
     patient: Option<Id>,
+    /// Newest event time seen.
+    max_ts: Millis,
+    /// Windows ending by this event time were evaluated by the node that owned this
+    /// device before (see [`Sample::warmup`]): their edges are not announced again.
+    warm_until: Millis,
     /// Cached assignment, read at `assigned_version`.
     assigned: Option<Id>,
     /// Its ring of recent readings comes last: only one slot of it is touched per reading.
@@ -122,6 +129,7 @@ pub(crate) struct Shard {
     assignments: Arc<Assignments>,
     storage: Option<Sender<ReadingBatch>>,
     watermark: Millis,
+    lateness_ms: Millis,
     idle_ms: Millis,
     ttl_ms: Millis,
     last_scan: Millis,
@@ -170,6 +178,7 @@ impl Shard {
             assignments,
             storage,
             watermark: Millis::MIN,
+            lateness_ms: config.allowed_lateness.as_millis() as Millis,
             idle_ms: config.idle_timeout.as_millis() as Millis,
             ttl_ms: config.state_ttl.as_millis() as Millis,
             last_scan: 0,
@@ -187,11 +196,15 @@ impl Shard {
             match msg {
                 ShardMsg::Batch {
                     samples,
+                    forget,
                     watermark,
                     now_ms,
                     ack,
                 } => {
                     self.refresh_rules();
+                    for device in forget.iter() {
+                        self.hand_over(device);
+                    }
                     let keep = self.process(samples, now_ms);
                     if let Some(latest) = &mut self.latest {
                         latest.maybe_publish(now_ms);
@@ -278,6 +291,8 @@ impl Shard {
         let device = Device {
             id: sample.device_id.clone(),
             patient: None,
+            max_ts: Millis::MIN,
+            warm_until: Millis::MIN,
             assigned: None,
             assigned_version: u64::MAX,
             last_seen: now_ms,
@@ -302,10 +317,11 @@ impl Shard {
         i
     }
 
-    /// Evaluates a batch; returns the readings to store (all but duplicates).
+    /// Evaluates a batch; returns the readings to store (all but duplicates and warm-up).
     fn process(&mut self, mut samples: Vec<Sample>, now_ms: Millis) -> Vec<Sample> {
         let version = self.assignments.version();
-        let mut duplicates = Vec::new();
+        // Readings not to store again, by position.
+        let mut not_stored = Vec::new();
         // First find every reading's device: the lookups are independent of each other, so
         // the CPU overlaps their cache misses instead of waiting for each in turn.
         let mut slots = std::mem::take(&mut self.slots);
@@ -319,13 +335,21 @@ impl Shard {
             let device_ts = sample.device_ts.then_some(sample.ts);
             if device.dedup.is_duplicate(device_ts, sample.seq) {
                 self.duplicates += 1;
-                duplicates.push(n);
+                not_stored.push(n);
                 continue;
             }
             if sample.late {
                 self.late += 1;
                 continue;
             }
+            device.max_ts = device.max_ts.max(sample.ts);
+            if sample.warmup {
+                // The node before closed this device's windows up to its newest reading
+                // less the allowed lateness when it let go (see `hand_over`).
+                device.warm_until = device.max_ts.saturating_sub(self.lateness_ms);
+                not_stored.push(n);
+            }
+            let quiet = sample.warmup;
             if device.assigned_version != version {
                 device.assigned = self.assignments.patient_of(&device.id);
                 device.assigned_version = version;
@@ -336,7 +360,9 @@ impl Shard {
                 .or_else(|| device.assigned.clone());
             if let Some(p) = &patient {
                 device.patient.clone_from(&patient);
-                if let Some(latest) = &mut self.latest {
+                if let Some(latest) = &mut self.latest
+                    && !sample.warmup
+                {
                     latest.add(p, sample);
                 }
             }
@@ -361,6 +387,7 @@ impl Shard {
                                     event_ts: sample.ts,
                                 },
                                 received_us: sample.received_us,
+                                quiet,
                             });
                         }
                     }
@@ -386,12 +413,12 @@ impl Shard {
         if self.storage.is_none() {
             return Vec::new();
         }
-        let mut duplicates = duplicates.into_iter().peekable();
+        let mut not_stored = not_stored.into_iter().peekable();
         let mut n = 0;
         samples.retain(|_| {
-            let duplicate = duplicates.next_if_eq(&n).is_some();
+            let skip = not_stored.next_if_eq(&n).is_some();
             n += 1;
-            !duplicate
+            !skip
         });
         samples
     }
@@ -486,6 +513,7 @@ impl Shard {
                         event_ts: outcome.end,
                     },
                     received_us: outcome.received_us,
+                    quiet: outcome.end <= device.warm_until,
                 });
             }
         }
@@ -516,6 +544,35 @@ impl Shard {
                 self.evict(slot);
             }
         }
+    }
+
+    /// Drops a device another node now owns. First its windows are closed up to its newest
+    /// reading less the allowed lateness — the point its partition's clock had reached, and
+    /// the point up to which the next owner, rebuilding from the same readings, stays quiet.
+    /// Its alerts then leave without a transition: the next owner holds them now.
+    fn hand_over(&mut self, device: &Id) {
+        let Some(&slot) = self.index.get(device) else {
+            return;
+        };
+        let Some(through) = (self.devices[slot as usize].as_ref())
+            .map(|d| d.max_ts.saturating_sub(self.lateness_ms))
+        else {
+            return;
+        };
+        for r in 0..self.runtimes.len() {
+            self.close_device(r, slot, through, None);
+        }
+        self.index.remove(device);
+        let Some(state) = self.devices[slot as usize].take() else {
+            return;
+        };
+        for (rt, rule) in self.runtimes.iter().zip(&state.rules) {
+            if rule.active() {
+                self.book.hand_over(&rt.rule.id, &state.id);
+            }
+        }
+        self.free.push(slot);
+        tracing::debug!(%device, "device state dropped: its partition moved to another node");
     }
 
     fn evict(&mut self, slot: usize) {

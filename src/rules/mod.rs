@@ -109,6 +109,19 @@ impl RuleSet {
     pub fn get(&self, id: &str) -> Option<&Arc<Rule>> {
         self.rules.iter().find(|r| &*r.id == id)
     }
+
+    /// The longest stretch of event time any rule looks back over (a window's size, a
+    /// threshold's `for`): how much history rebuilds a device's state.
+    pub fn memory(&self) -> std::time::Duration {
+        let longest = (self.rules.iter())
+            .map(|r| match &r.kind {
+                RuleKind::Threshold(t) => t.for_ms,
+                RuleKind::Window(w) => w.size,
+            })
+            .max()
+            .unwrap_or(0);
+        std::time::Duration::from_millis(longest.max(0) as u64)
+    }
 }
 
 /// A pipeline file: `[[rule]]` tables.

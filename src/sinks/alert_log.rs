@@ -74,6 +74,7 @@ mod tests {
                     event_ts: 1_700_000_000_000,
                 },
                 received_us: now_micros(),
+                quiet: false,
             });
         }
         rx.try_iter().collect()

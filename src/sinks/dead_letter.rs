@@ -1,7 +1,8 @@
 //! The dead-letter output: every rejected frame as one JSON line, with the reason and the
 //! original bytes, so it can be inspected and replayed.
 //!
-//! A line is `{"reason", "source", "received_us", "payload"}`, where `payload` is the frame
+//! A line is `{"reason", "source", "received_us", "payload"}` (plus `kafka_topic`,
+//! `kafka_partition`, `kafka_offset` for a Kafka record), where `payload` is the frame
 //! as a string when it is valid UTF-8; otherwise `payload_hex` holds its bytes in lowercase
 //! hex instead. Either way the original bytes come back exactly.
 
@@ -33,6 +34,12 @@ struct Record<'a> {
     reason: String,
     source: SourceId,
     received_us: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka_topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka_partition: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka_offset: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     payload: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,6 +75,9 @@ impl DeadLetter {
             reason: r.reason.to_string(),
             source: r.source,
             received_us: r.received_us,
+            kafka_topic: r.origin.as_ref().map(|o| &*o.topic),
+            kafka_partition: r.origin.as_ref().map(|o| o.partition),
+            kafka_offset: r.origin.as_ref().map(|o| o.offset),
             payload: text,
             payload_hex: text.is_none().then_some(self.hex.as_str()),
         };
@@ -131,6 +141,7 @@ mod tests {
             reason,
             received_us: 1_700_000_000_123_456,
             payload: payload.to_vec(),
+            origin: None,
         }
     }
 

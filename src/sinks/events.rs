@@ -281,7 +281,7 @@ impl EventPublisher {
     pub fn dead_letter(&self, r: &Rejected, source: &str) -> Result<(), KafkaError> {
         let reason = r.reason.to_string();
         let received = r.received_us.to_string();
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: "dlq-reason",
                 value: Some(reason.as_str()),
@@ -294,6 +294,19 @@ impl EventPublisher {
                 key: "dlq-received-us",
                 value: Some(received.as_str()),
             });
+        if let Some(origin) = &r.origin {
+            let (partition, offset) = (origin.partition.to_string(), origin.offset.to_string());
+            for (key, value) in [
+                ("dlq-kafka-topic", &*origin.topic),
+                ("dlq-kafka-partition", partition.as_str()),
+                ("dlq-kafka-offset", offset.as_str()),
+            ] {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+        }
         self.send(
             BaseRecord::to(&self.config.dlq_topic)
                 .payload(&r.payload[..])

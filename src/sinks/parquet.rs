@@ -522,6 +522,7 @@ mod tests {
             seq: (i % 2 == 1).then_some(i),
             correlation_id: CorrelationId::Generated(i),
             late: i == 3,
+            warmup: false,
         }
     }
 
@@ -555,6 +556,7 @@ mod tests {
                 event_ts: 1_700_000_000_000,
             },
             received_us: crate::model::now_micros(),
+            quiet: false,
         });
         rx.try_recv().unwrap().alert
     }

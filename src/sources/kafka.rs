@@ -6,17 +6,32 @@
 //! completes, the batch is marked done, and the done prefix of the batches in flight is
 //! committed. A batch whose ack fails (never durable) is never committed past: after a
 //! restart, Kafka delivers it again and storage skips what it already has.
+//!
+//! Backpressure: when the engine is full, the source pauses its partitions (librdkafka stops
+//! fetching) and resumes them once the engine takes the batch; nothing piles up in between.
+//!
+//! Rebalances: before partitions leave, everything read from them is handed to the engine,
+//! waited on until durable and committed, and the engine drops the state of their devices.
+//! When partitions arrive, the source first re-reads the records before the committed offset
+//! that the rules' windows still need (by timestamp, or a number of records where the broker
+//! cannot look up by time), flagged as warm-up: they rebuild windows and alarm state without
+//! raising, storing or dead-lettering anything again. Then evaluation continues from the
+//! committed offset exactly where the previous owner stopped: no alert missed, none doubled.
 
 use crate::ack::Ack;
-use crate::model::Id;
-use crate::model::now_micros;
+use crate::model::{FrameBatch, Id, Origin};
+use crate::model::{now_micros, now_millis};
 use crate::parse::valid_id;
-use crate::sources::SourceHandle;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use crate::sources::{Offer, SourceHandle};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// `[[sources]] type = "kafka"`.
@@ -31,6 +46,22 @@ pub struct KafkaSourceConfig {
     /// …or this long after its first record.
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
+    /// How much history a partition arriving here is re-read for, to rebuild windows: at
+    /// least the longest rule window plus the allowed lateness.
+    #[serde(with = "humantime_serde")]
+    pub rebuild: Duration,
+    /// Where the broker cannot find an offset by time: how many records back to re-read.
+    pub rebuild_records: i64,
+    /// How long a rebalance waits for the readings of departing partitions to be durable
+    /// before letting them go uncommitted (the next owner then reads them again).
+    #[serde(with = "humantime_serde")]
+    pub revoke_timeout: Duration,
+    /// librdkafka's `partition.assignment.strategy`; `cooperative-sticky` moves only the
+    /// partitions that must move.
+    pub assignment_strategy: String,
+    /// A node silent this long leaves the group and its partitions move.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
 }
 
 impl Default for KafkaSourceConfig {
@@ -41,6 +72,11 @@ impl Default for KafkaSourceConfig {
             topics: vec!["vitals.raw".into()],
             batch_size: 2048,
             batch_linger: Duration::from_millis(20),
+            rebuild: Duration::from_secs(300),
+            rebuild_records: 50_000,
+            revoke_timeout: Duration::from_secs(10),
+            assignment_strategy: "cooperative-sticky".into(),
+            session_timeout: Duration::from_secs(45),
         }
     }
 }
@@ -58,6 +94,12 @@ impl KafkaSourceConfig {
         if self.batch_size == 0 {
             problems.push("batch_size must be at least 1".into());
         }
+        if self.session_timeout < Duration::from_secs(1) {
+            problems.push("session_timeout must be at least 1s".into());
+        }
+        if self.rebuild_records < 0 {
+            problems.push("rebuild_records must not be negative".into());
+        }
         problems
     }
 }
@@ -66,13 +108,21 @@ impl KafkaSourceConfig {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct KafkaStats {
     pub records: u64,
+    /// Records read again to rebuild state after partitions arrived.
+    pub warmup_records: u64,
     pub batches: u64,
     pub commits: u64,
     pub failed_batches: u64,
+    /// Times the partitions were paused because the engine was full.
+    pub pauses: u64,
+    pub rebalances: u64,
 }
 
-/// The highest offset of each (topic, partition) a batch carries.
-type Offsets = BTreeMap<(String, i32), i64>;
+/// A topic and partition.
+type Partition = (Arc<str>, i32);
+
+/// The highest offset of each partition a batch carries.
+type Offsets = BTreeMap<Partition, i64>;
 
 /// Batches in flight, oldest first, and the commits their completion allows.
 struct InFlight {
@@ -83,6 +133,21 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Every batch handed over has completed (or there were none).
+    fn is_settled(&self) -> bool {
+        self.batches.iter().all(|b| b.2.is_some())
+    }
+
+    /// Forgets partitions this node no longer owns. A failed batch stops blocking once
+    /// none of its partitions is left here: their next owner starts from the last commit.
+    fn drop_partitions(&mut self, gone: &HashSet<Partition>) {
+        for (_, offsets, _) in &mut self.batches {
+            offsets.retain(|p, _| !gone.contains(p));
+        }
+        self.batches.retain(|(_, offsets, _)| !offsets.is_empty());
+        self.blocked = self.batches.iter().any(|b| b.2 == Some(false));
+    }
+
     /// Records a completion; returns the offsets that may now be committed.
     fn complete(&mut self, id: u64, ok: bool) -> Offsets {
         if let Some(b) = self.batches.iter_mut().find(|b| b.0 == id) {
@@ -103,20 +168,413 @@ impl InFlight {
     }
 }
 
+/// One partition's way into the engine: its own source, so its own clock and watermark
+/// (partitions are read at different paces; the engine's watermark is the slowest one's).
+struct Lane {
+    handle: SourceHandle,
+    batch: FrameBatch,
+    /// Highest offset in `batch`.
+    offset: i64,
+    started: Option<Instant>,
+}
+
+/// Everything the read loop keeps between records. It lives in the consumer's context, so
+/// that a rebalance — which librdkafka runs inside `poll` — can settle it.
+struct Pipeline {
+    /// Where new lanes come from.
+    source: SourceHandle,
+    config: KafkaSourceConfig,
+    lanes: HashMap<Partition, Lane>,
+    /// Sealed batches the engine has not taken yet; the partitions are paused meanwhile.
+    held: VecDeque<(Partition, FrameBatch)>,
+    paused: bool,
+    in_flight: InFlight,
+    done_tx: crossbeam_channel::Sender<(u64, bool)>,
+    done_rx: crossbeam_channel::Receiver<(u64, bool)>,
+    /// Per partition: records below this offset are re-read only to rebuild state.
+    rebuild_until: HashMap<Partition, i64>,
+    /// Devices seen per partition, whose state goes when the partition does.
+    devices: HashMap<Partition, HashSet<Id>>,
+    topics: Vec<Arc<str>>,
+    /// When lingering batches were last looked for.
+    checked: Instant,
+    /// The engine has shut down.
+    closed: bool,
+    stats: KafkaStats,
+}
+
+impl Pipeline {
+    fn topic(&mut self, name: &str) -> Arc<str> {
+        if let Some(t) = self.topics.iter().find(|t| &***t == name) {
+            return t.clone();
+        }
+        let t: Arc<str> = name.into();
+        self.topics.push(t.clone());
+        t
+    }
+
+    fn push(&mut self, m: &BorrowedMessage<'_>) {
+        let topic = self.topic(m.topic());
+        let partition = (topic.clone(), m.partition());
+        let hint: Option<Id> = m
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .map(|k| valid_id(k).unwrap_or_default());
+        if let Some(device) = &hint
+            && !device.is_empty()
+        {
+            let devices = self.devices.entry(partition.clone()).or_default();
+            if !devices.contains(device) {
+                devices.insert(device.clone());
+            }
+        }
+        let warmup = self
+            .rebuild_until
+            .get(&partition)
+            .is_some_and(|&until| m.offset() < until);
+        let origin = Origin {
+            topic,
+            partition: m.partition(),
+            offset: m.offset(),
+        };
+        if !self.lanes.contains_key(&partition) {
+            self.open_lane(&partition);
+        }
+        let lane = self.lanes.get_mut(&partition).expect("lane opened");
+        let payload = m.payload().unwrap_or_default();
+        lane.batch
+            .push_record(payload, now_micros(), hint, origin, warmup);
+        lane.offset = m.offset();
+        lane.started.get_or_insert_with(Instant::now);
+        self.stats.records += 1;
+        self.stats.warmup_records += warmup as u64;
+        if lane.batch.len() >= self.config.batch_size {
+            self.seal(&partition);
+        }
+    }
+
+    /// A partition's own source in the engine, announced at once so that its clock holds the
+    /// watermark back before its first record arrives.
+    fn open_lane(&mut self, partition: &Partition) {
+        let mut handle = self.source.another();
+        self.closed |= !handle.open();
+        let lane = Lane {
+            batch: handle.batch(),
+            handle,
+            offset: -1,
+            started: None,
+        };
+        self.lanes.insert(partition.clone(), lane);
+    }
+
+    /// Closes a lane's batch: it gets an ack and a place among the batches in flight.
+    fn seal(&mut self, partition: &Partition) {
+        let Some(lane) = self.lanes.get_mut(partition) else {
+            return;
+        };
+        if lane.batch.is_empty() {
+            return;
+        }
+        let id = self.in_flight.next;
+        self.in_flight.next += 1;
+        let offsets = [(partition.clone(), lane.offset)].into();
+        self.in_flight.batches.push_back((id, offsets, None));
+        let tx = self.done_tx.clone();
+        let mut batch = std::mem::replace(&mut lane.batch, lane.handle.batch());
+        batch.ack = Some(Ack::new(move |ok| {
+            let _ = tx.send((id, ok));
+        }));
+        lane.started = None;
+        self.stats.batches += 1;
+        self.held.push_back((partition.clone(), batch));
+    }
+
+    /// Seals every batch that has lingered long enough (or all of them). Looks at most
+    /// every millisecond, not after every record.
+    fn seal_due(&mut self, all: bool) {
+        if !all && self.checked.elapsed() < Duration::from_millis(1) {
+            return;
+        }
+        self.checked = Instant::now();
+        let linger = self.config.batch_linger;
+        let due: Vec<Partition> = (self.lanes.iter())
+            .filter(|(_, l)| all || l.started.is_some_and(|s| s.elapsed() >= linger))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for partition in due {
+            self.seal(&partition);
+        }
+    }
+
+    /// Offers the held batches to the engine, oldest first; pauses the partitions while it
+    /// has no room and resumes them once it has taken them all.
+    fn offer(&mut self, consumer: &BaseConsumer<Context>) {
+        while let Some((partition, batch)) = self.held.pop_front() {
+            let Some(lane) = self.lanes.get_mut(&partition) else {
+                continue; // its partition left; the next owner reads it again
+            };
+            match lane.handle.try_send(batch) {
+                Offer::Taken => {}
+                Offer::Full(batch) => {
+                    self.held.push_front((partition, batch));
+                    if !self.paused {
+                        self.paused = true;
+                        self.stats.pauses += 1;
+                        set_paused(consumer, true);
+                    }
+                    return;
+                }
+                Offer::Closed => {
+                    self.closed = true;
+                    return;
+                }
+            }
+        }
+        if self.paused {
+            self.paused = false;
+            set_paused(consumer, false);
+        }
+    }
+
+    /// Commits what the completed acks allow.
+    fn commit_done(&mut self, consumer: &BaseConsumer<Context>) {
+        let mut commit = Offsets::new();
+        for (id, ok) in self.done_rx.try_iter() {
+            if !ok {
+                self.stats.failed_batches += 1;
+                tracing::error!(
+                    batch = id,
+                    "a Kafka batch was not stored; offsets are not committed past it"
+                );
+            }
+            commit.extend(self.in_flight.complete(id, ok));
+        }
+        self.commit(consumer, &commit, CommitMode::Async);
+    }
+
+    fn commit(&mut self, consumer: &BaseConsumer<Context>, offsets: &Offsets, mode: CommitMode) {
+        if offsets.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in offsets {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => self.stats.commits += 1,
+            Err(e) => tracing::warn!(error = %e, "Kafka commit failed; the next one covers it"),
+        }
+    }
+
+    /// Partitions are leaving: hands everything read to the engine, waits (up to
+    /// `revoke_timeout`) until it is durable, commits it, and has the engine drop the state
+    /// of the partitions' devices.
+    fn revoke(&mut self, consumer: &BaseConsumer<Context>, leaving: &TopicPartitionList) {
+        self.seal_due(true);
+        while let Some((partition, batch)) = self.held.pop_front() {
+            if let Some(lane) = self.lanes.get_mut(&partition) {
+                self.closed |= !lane.handle.send(batch);
+            }
+        }
+        let deadline = Instant::now() + self.config.revoke_timeout;
+        let mut commit = Offsets::new();
+        while !self.in_flight.is_settled() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok((id, ok)) = self.done_rx.recv_timeout(left) else {
+                tracing::warn!(
+                    batches = self.in_flight.batches.len(),
+                    "rebalance: readings not durable in time; the next owner reads them again"
+                );
+                break;
+            };
+            self.stats.failed_batches += !ok as u64;
+            commit.extend(self.in_flight.complete(id, ok));
+        }
+        self.commit(consumer, &commit, CommitMode::Sync);
+        let mut gone = HashSet::new();
+        for e in leaving.elements() {
+            let partition = (self.topic(e.topic()), e.partition());
+            self.rebuild_until.remove(&partition);
+            let forget: Vec<Id> = (self.devices.remove(&partition))
+                .map(|d| d.into_iter().collect())
+                .unwrap_or_default();
+            // Behind the partition's last readings, on its own lane: drop its devices' state,
+            // and its clock, which must no longer hold the watermark back.
+            if let Some(mut lane) = self.lanes.remove(&partition) {
+                let mut batch = lane.handle.batch();
+                batch.forget = forget;
+                batch.last = true;
+                self.closed |= !lane.handle.send(batch);
+            }
+            gone.insert(partition);
+        }
+        // What was not committed of departing partitions, the next owner reads again.
+        self.in_flight.drop_partitions(&gone);
+    }
+
+    /// Partitions are arriving: each starts far enough before its committed offset to
+    /// rebuild the windows the rules need.
+    fn assign(&mut self, consumer: &BaseConsumer<Context>, arriving: &mut TopicPartitionList) {
+        for e in arriving.elements() {
+            let partition = (self.topic(e.topic()), e.partition());
+            if !self.lanes.contains_key(&partition) {
+                self.open_lane(&partition);
+            }
+        }
+        let timeout = Duration::from_secs(10);
+        let committed = match consumer.committed_offsets(arriving.clone(), timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "rebalance: committed offsets unknown; no rebuild");
+                return;
+            }
+        };
+        let since = now_millis() - self.config.rebuild.as_millis() as i64;
+        let mut by_time = TopicPartitionList::new();
+        for e in committed.elements() {
+            let _ = by_time.add_partition_offset(e.topic(), e.partition(), Offset::Offset(since));
+        }
+        let by_time = consumer.offsets_for_times(by_time, timeout).ok();
+        for e in committed.elements() {
+            let Offset::Offset(until) = e.offset() else {
+                continue; // nothing committed: auto.offset.reset decides, nothing to rebuild
+            };
+            let found = by_time
+                .as_ref()
+                .and_then(|t| t.find_partition(e.topic(), e.partition()))
+                .and_then(|p| match p.offset() {
+                    Offset::Offset(o) if o >= 0 => Some(o),
+                    _ => None,
+                });
+            let from = match found {
+                Some(o) => o.min(until),
+                None => {
+                    let low = consumer
+                        .fetch_watermarks(e.topic(), e.partition(), timeout)
+                        .map_or(0, |(low, _)| low);
+                    (until - self.config.rebuild_records).max(low)
+                }
+            };
+            let _ = arriving.set_partition_offset(e.topic(), e.partition(), Offset::Offset(from));
+            if from < until {
+                let partition = (self.topic(e.topic()), e.partition());
+                self.rebuild_until.insert(partition, until);
+                tracing::info!(
+                    topic = e.topic(),
+                    partition = e.partition(),
+                    from,
+                    until,
+                    "rebalance: rebuilding state from earlier records"
+                );
+            }
+        }
+    }
+}
+
+/// Pauses (or resumes) every partition assigned to this consumer.
+fn set_paused(consumer: &BaseConsumer<Context>, pause: bool) {
+    let result = consumer.assignment().and_then(|a| {
+        if pause {
+            consumer.pause(&a)
+        } else {
+            consumer.resume(&a)
+        }
+    });
+    if let Err(e) = result {
+        tracing::warn!(error = %e, pause, "Kafka pause/resume failed");
+    }
+}
+
+/// The consumer's context: runs rebalances against the pipeline.
+struct Context {
+    pipeline: Mutex<Option<Pipeline>>,
+}
+
+impl Context {
+    fn pipeline(&self) -> MutexGuard<'_, Option<Pipeline>> {
+        self.pipeline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        tracing::info!(?err, ?partitions, cooperative, "Kafka rebalance");
+        let mut guard = self.pipeline();
+        let result = match (err, guard.as_mut()) {
+            (RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, pipeline) => {
+                if let Some(p) = pipeline {
+                    p.stats.rebalances += 1;
+                    p.assign(consumer, tpl);
+                }
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                // Arriving partitions wait too while the engine is full.
+                if guard.as_ref().is_some_and(|p| p.paused) {
+                    let _ = consumer.pause(tpl);
+                }
+                assigned
+            }
+            (RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS, pipeline) => {
+                if let Some(p) = pipeline {
+                    p.revoke(consumer, tpl);
+                }
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            (err, _) => {
+                let _ = consumer.unassign();
+                Err(KafkaError::Rebalance(err.into()))
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "Kafka rebalance failed");
+        }
+    }
+}
+
 pub struct KafkaSource {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Context>,
     config: KafkaSourceConfig,
 }
 
 impl KafkaSource {
-    pub fn new(config: &KafkaSourceConfig) -> Result<KafkaSource, rdkafka::error::KafkaError> {
-        let consumer: BaseConsumer = ClientConfig::new()
+    pub fn new(config: &KafkaSourceConfig) -> Result<KafkaSource, KafkaError> {
+        let consumer: BaseConsumer<Context> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            .create()?;
+            .set("partition.assignment.strategy", &config.assignment_strategy)
+            .set(
+                "session.timeout.ms",
+                config.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (config.session_timeout.as_millis() / 3).to_string(),
+            )
+            .create_with_context(Context {
+                pipeline: Mutex::new(None),
+            })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(KafkaSource {
@@ -126,87 +584,64 @@ impl KafkaSource {
     }
 
     /// Reads until `stop` is set or the engine stops; commits behind durable batches.
-    pub fn run(self, mut handle: SourceHandle, stop: &AtomicBool) -> KafkaStats {
-        let mut stats = KafkaStats::default();
-        // (batch id, durable?) from the acks, which complete on other threads.
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<(u64, bool)>();
-        let mut in_flight = InFlight {
-            batches: VecDeque::new(),
-            next: 0,
-            blocked: false,
-        };
-        let mut batch = handle.batch();
-        let mut offsets = Offsets::new();
-        let mut started: Option<Instant> = None;
-        let mut stopping = false;
+    pub fn run(self, source: SourceHandle, stop: &AtomicBool) -> KafkaStats {
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        *self.consumer.context().pipeline() = Some(Pipeline {
+            source,
+            config: self.config.clone(),
+            lanes: HashMap::new(),
+            held: VecDeque::new(),
+            paused: false,
+            in_flight: InFlight {
+                batches: VecDeque::new(),
+                next: 0,
+                blocked: false,
+            },
+            done_tx,
+            done_rx,
+            rebuild_until: HashMap::new(),
+            devices: HashMap::new(),
+            topics: Vec::new(),
+            checked: Instant::now(),
+            closed: false,
+            stats: KafkaStats::default(),
+        });
+        let consumer = &self.consumer;
+        let lock = || consumer.context().pipeline();
         loop {
-            if stop.load(Relaxed) {
-                stopping = true;
-            }
-            if !stopping {
-                match self.consumer.poll(Duration::from_millis(20)) {
-                    Some(Ok(m)) => {
-                        let hint: Option<Id> = m
-                            .key()
-                            .and_then(|k| std::str::from_utf8(k).ok())
-                            .map(|k| valid_id(k).unwrap_or_default());
-                        batch.push(m.payload().unwrap_or_default(), now_micros(), hint);
-                        offsets.insert((m.topic().to_string(), m.partition()), m.offset());
-                        stats.records += 1;
-                        started.get_or_insert_with(Instant::now);
-                    }
-                    Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
-                    None => {}
+            let stopping = stop.load(Relaxed);
+            let held = {
+                let mut guard = lock();
+                let p = guard.as_mut().expect("pipeline set");
+                if stopping {
+                    p.seal_due(true);
                 }
-            }
-            let full = batch.len() >= self.config.batch_size;
-            let lingered = started.is_some_and(|s| s.elapsed() >= self.config.batch_linger);
-            if !batch.is_empty() && (full || lingered || stopping) {
-                let id = in_flight.next;
-                in_flight.next += 1;
-                in_flight
-                    .batches
-                    .push_back((id, std::mem::take(&mut offsets), None));
-                let tx = done_tx.clone();
-                let mut full_batch = std::mem::replace(&mut batch, handle.batch());
-                full_batch.ack = Some(Ack::new(move |ok| {
-                    let _ = tx.send((id, ok));
-                }));
-                started = None;
-                stats.batches += 1;
-                if !handle.send(full_batch) {
+                p.offer(consumer);
+                if p.closed || (stopping && p.held.is_empty()) {
                     break;
                 }
+                !p.held.is_empty()
+            };
+            // Polled even while paused: it serves the group (rebalances). Records polled
+            // just before a pause took effect join their lanes' next batches.
+            let message = if stopping {
+                None
+            } else {
+                consumer.poll(Duration::from_millis(if held { 5 } else { 20 }))
+            };
+            let mut guard = lock();
+            let p = guard.as_mut().expect("pipeline set");
+            match message {
+                Some(Ok(m)) => p.push(&m),
+                Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+                None => {}
             }
-            for (id, ok) in done_rx.try_iter() {
-                if !ok {
-                    stats.failed_batches += 1;
-                    tracing::error!(
-                        batch = id,
-                        "a Kafka batch was not stored; offsets are not committed past it"
-                    );
-                }
-                let commit = in_flight.complete(id, ok);
-                if !commit.is_empty() {
-                    let mut tpl = TopicPartitionList::new();
-                    for ((topic, partition), offset) in &commit {
-                        let _ =
-                            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
-                    }
-                    match self.consumer.commit(&tpl, CommitMode::Async) {
-                        Ok(()) => stats.commits += 1,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Kafka commit failed; the next one covers it")
-                        }
-                    }
-                }
-            }
-            if stopping && batch.is_empty() {
-                break;
-            }
+            p.seal_due(false);
+            p.commit_done(consumer);
         }
         // Commits of batches that finish after this are left to the next run (redelivery).
-        stats
+        let pipeline = self.consumer.context().pipeline().take();
+        pipeline.map(|p| p.stats).unwrap_or_default()
     }
 }
 
@@ -215,7 +650,7 @@ mod tests {
     use super::*;
 
     fn offsets(p: i32, o: i64) -> Offsets {
-        [(("t".to_string(), p), o)].into()
+        [(("t".into(), p), o)].into()
     }
 
     #[test]
@@ -236,5 +671,10 @@ mod tests {
             f.complete(3, true).is_empty(),
             "nothing after a failed batch"
         );
+        // Partition 1 moves to another node: the failed batch no longer blocks partition 0.
+        f.drop_partitions(&[("t".into(), 1)].into());
+        assert!(!f.blocked);
+        f.batches.push_back((4, offsets(0, 30), None));
+        assert_eq!(f.complete(4, true), offsets(0, 30));
     }
 }

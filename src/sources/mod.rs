@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::model::{ClockMode, FrameBatch, RejectReason, Rejected, SourceId};
 use crossbeam_channel::Sender;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
 
 /// What a source that speaks for devices — their status and technical alerts, not only
 /// readings — needs from the engine.
@@ -39,6 +40,7 @@ impl DeviceContext {
                 reason,
                 received_us,
                 payload: payload.to_vec(),
+                origin: None,
             }];
             let _ = out.send(RejectBatch { rejects, ack: None });
         }
@@ -52,11 +54,25 @@ pub struct SourceHandle {
     pub(crate) mode: ClockMode,
     pub(crate) next_seq: u64,
     pub(crate) tx: Sender<FrameBatch>,
+    /// The engine's source ids, for [`SourceHandle::another`].
+    pub(crate) ids: Arc<AtomicU16>,
 }
 
 impl SourceHandle {
     pub fn id(&self) -> SourceId {
         self.id
+    }
+
+    /// A new source of the same kind, with its own clock and watermark: a Kafka partition
+    /// is read at its own pace, so each gets one (the engine's watermark is the slowest).
+    pub fn another(&self) -> SourceHandle {
+        SourceHandle {
+            id: self.ids.fetch_add(1, Relaxed),
+            mode: self.mode,
+            next_seq: 0,
+            tx: self.tx.clone(),
+            ids: self.ids.clone(),
+        }
     }
 
     /// An empty batch for this source.
@@ -67,11 +83,45 @@ impl SourceHandle {
     /// Hands a batch to the engine; blocks while the engine is full (backpressure).
     /// Returns false when the engine has shut down.
     pub fn send(&mut self, mut batch: FrameBatch) -> bool {
-        if batch.is_empty() {
+        if batch.is_empty() && batch.forget.is_empty() && !batch.last {
             return true;
         }
         batch.seq = self.next_seq;
         self.next_seq += 1;
         self.tx.send(batch).is_ok()
     }
+
+    /// Announces this source to the engine before its first reading: from now on its clock
+    /// holds the engine's watermark back (until it reads something, or idles), so readings
+    /// it has not yet delivered are not overtaken. Returns false when the engine has shut down.
+    pub fn open(&mut self) -> bool {
+        let mut batch = self.batch();
+        batch.seq = self.next_seq;
+        self.next_seq += 1;
+        self.tx.send(batch).is_ok()
+    }
+
+    /// Hands a batch to the engine if it has room now; a source that can hold its input
+    /// back upstream (pause a Kafka partition) uses this instead of blocking.
+    pub fn try_send(&mut self, mut batch: FrameBatch) -> Offer {
+        batch.seq = self.next_seq;
+        match self.tx.try_send(batch) {
+            Ok(()) => {
+                self.next_seq += 1;
+                Offer::Taken
+            }
+            Err(crossbeam_channel::TrySendError::Full(batch)) => Offer::Full(batch),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Offer::Closed,
+        }
+    }
+}
+
+/// What became of a batch offered with [`SourceHandle::try_send`].
+#[derive(Debug)]
+pub enum Offer {
+    Taken,
+    /// The engine is full; here is the batch back.
+    Full(FrameBatch),
+    /// The engine has shut down.
+    Closed,
 }

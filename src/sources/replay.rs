@@ -107,6 +107,8 @@ pub fn run(
 
 fn frame(start: usize, end: usize, received_us: i64) -> crate::model::FrameMeta {
     crate::model::FrameMeta {
+        origin: None,
+        warmup: false,
         start: start as u32,
         end: end as u32,
         received_us,
@@ -126,6 +128,7 @@ mod tests {
             mode: ClockMode::Replay { speed: 0.0 },
             next_seq: 0,
             tx,
+            ids: Default::default(),
         };
         let stats = run(input, handle, false).unwrap();
         let lines: Vec<Vec<u8>> = rx

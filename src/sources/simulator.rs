@@ -340,6 +340,7 @@ mod tests {
             mode: ClockMode::Live,
             next_seq: 0,
             tx,
+            ids: Default::default(),
         };
         (handle, rx)
     }

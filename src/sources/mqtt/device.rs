@@ -69,6 +69,7 @@ fn technical(
             event_ts: now_millis(),
         },
         received_us: now_micros(),
+        quiet: false,
     });
 }
 
