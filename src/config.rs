@@ -28,6 +28,10 @@ pub const BUILTIN_PIPELINES: [(&str, &str); 2] = [
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// What this node does: `engine` (the default: evaluate, store, alert) or `ingest`
+    /// (forward MQTT readings to Kafka for the rule nodes, and nothing else).
+    #[serde(default)]
+    pub role: Role,
     /// The rule set: a pipeline file path, or `builtin:icu` / `builtin:reference`.
     pub pipeline: String,
     /// How often the status line is printed.
@@ -48,6 +52,18 @@ pub struct Config {
     /// Domain events and dead letters on Kafka; absent = no Kafka.
     #[serde(default)]
     pub kafka: Option<KafkaConfig>,
+}
+
+/// A node's part in a scaled-out deployment (MQTT → ingest nodes → Kafka → rule nodes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sources → engine → storage, alerts, API: a whole service, or a rule node when its
+    /// source is Kafka.
+    #[default]
+    Engine,
+    /// MQTT (or simulated) readings, as they came, → `vitals.raw` keyed by device id.
+    Ingest,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +158,19 @@ impl Config {
         }
         if self.status_interval.is_zero() {
             problems.push("status_interval must be positive".into());
+        }
+        if self.role == Role::Ingest {
+            if self.kafka.is_none() {
+                problems.push("role = \"ingest\" forwards to Kafka: [kafka] is required".into());
+            }
+            if self.sources.is_empty()
+                || (self.sources.iter()).any(|s| matches!(s, SourceConfig::Kafka(_)))
+            {
+                problems.push(
+                    "role = \"ingest\" forwards device traffic: its sources must be mqtt (or simulator)"
+                        .into(),
+                );
+            }
         }
         for (i, source) in self.sources.iter().enumerate() {
             let (kind, found) = match source {
@@ -311,6 +340,32 @@ mod tests {
         assert!(matches!(&c.storage, Some(StorageConfig::Postgres(p)) if p.connections == 4));
         assert_eq!(c.kafka.unwrap().alert_topic, "alert.events");
         assert!(!c.api.dev_token && c.api.redis_url.is_some());
+    }
+
+    #[test]
+    fn the_scale_out_examples_load_and_pass_validation() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let ingest = Config::load_with(Some(&dir.join("ingest-node.example.toml")), &[]).unwrap();
+        assert_eq!(ingest.role, Role::Ingest);
+        ingest.validate().unwrap();
+        let rules = Config::load_with(Some(&dir.join("rule-node.example.toml")), &[]).unwrap();
+        assert_eq!(rules.role, Role::Engine);
+        assert!(
+            matches!(&rules.sources[..], [SourceConfig::Kafka(k)] if k.group_id == "vitalstream-rules")
+        );
+        rules.validate().unwrap();
+    }
+
+    #[test]
+    fn an_ingest_node_needs_kafka_and_device_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "role = \"ingest\"\n[[sources]]\ntype = \"kafka\"\n").unwrap();
+        let err = Config::load_with(Some(&path), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("[kafka] is required") && err.contains("must be mqtt"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,11 +5,11 @@
 use crate::ack::{self, Ack};
 use crate::alerts::AlertEvent;
 use crate::api;
-use crate::config::{Config, SourceConfig, StorageConfig};
+use crate::config::{Config, Role, SourceConfig, StorageConfig};
 use crate::engine::Control;
 use crate::engine::{EndOfInput, Engine, EngineConfig, Outputs, ReadingBatch, RejectBatch};
 use crate::metrics::{LatencySnapshot, Snapshot};
-use crate::model::ClockMode;
+use crate::model::{ClockMode, FrameBatch};
 use crate::rules::RuleSet;
 use crate::rules::{self, RuleSpec};
 use crate::sinks::Storage;
@@ -19,7 +19,7 @@ use crate::sinks::events::EventPublisher;
 use crate::sinks::parquet::ParquetStorage;
 use crate::sinks::postgres::PostgresStorage;
 use crate::sinks::postgres::query::Db;
-use crate::sources::{mqtt, replay, simulator};
+use crate::sources::{SourceHandle, mqtt, replay, simulator};
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
 use serde::Serialize;
@@ -334,6 +334,9 @@ fn spawn_source(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()>
 
 /// `vitalstream run`: the service, until `stop` is set.
 pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
+    if config.role == Role::Ingest {
+        return run_ingest(config, stop);
+    }
     let storage = config.storage.as_ref().map(open_storage).transpose()?;
     let rules = with_runtime_rules(config, config.rules()?);
     tracing::info!(pipeline = %config.pipeline, rules = rules.rules.len(), "starting");
@@ -482,6 +485,132 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     tracing::info!(
         accepted = snapshot.accepted,
         rejected = snapshot.rejected,
+        "stopped cleanly"
+    );
+    Ok(snapshot)
+}
+
+/// `vitalstream run` with `role = "ingest"`: device traffic in, `vitals.raw` out, keyed by
+/// device id, for the rule nodes of a consumer group. No engine and no storage: device
+/// status and technical alerts still become `device.events` and `alert.events`, and
+/// messages it cannot read go to the dead-letter topic.
+fn run_ingest(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
+    let kafka = (config.kafka.as_ref()).context("role = \"ingest\" needs a [kafka] section")?;
+    let forwarder = crate::sinks::forward::Forwarder::new(kafka, &kafka.raw_topic)
+        .context("creating the Kafka producer")?;
+    let events = Arc::new(EventPublisher::new(kafka).context("creating the Kafka producer")?);
+    tracing::info!(brokers = %kafka.brokers, topic = %kafka.raw_topic, "ingest node starting");
+
+    // What devices say about themselves, published as the rule nodes would.
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let (alerts_tx, alerts) = crossbeam_channel::bounded::<crate::alerts::AlertEvent>(1024);
+    let (rejects_tx, rejects) = crossbeam_channel::bounded::<RejectBatch>(64);
+    let registry = Arc::new(crate::devices::DeviceRegistry::default());
+    let devices = crate::sources::DeviceContext {
+        book: Arc::new(crate::alerts::AlertBook::new(alerts_tx, metrics.clone())),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        dead_letter: Some(rejects_tx),
+    };
+    let mut helpers = Vec::new();
+    let changes = registry
+        .listen()
+        .context("device registry listened to twice")?;
+    {
+        let events = events.clone();
+        helpers.push(spawn_source("device-events", move || {
+            loop {
+                let published = select! {
+                    recv(alerts) -> e => match e {
+                        Ok(e) => events.alert(&e),
+                        Err(_) => break,
+                    },
+                    recv(changes) -> c => match c {
+                        Ok(c) => events.device(&c),
+                        Err(_) => continue,
+                    },
+                };
+                if let Err(e) = published {
+                    tracing::error!(error = %e, "device event not queued for Kafka");
+                }
+            }
+            for change in changes.try_iter() {
+                let _ = events.device(&change);
+            }
+        }));
+    }
+    {
+        let events = events.clone();
+        helpers.push(spawn_source("dead-letter", move || {
+            for batch in rejects {
+                let sent = (batch.rejects.iter()).all(|r| events.dead_letter(r, "mqtt").is_ok());
+                if let (true, Some(ack)) = (sent, batch.ack) {
+                    ack.done();
+                }
+            }
+        }));
+    }
+
+    let (tx, rx) = crossbeam_channel::bounded::<FrameBatch>(64);
+    let mut sources = Vec::new();
+    for (i, source) in config.sources.iter().enumerate() {
+        let handle = SourceHandle::to_channel(tx.clone(), i as u16, ClockMode::Live);
+        let stop = stop.clone();
+        match source {
+            SourceConfig::Mqtt(c) => {
+                let (source, devices) = (mqtt::MqttSource::new(c), devices.clone());
+                sources.push(spawn_source("mqtt", move || {
+                    source.run(handle, &devices, &stop);
+                }));
+            }
+            SourceConfig::Simulator(sim) => {
+                let sim = sim.clone();
+                sources.push(spawn_source("simulator", move || {
+                    simulator::run(&sim, handle, &stop);
+                }));
+            }
+            SourceConfig::Kafka(_) => anyhow::bail!("an ingest node does not read Kafka"),
+        }
+    }
+    drop((tx, devices));
+    let forwarding = {
+        let metrics = forwarder.metrics.clone();
+        let thread = spawn_source("forward", move || {
+            forwarder.run(rx, Duration::from_secs(30));
+        });
+        (thread, metrics)
+    };
+    let mut last = (Instant::now(), 0);
+    while !stop.load(Ordering::Relaxed) && !sources.iter().all(|s| s.is_finished()) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last.0.elapsed() >= config.status_interval {
+            let forwarded = forwarding.1.forwarded.load(Ordering::Relaxed);
+            let secs = last.0.elapsed().as_secs_f64();
+            tracing::info!(
+                readings_per_s = ((forwarded - last.1) as f64 / secs).round(),
+                forwarded,
+                failed = forwarding.1.failed.load(Ordering::Relaxed),
+                "status"
+            );
+            last = (Instant::now(), forwarded);
+        }
+    }
+    tracing::info!("stopping: draining sources and the forwarder");
+    stop.store(true, Ordering::Relaxed);
+    for s in sources {
+        let _ = s.join();
+    }
+    let _ = forwarding.0.join();
+    for h in helpers {
+        let _ = h.join();
+    }
+    if let Err(e) = events.flush(Duration::from_secs(10)) {
+        tracing::error!(error = %e, "Kafka events not all delivered at shutdown");
+    }
+    let snapshot = metrics.snapshot();
+    tracing::info!(
+        forwarded = forwarding.1.forwarded.load(Ordering::Relaxed),
+        failed = forwarding.1.failed.load(Ordering::Relaxed),
         "stopped cleanly"
     );
     Ok(snapshot)

@@ -627,3 +627,114 @@ fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
     assert!(stats.pauses > 0, "the source paused: {stats:?}");
     h.finish();
 }
+
+/// The scaled-out path: devices publish to MQTT, an ingest node forwards every reading as
+/// it came to `vitals.raw` keyed by device id, and a rule node of the group evaluates it.
+#[test]
+fn an_ingest_node_forwards_mqtt_readings_to_the_rule_nodes() {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("vitals.raw", 4, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mqtt = common::broker::Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ingest.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+role = "ingest"
+status_interval = "1s"
+[[sources]]
+type = "mqtt"
+port = {port}
+client_id = "ingest-test"
+batch_linger = "10ms"
+[kafka]
+brokers = "{brokers}"
+"#,
+            port = mqtt.port
+        ),
+    )
+    .unwrap();
+    let config = vitalstream::config::Config::load_with(Some(&file), &[]).unwrap();
+    config.validate().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ingest = {
+        let stop = stop.clone();
+        std::thread::spawn(move || vitalstream::service::run(&config, stop))
+    };
+
+    let t0 = now_millis() - 30_000;
+    let mut sent = Vec::new();
+    for s in 0..20 {
+        for d in 0..5 {
+            let hr = if d == 2 && s == 10 { 160 } else { 72 };
+            let body = format!(
+                r#"{{"device_id":"bed-{d}","ts":{},"hr":{hr}}}"#,
+                t0 + s * 1000
+            );
+            sent.push((format!("devices/bed-{d}/vitals"), body));
+        }
+    }
+    let mut options = MqttOptions::new("ward-devices", "127.0.0.1", mqtt.port);
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut connection) = Client::new(options, sent.len() + 10);
+    // Publish once the ingest node has subscribed.
+    let log = mqtt.dir.path().join("mosquitto.log");
+    wait_for("the ingest node to subscribe", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("SUBSCRIBE from ingest-test"))
+    });
+    for (topic, body) in &sent {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, body.as_bytes())
+            .unwrap();
+    }
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked < sent.len() && Instant::now() < deadline {
+        if let Ok(Ok(Event::Incoming(Packet::PubAck(_)))) =
+            connection.recv_timeout(Duration::from_millis(200))
+        {
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, sent.len());
+
+    // Every reading, as it came, keyed by its device.
+    let got = consume(&brokers, "vitals.raw", sent.len());
+    assert_eq!(got.len(), sent.len());
+    let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in &got {
+        let key = m.key.clone().unwrap();
+        let body = String::from_utf8(m.payload.clone()).unwrap();
+        assert!(
+            body.contains(&format!(r#""device_id":"{key}""#)),
+            "{key}: {body}"
+        );
+        by_key.entry(key).or_default().push(body);
+    }
+    assert_eq!(by_key.len(), 5);
+    for (topic, body) in &sent {
+        let device = topic.split('/').nth(1).unwrap();
+        assert!(by_key[device].contains(body), "{body} forwarded");
+    }
+
+    // A rule node of the group evaluates them.
+    let node = Node::start("rules", &brokers, HR_RULE, "cooperative-sticky");
+    wait_for("the rule node to store every reading", || {
+        node.stored() == sent.len()
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    ingest.join().unwrap().unwrap();
+    let (_, alerts) = node.finish();
+    let raised: Vec<&str> = alerts
+        .iter()
+        .filter(|e| e.event == Transition::Raised)
+        .map(|e| e.alert.subject.as_str())
+        .collect();
+    assert_eq!(raised, ["bed-2"]);
+}

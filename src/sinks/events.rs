@@ -37,6 +37,8 @@ pub struct KafkaConfig {
     pub alert_topic: String,
     pub device_topic: String,
     pub dlq_topic: String,
+    /// Where an ingest node forwards readings (and rule nodes read them).
+    pub raw_topic: String,
     /// `lz4`, `zstd` is not built in; `none` to turn compression off.
     pub compression: String,
     /// How long the producer waits to fill a batch.
@@ -55,6 +57,7 @@ impl Default for KafkaConfig {
             alert_topic: "alert.events".into(),
             device_topic: "device.events".into(),
             dlq_topic: "vitals.dlq".into(),
+            raw_topic: "vitals.raw".into(),
             compression: "lz4".into(),
             linger: Duration::from_millis(5),
             delivery_timeout: Duration::from_secs(120),

@@ -6,10 +6,12 @@
 //! - [`alert_log`] writes alert transitions as NDJSON (stdout or a file).
 //! - [`dead_letter`] writes rejected frames, original bytes included, as NDJSON.
 //! - [`events`] publishes domain events and dead letters to Kafka.
+//! - [`forward`] is the ingest node's output: readings, as they came, to `vitals.raw`.
 
 pub mod alert_log;
 pub mod dead_letter;
 pub mod events;
+pub mod forward;
 pub mod parquet;
 pub mod postgres;
 

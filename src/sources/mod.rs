@@ -59,6 +59,18 @@ pub struct SourceHandle {
 }
 
 impl SourceHandle {
+    /// A handle onto a plain channel instead of an engine (an ingest node forwards what its
+    /// sources read).
+    pub fn to_channel(tx: Sender<FrameBatch>, id: SourceId, mode: ClockMode) -> SourceHandle {
+        SourceHandle {
+            id,
+            mode,
+            next_seq: 0,
+            tx,
+            ids: Arc::new(AtomicU16::new(id + 1)),
+        }
+    }
+
     pub fn id(&self) -> SourceId {
         self.id
     }

@@ -139,7 +139,7 @@ pub fn run(config: &SimulatorConfig, mut handle: SourceHandle, stop: &AtomicBool
             stats.episodes += u64::from(started);
             line.clear();
             device.write_json(&mut line, ts, &vitals);
-            batch.push(&line, received_us, None);
+            batch.push(&line, received_us, Some(device.id.as_str().into()));
             stats.readings += 1;
             next_device = (next_device + 1) % devices.len();
             next_due += step;
