@@ -146,10 +146,12 @@ fn main() {
     engine.join(EndOfInput::KeepOpen);
     let done = processed.load(Ordering::Relaxed);
     println!(
-        "consumed + processed {done} readings in {:.2} s: {:.0} readings/s ({} commits)",
+        "consumed + processed {done} readings in {:.2} s: {:.0} readings/s ({} commits, {} batches, {} pauses)",
         elapsed.as_secs_f64(),
         done as f64 / elapsed.as_secs_f64(),
-        stats.commits
+        stats.commits,
+        stats.batches,
+        stats.pauses
     );
     assert_eq!(failed, 0, "the producer lost nothing");
     assert_eq!(done, n, "every reading processed");

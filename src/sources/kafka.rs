@@ -28,9 +28,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -213,7 +214,7 @@ impl Pipeline {
         t
     }
 
-    fn push(&mut self, m: &BorrowedMessage<'_>) {
+    fn push(&mut self, m: &BorrowedMessage<'_>, received_us: i64) {
         let topic = self.topic(m.topic());
         let partition = (topic.clone(), m.partition());
         let hint: Option<Id> = m
@@ -243,7 +244,7 @@ impl Pipeline {
         let lane = self.lanes.get_mut(&partition).expect("lane opened");
         let payload = m.payload().unwrap_or_default();
         lane.batch
-            .push_record(payload, now_micros(), hint, origin, warmup);
+            .push_record(payload, received_us, hint, origin, warmup);
         lane.offset = m.offset();
         lane.started.get_or_insert_with(Instant::now);
         self.stats.records += 1;
@@ -313,7 +314,14 @@ impl Pipeline {
             let Some(lane) = self.lanes.get_mut(&partition) else {
                 continue; // its partition left; the next owner reads it again
             };
-            match lane.handle.try_send(batch) {
+            // A moment's wait absorbs the engine's ordinary bursts; pausing is for an engine
+            // that stays full (librdkafka drops what it prefetched, and fetches it again).
+            let wait = if self.paused {
+                Duration::ZERO
+            } else {
+                PAUSE_AFTER
+            };
+            match lane.handle.try_send(batch, wait) {
                 Offer::Taken => {}
                 Offer::Full(batch) => {
                     self.held.push_front((partition, batch));
@@ -391,7 +399,7 @@ impl Pipeline {
             commit.extend(self.in_flight.complete(id, ok));
         }
         self.commit(consumer, &commit, CommitMode::Sync);
-        let mut gone = HashSet::new();
+        let mut gone = HashSet::default();
         for e in leaving.elements() {
             let partition = (self.topic(e.topic()), e.partition());
             self.rebuild_until.remove(&partition);
@@ -488,6 +496,8 @@ fn set_paused(consumer: &BaseConsumer<Context>, pause: bool) {
 /// The consumer's context: runs rebalances against the pipeline.
 struct Context {
     pipeline: Mutex<Option<Pipeline>>,
+    /// Counts rebalances, so the read loop knows when what it holds went stale.
+    generation: AtomicU64,
 }
 
 impl Context {
@@ -509,6 +519,7 @@ impl ConsumerContext for Context {
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         );
+        self.generation.fetch_add(1, Relaxed);
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?err, ?partitions, cooperative, "Kafka rebalance");
         let mut guard = self.pipeline();
@@ -550,6 +561,12 @@ impl ConsumerContext for Context {
     }
 }
 
+/// How long the engine may stay full before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_millis(200);
+
+/// Records taken from librdkafka per turn of the read loop.
+const POLL_MAX: usize = 512;
+
 pub struct KafkaSource {
     consumer: BaseConsumer<Context>,
     config: KafkaSourceConfig,
@@ -574,6 +591,7 @@ impl KafkaSource {
             )
             .create_with_context(Context {
                 pipeline: Mutex::new(None),
+                generation: AtomicU64::new(0),
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -589,7 +607,7 @@ impl KafkaSource {
         *self.consumer.context().pipeline() = Some(Pipeline {
             source,
             config: self.config.clone(),
-            lanes: HashMap::new(),
+            lanes: HashMap::default(),
             held: VecDeque::new(),
             paused: false,
             in_flight: InFlight {
@@ -599,8 +617,8 @@ impl KafkaSource {
             },
             done_tx,
             done_rx,
-            rebuild_until: HashMap::new(),
-            devices: HashMap::new(),
+            rebuild_until: HashMap::default(),
+            devices: HashMap::default(),
             topics: Vec::new(),
             checked: Instant::now(),
             closed: false,
@@ -608,6 +626,7 @@ impl KafkaSource {
         });
         let consumer = &self.consumer;
         let lock = || consumer.context().pipeline();
+        let mut messages = Vec::with_capacity(POLL_MAX);
         loop {
             let stopping = stop.load(Relaxed);
             let held = {
@@ -623,18 +642,34 @@ impl KafkaSource {
                 !p.held.is_empty()
             };
             // Polled even while paused: it serves the group (rebalances). Records polled
-            // just before a pause took effect join their lanes' next batches.
-            let message = if stopping {
-                None
-            } else {
-                consumer.poll(Duration::from_millis(if held { 5 } else { 20 }))
-            };
+            // just before a pause took effect join their lanes' next batches. What is ready
+            // is taken in one go (up to `POLL_MAX`), then handled under one lock.
+            // A rebalance (run inside `poll`) makes what was taken before it stale: those
+            // partitions were settled without it, and are read again from their commits.
+            messages.clear();
+            if !stopping {
+                let context = consumer.context();
+                let mut generation = context.generation.load(Relaxed);
+                let mut wait = Duration::from_millis(if held { 5 } else { 20 });
+                while messages.len() < POLL_MAX {
+                    let message = consumer.poll(wait);
+                    if context.generation.load(Relaxed) != generation {
+                        generation = context.generation.load(Relaxed);
+                        messages.clear();
+                    }
+                    match message {
+                        Some(Ok(m)) => messages.push(m),
+                        Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
+                        None => break,
+                    }
+                    wait = Duration::ZERO;
+                }
+            }
+            let received_us = now_micros();
             let mut guard = lock();
             let p = guard.as_mut().expect("pipeline set");
-            match message {
-                Some(Ok(m)) => p.push(&m),
-                Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
-                None => {}
+            for m in &messages {
+                p.push(m, received_us);
             }
             p.seal_due(false);
             p.commit_done(consumer);
@@ -672,7 +707,7 @@ mod tests {
             "nothing after a failed batch"
         );
         // Partition 1 moves to another node: the failed batch no longer blocks partition 0.
-        f.drop_partitions(&[("t".into(), 1)].into());
+        f.drop_partitions(&[("t".into(), 1)].into_iter().collect());
         assert!(!f.blocked);
         f.batches.push_back((4, offsets(0, 30), None));
         assert_eq!(f.complete(4, true), offsets(0, 30));

@@ -113,17 +113,19 @@ impl SourceHandle {
         self.tx.send(batch).is_ok()
     }
 
-    /// Hands a batch to the engine if it has room now; a source that can hold its input
+    /// Hands a batch to the engine if it has room soon; a source that can hold its input
     /// back upstream (pause a Kafka partition) uses this instead of blocking.
-    pub fn try_send(&mut self, mut batch: FrameBatch) -> Offer {
+    /// Waits up to `wait` for room.
+    pub fn try_send(&mut self, mut batch: FrameBatch, wait: std::time::Duration) -> Offer {
+        use crossbeam_channel::SendTimeoutError;
         batch.seq = self.next_seq;
-        match self.tx.try_send(batch) {
+        match self.tx.send_timeout(batch, wait) {
             Ok(()) => {
                 self.next_seq += 1;
                 Offer::Taken
             }
-            Err(crossbeam_channel::TrySendError::Full(batch)) => Offer::Full(batch),
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Offer::Closed,
+            Err(SendTimeoutError::Timeout(batch)) => Offer::Full(batch),
+            Err(SendTimeoutError::Disconnected(_)) => Offer::Closed,
         }
     }
 }
