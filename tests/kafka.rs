@@ -3,17 +3,17 @@
 
 mod common;
 
+use common::kafka::TestKafka;
 use common::{HR_RULE, Harness, WAIT, reading, rules};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::mocking::MockCluster;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use vitalstream::alerts::Transition;
 use vitalstream::model::now_millis;
-use vitalstream::sinks::events::{EventPublisher, KafkaConfig};
+use vitalstream::sinks::events::EventPublisher;
 
 struct Received {
     key: Option<String>,
@@ -58,16 +58,13 @@ fn consume(brokers: &str, topic: &str, n: usize) -> Vec<Received> {
 
 #[test]
 fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("alert.events", 3, 1).unwrap();
-    cluster.create_topic("vitals.dlq", 1, 1).unwrap();
-    cluster.create_topic("device.events", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let events = EventPublisher::new(&KafkaConfig {
-        brokers: brokers.clone(),
-        ..KafkaConfig::default()
-    })
-    .unwrap();
+    common::logs();
+    let k = TestKafka::start();
+    k.create_topic("alert.events", 3);
+    k.create_topic("vitals.dlq", 1);
+    k.create_topic("device.events", 1);
+    let brokers = k.brokers.clone();
+    let events = EventPublisher::new(&k.events_config()).unwrap();
 
     let mut h = Harness::start(&common::config(), rules(HR_RULE));
     let mut source = h.replay_source();
@@ -117,7 +114,7 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
         0
     );
 
-    let got = consume(&brokers, "alert.events", 3);
+    let got = consume(&brokers, &k.t("alert.events"), 3);
     assert_eq!(got.len(), 3);
     let mut types = Vec::new();
     for m in &got {
@@ -174,7 +171,7 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
         ["alert.acknowledged", "alert.raised", "alert.resolved"]
     );
 
-    let devices = consume(&brokers, "device.events", 2);
+    let devices = consume(&brokers, &k.t("device.events"), 2);
     let kinds: Vec<(String, Option<String>)> = devices
         .iter()
         .map(|m| (m.headers["event-type"].clone(), m.key.clone()))
@@ -191,7 +188,7 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
     assert_eq!(assigned["user_id"], "nurse-k");
     assert_eq!(assigned["event_version"], "1.0");
 
-    let dlq = consume(&brokers, "vitals.dlq", 1);
+    let dlq = consume(&brokers, &k.t("vitals.dlq"), 1);
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].payload, bad.as_bytes(), "the original bytes");
     assert_eq!(dlq[0].headers["dlq-reason"], "bad_type:hr");
@@ -204,16 +201,17 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
 /// committed only once the batches carrying them are durable.
 #[test]
 fn offsets_are_committed_only_behind_durable_readings() {
+    common::logs();
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
     use rdkafka::{Offset, TopicPartitionList};
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
     use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
 
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("vitals.raw", 2, 1).unwrap();
-    cluster.create_topic("vitals.dlq", 1, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let k = TestKafka::start();
+    k.create_topic("vitals.raw", 2);
+    k.create_topic("vitals.dlq", 1);
+    let brokers = k.brokers.clone();
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()
@@ -232,7 +230,7 @@ fn offsets_are_committed_only_behind_durable_readings() {
         }
         producer
             .send(
-                BaseRecord::to("vitals.raw")
+                BaseRecord::to(&k.t("vitals.raw"))
                     .key(device.as_str())
                     .payload(payload.as_bytes()),
             )
@@ -244,7 +242,8 @@ fn offsets_are_committed_only_behind_durable_readings() {
     let mut h = Harness::start(&common::config(), rules(HR_RULE));
     let config = KafkaSourceConfig {
         brokers: brokers.clone(),
-        group_id: "rule-nodes".into(),
+        group_id: k.t("rule-nodes"),
+        topics: vec![k.t("vitals.raw")],
         batch_size: 50,
         ..KafkaSourceConfig::default()
     };
@@ -270,21 +269,17 @@ fn offsets_are_committed_only_behind_durable_readings() {
     // The bad record goes to the dead-letter output with its place in Kafka…
     let rejects = h.rejects.recv_timeout(WAIT).unwrap();
     let origin = rejects.rejects[0].origin.clone().expect("a Kafka record");
-    assert_eq!(&*origin.topic, "vitals.raw");
-    let events = EventPublisher::new(&KafkaConfig {
-        brokers: brokers.clone(),
-        ..KafkaConfig::default()
-    })
-    .unwrap();
+    assert_eq!(*origin.topic, k.t("vitals.raw"));
+    let events = EventPublisher::new(&k.events_config()).unwrap();
     events.dead_letter(&rejects.rejects[0], "kafka").unwrap();
     events.flush(Duration::from_secs(10)).unwrap();
     // Dead-lettered is done with, like stored: its offset may be committed.
     rejects.ack.unwrap().done();
     // …which the dead-letter topic carries in its headers.
-    let dlq = consume(&brokers, "vitals.dlq", 1);
+    let dlq = consume(&brokers, &k.t("vitals.dlq"), 1);
     assert_eq!(dlq[0].headers["dlq-reason"], "bad_type:hr");
     assert_eq!(dlq[0].headers["dlq-source"], "kafka");
-    assert_eq!(dlq[0].headers["dlq-kafka-topic"], "vitals.raw");
+    assert_eq!(dlq[0].headers["dlq-kafka-topic"], k.t("vitals.raw"));
     assert_eq!(
         dlq[0].headers["dlq-kafka-partition"],
         origin.partition.to_string()
@@ -299,12 +294,12 @@ fn offsets_are_committed_only_behind_durable_readings() {
     let committed = || -> i64 {
         let probe: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
-            .set("group.id", "rule-nodes")
+            .set("group.id", k.t("rule-nodes"))
             .create()
             .unwrap();
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition("vitals.raw", 0);
-        tpl.add_partition("vitals.raw", 1);
+        tpl.add_partition(&k.t("vitals.raw"), 0);
+        tpl.add_partition(&k.t("vitals.raw"), 1);
         let got = probe
             .committed_offsets(tpl, Duration::from_secs(5))
             .unwrap();
@@ -376,11 +371,11 @@ fn ward(t0: i64, from: i64, to: i64) -> Vec<(String, String)> {
     out
 }
 
-fn produce(brokers: &str, lines: &[(String, String)]) {
+fn produce(k: &TestKafka, lines: &[(String, String)]) {
     use rdkafka::producer::{BaseRecord, Producer};
-    let p = producer(brokers);
+    let p = producer(&k.brokers);
     for (key, line) in lines {
-        p.send(BaseRecord::to("vitals.raw").key(key).payload(line))
+        p.send(BaseRecord::to(&k.t("vitals.raw")).key(key).payload(line))
             .map_err(|(e, _)| e)
             .unwrap();
     }
@@ -397,7 +392,7 @@ struct Node {
 }
 
 impl Node {
-    fn start(name: &str, brokers: &str, rules_toml: &str, strategy: &str) -> Node {
+    fn start(name: &str, k: &TestKafka, rules_toml: &str, strategy: &str) -> Node {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
         use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
@@ -415,8 +410,9 @@ impl Node {
             });
         }
         let config = KafkaSourceConfig {
-            brokers: brokers.to_string(),
-            group_id: "rule-nodes".into(),
+            brokers: k.brokers.clone(),
+            group_id: k.t("rule-nodes"),
+            topics: vec![k.t("vitals.raw")],
             batch_size: 64,
             rebuild_records: 1000,
             // The mock coordinator waits this long (less a second) for members to rejoin.
@@ -486,12 +482,14 @@ fn edges(events: &[vitalstream::alerts::AlertEvent]) -> Vec<(String, String)> {
 /// (cooperative-sticky, the default)…
 #[test]
 fn a_cooperative_rebalance_neither_loses_nor_doubles_alerts() {
+    common::logs();
     rebalance_between_two_rule_nodes("cooperative-sticky");
 }
 
 /// …or revoking everything and assigning afresh (the eager protocols).
 #[test]
 fn an_eager_rebalance_neither_loses_nor_doubles_alerts() {
+    common::logs();
     rebalance_between_two_rule_nodes("range");
 }
 
@@ -499,28 +497,23 @@ fn an_eager_rebalance_neither_loses_nor_doubles_alerts() {
 /// nodes raise and resolve exactly the alerts one engine raises over the same readings:
 /// none lost, none doubled; and every reading is stored once.
 fn rebalance_between_two_rule_nodes(strategy: &str) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_thread_names(true)
-        .with_test_writer()
-        .try_init();
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("vitals.raw", 4, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    common::logs();
+    let k = TestKafka::start();
+    k.create_topic("vitals.raw", 4);
     let rules_toml = format!("{HR_RULE}{SPO2_WINDOW}");
     let t0 = now_millis() - 200_000;
     let before = ward(t0, 0, 60);
     let after = ward(t0, 60, 130);
 
-    let a = Node::start("a", &brokers, &rules_toml, strategy);
-    produce(&brokers, &before);
+    let a = Node::start("a", &k, &rules_toml, strategy);
+    produce(&k, &before);
     wait_for("node A to store the first minute", || {
         a.stored() == before.len()
     });
-    let b = Node::start("b", &brokers, &rules_toml, strategy);
+    let b = Node::start("b", &k, &rules_toml, strategy);
     // B reads again what it needs to rebuild its partitions' windows before going on.
     wait_for("node B to be assigned partitions", || b.frames() > 0);
-    produce(&brokers, &after);
+    produce(&k, &after);
     let total = before.len() + after.len();
     wait_for("both nodes to store everything", || {
         a.stored() + b.stored() >= total
@@ -564,13 +557,14 @@ fn rebalance_between_two_rule_nodes(strategy: &str) {
 /// not buffer: every record still arrives once, in order per device.
 #[test]
 fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
+    common::logs();
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
 
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("vitals.raw", 2, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let k = TestKafka::start();
+    k.create_topic("vitals.raw", 2);
+    let brokers = k.brokers.clone();
     let t0 = now_millis() - 100_000;
     let total = 6000;
     let lines: Vec<(String, String)> = (0..total)
@@ -583,13 +577,14 @@ fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
             (device, line)
         })
         .collect();
-    produce(&brokers, &lines);
+    produce(&k, &lines);
 
     // Storage takes one batch at a time, and slowly.
     let mut h = Harness::with_slow_storage(&common::config(), rules(HR_RULE), 1);
     let config = KafkaSourceConfig {
         brokers: brokers.clone(),
-        group_id: "slow".into(),
+        group_id: k.t("slow"),
+        topics: vec![k.t("vitals.raw")],
         batch_size: 20,
         ..KafkaSourceConfig::default()
     };
@@ -629,6 +624,10 @@ fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
     }
     stop.store(true, Relaxed);
     let stats = runner.join().unwrap();
+    assert_eq!(
+        stats.skipped, 0,
+        "the broker delivered every offset: {stats:?}"
+    );
     assert_eq!(stored, total, "every record, once");
     assert!(stats.pauses > 0, "the source paused: {stats:?}");
     h.finish();
@@ -638,13 +637,14 @@ fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
 /// it came to `vitals.raw` keyed by device id, and a rule node of the group evaluates it.
 #[test]
 fn an_ingest_node_forwards_mqtt_readings_to_the_rule_nodes() {
+    common::logs();
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("vitals.raw", 4, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let k = TestKafka::start();
+    k.create_topic("vitals.raw", 4);
+    let brokers = k.brokers.clone();
     let mqtt = common::broker::Broker::start("");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ingest.toml");
@@ -661,8 +661,16 @@ client_id = "ingest-test"
 batch_linger = "10ms"
 [kafka]
 brokers = "{brokers}"
+raw_topic = "{raw}"
+alert_topic = "{alerts}"
+device_topic = "{devices}"
+dlq_topic = "{dlq}"
 "#,
-            port = mqtt.port
+            port = mqtt.port,
+            raw = k.t("vitals.raw"),
+            alerts = k.t("alert.events"),
+            devices = k.t("device.events"),
+            dlq = k.t("vitals.dlq"),
         ),
     )
     .unwrap();
@@ -711,7 +719,7 @@ brokers = "{brokers}"
     assert_eq!(acked, sent.len());
 
     // Every reading, as it came, keyed by its device.
-    let got = consume(&brokers, "vitals.raw", sent.len());
+    let got = consume(&brokers, &k.t("vitals.raw"), sent.len());
     assert_eq!(got.len(), sent.len());
     let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for m in &got {
@@ -730,7 +738,7 @@ brokers = "{brokers}"
     }
 
     // A rule node of the group evaluates them.
-    let node = Node::start("rules", &brokers, HR_RULE, "cooperative-sticky");
+    let node = Node::start("rules", &k, HR_RULE, "cooperative-sticky");
     wait_for("the rule node to store every reading", || {
         node.stored() == sent.len()
     });

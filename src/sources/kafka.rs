@@ -117,6 +117,9 @@ pub struct KafkaStats {
     /// Times the partitions were paused because the engine was full.
     pub pauses: u64,
     pub rebalances: u64,
+    /// Offsets the broker jumped over (on a topic that is not compacted, records lost
+    /// before they reached this node).
+    pub skipped: u64,
 }
 
 /// A topic and partition.
@@ -176,6 +179,8 @@ struct Lane {
     batch: FrameBatch,
     /// Highest offset in `batch`.
     offset: i64,
+    /// The offset the next record should have (-1 until the first).
+    next: i64,
     started: Option<Instant>,
 }
 
@@ -242,6 +247,20 @@ impl Pipeline {
             self.open_lane(&partition);
         }
         let lane = self.lanes.get_mut(&partition).expect("lane opened");
+        // `vitals.raw` is not compacted: a jump in offsets means the broker skipped records.
+        if lane.next >= 0 && m.offset() > lane.next {
+            let skipped = (m.offset() - lane.next) as u64;
+            self.stats.skipped += skipped;
+            tracing::error!(
+                topic = m.topic(),
+                partition = m.partition(),
+                expected = lane.next,
+                got = m.offset(),
+                skipped,
+                "the broker skipped records of this partition"
+            );
+        }
+        lane.next = m.offset() + 1;
         let payload = m.payload().unwrap_or_default();
         lane.batch
             .push_record(payload, received_us, hint, origin, warmup);
@@ -263,6 +282,7 @@ impl Pipeline {
             batch: handle.batch(),
             handle,
             offset: -1,
+            next: -1,
             started: None,
         };
         self.lanes.insert(partition.clone(), lane);
@@ -464,8 +484,11 @@ impl Pipeline {
                 }
             };
             let _ = arriving.set_partition_offset(e.topic(), e.partition(), Offset::Offset(from));
+            let partition = (self.topic(e.topic()), e.partition());
+            if let Some(lane) = self.lanes.get_mut(&partition) {
+                lane.next = from;
+            }
             if from < until {
-                let partition = (self.topic(e.topic()), e.partition());
                 self.rebuild_until.insert(partition, until);
                 tracing::info!(
                     topic = e.topic(),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod kafka;
 pub mod pg;
 pub mod server;
 
@@ -111,3 +112,12 @@ pub fn count(events: &[AlertEvent], rule: &str, t: Transition) -> usize {
 }
 
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Log lines (`RUST_LOG`) go to the test's output, shown when it fails.
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_thread_names(true)
+        .with_test_writer()
+        .try_init();
+}
