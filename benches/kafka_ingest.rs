@@ -4,7 +4,9 @@
 //!
 //! ```sh
 //! cargo bench --bench kafka_ingest                    # 1,000,000 readings, 1,000 devices
+//! KAFKA_BENCH_BROKERS=127.0.0.1:19092 cargo bench --bench kafka_ingest   # a real broker
 //! ```
+//! On a real broker the topic is created fresh for the run (`KAFKA_BENCH_PARTITIONS`, 16).
 //! The readings are produced first (not timed; the producer's delivery reports are checked),
 //! into 64 partitions because the mock cluster keeps only about 30,000 records of this size
 //! per partition. The rate is readings over the time from the first reading processed (after
@@ -38,7 +40,7 @@ impl rdkafka::producer::ProducerContext for Counting {
 }
 
 /// Produces `n` readings (1,000 devices at 1 Hz) keyed by device; returns failed deliveries.
-fn produce(brokers: &str, n: usize) -> u64 {
+fn produce(brokers: &str, topic: &str, n: usize) -> u64 {
     let lines = common::lines(1000, n.div_ceil(1000));
     let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let producer: ThreadedProducer<Counting> = ClientConfig::new()
@@ -50,9 +52,7 @@ fn produce(brokers: &str, n: usize) -> u64 {
         .unwrap();
     for line in lines.iter().take(n) {
         let key = &line[14..23]; // "bed-NNNNN"
-        let mut record = BaseRecord::to("vitals.raw")
-            .key(key)
-            .payload(line.as_bytes());
+        let mut record = BaseRecord::to(topic).key(key).payload(line.as_bytes());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -72,9 +72,25 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("vitals.raw", 64, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    // librdkafka's mock cluster, or a real broker with a topic of this run's own.
+    let external = std::env::var("KAFKA_BENCH_BROKERS").ok();
+    let partitions: i32 = std::env::var("KAFKA_BENCH_PARTITIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if external.is_some() { 16 } else { 64 });
+    let (_cluster, brokers, topic) = match external {
+        Some(brokers) => {
+            let topic = format!("vitals.raw.bench-{}", std::process::id());
+            create_topic(&brokers, &topic, partitions);
+            (None, brokers, topic)
+        }
+        None => {
+            let cluster = MockCluster::new(1).unwrap();
+            cluster.create_topic("vitals.raw", partitions, 1).unwrap();
+            let brokers = cluster.bootstrap_servers();
+            (Some(cluster), brokers, "vitals.raw".to_string())
+        }
+    };
     let (alerts_tx, alerts_rx) = crossbeam_channel::unbounded();
     let (readings_tx, readings_rx) =
         crossbeam_channel::bounded::<vitalstream::engine::ReadingBatch>(64);
@@ -103,11 +119,12 @@ fn main() {
     }
     // Produced first, not timed. The mock cluster keeps only about 30,000 of these records
     // per partition, hence many partitions.
-    let failed = produce(&brokers, n);
-    println!("kafka ingest: {n} readings produced to the mock cluster (64 partitions)");
+    let failed = produce(&brokers, &topic, n);
+    println!("kafka ingest: {n} readings produced to {brokers} {topic} ({partitions} partitions)");
     let source = KafkaSource::new(&KafkaSourceConfig {
         brokers,
-        group_id: "bench".into(),
+        group_id: format!("bench-{}", std::process::id()),
+        topics: vec![topic.clone()],
         batch_size: 4096,
         ..KafkaSourceConfig::default()
     })
@@ -116,7 +133,10 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let runner = {
         let stop = stop.clone();
-        std::thread::spawn(move || source.run(handle, &stop))
+        std::thread::Builder::new()
+            .name("kafka-source".into())
+            .spawn(move || source.run(handle, &stop))
+            .unwrap()
     };
     // The clock starts at the first reading processed (after the group join).
     while processed.load(Ordering::Relaxed) == 0 {
@@ -155,4 +175,23 @@ fn main() {
     );
     assert_eq!(failed, 0, "the producer lost nothing");
     assert_eq!(done, n, "every reading processed");
+}
+
+/// Creates a topic on a real broker.
+fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(admin.create_topics(&[new], &AdminOptions::new()))
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
 }
