@@ -9,16 +9,6 @@ use vitalstream::alerts::Transition;
 use vitalstream::engine::EngineConfig;
 use vitalstream::model::{ClockMode, now_micros, now_millis};
 
-const SPO2_WINDOW: &str = r#"
-[[rule]]
-id = "spo2_low"
-kind = "window"
-priority = "high"
-message = "SpO2 low"
-condition = "avg(spo2) < 90"
-window = "10s"
-"#;
-
 const T0: i64 = 1_767_225_600_000;
 
 #[test]

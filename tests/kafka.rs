@@ -4,16 +4,23 @@
 mod common;
 
 use common::kafka::TestKafka;
-use common::{HR_RULE, Harness, WAIT, reading, rules};
+use common::{HR_RULE, Harness, SPO2_WINDOW, WAIT, reading, rules};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vitalstream::alerts::Transition;
-use vitalstream::model::now_millis;
+use vitalstream::alerts::{AlertEvent, Transition};
+use vitalstream::model::{ClockMode, now_millis};
 use vitalstream::sinks::events::EventPublisher;
+use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig, KafkaStats};
 
 struct Received {
     key: Option<String>,
@@ -106,13 +113,7 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
         events.device(&change).unwrap();
     }
     events.flush(Duration::from_secs(10)).unwrap();
-    assert_eq!(
-        events
-            .metrics
-            .failed
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(events.metrics.failed.load(Relaxed), 0);
 
     let got = consume(&brokers, &k.t("alert.events"), 3);
     assert_eq!(got.len(), 3);
@@ -197,16 +198,41 @@ fn alert_transitions_and_dead_letters_go_out_in_the_platforms_conventions() {
     h.finish();
 }
 
+/// Settings for a source reading this test's `vitals.raw` in group `group`.
+fn source_config(k: &TestKafka, group: &str, batch_size: usize) -> KafkaSourceConfig {
+    KafkaSourceConfig {
+        brokers: k.brokers.clone(),
+        group_id: k.t(group),
+        topics: vec![k.t("vitals.raw")],
+        batch_size,
+        ..KafkaSourceConfig::default()
+    }
+}
+
+/// Starts a Kafka source feeding `h`'s engine on its own thread; set the flag to stop it.
+fn start_source(
+    name: &str,
+    h: &mut Harness,
+    config: &KafkaSourceConfig,
+) -> (Arc<AtomicBool>, JoinHandle<KafkaStats>) {
+    let source = KafkaSource::new(config).unwrap();
+    let handle = h.engine.source(ClockMode::Live);
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("kafka-{name}"))
+            .spawn(move || source.run(handle, &stop))
+            .unwrap()
+    };
+    (stop, thread)
+}
+
 /// Readings consumed from `vitals.raw` reach the engine (and raise alerts); offsets are
 /// committed only once the batches carrying them are durable.
 #[test]
 fn offsets_are_committed_only_behind_durable_readings() {
     common::logs();
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    use rdkafka::{Offset, TopicPartitionList};
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
-    use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
 
     let k = TestKafka::start();
     k.create_topic("vitals.raw", 2);
@@ -240,20 +266,7 @@ fn offsets_are_committed_only_behind_durable_readings() {
     producer.flush(Duration::from_secs(10)).unwrap();
 
     let mut h = Harness::start(&common::config(), rules(HR_RULE));
-    let config = KafkaSourceConfig {
-        brokers: brokers.clone(),
-        group_id: k.t("rule-nodes"),
-        topics: vec![k.t("vitals.raw")],
-        batch_size: 50,
-        ..KafkaSourceConfig::default()
-    };
-    let source = KafkaSource::new(&config).unwrap();
-    let handle = h.engine.source(vitalstream::model::ClockMode::Live);
-    let stop = Arc::new(AtomicBool::new(false));
-    let runner = {
-        let stop = stop.clone();
-        std::thread::spawn(move || source.run(handle, &stop))
-    };
+    let (stop, runner) = start_source("rules", &mut h, &source_config(&k, "rule-nodes", 50));
     // Hold every batch: nothing is durable yet.
     let mut held = Vec::new();
     let mut readings = 0;
@@ -323,25 +336,13 @@ fn offsets_are_committed_only_behind_durable_readings() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(committed(), total as i64, "every durable record committed");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Relaxed);
     let stats = runner.join().unwrap();
     assert_eq!(stats.records, total as u64);
     h.finish();
 }
 
-const SPO2_WINDOW: &str = r#"
-[[rule]]
-id = "spo2_low_10s"
-kind = "window"
-priority = "high"
-message = "SpO2 low"
-condition = "avg(spo2) < 90"
-window = "10s"
-"#;
-
-fn producer(
-    brokers: &str,
-) -> rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -372,7 +373,6 @@ fn ward(t0: i64, from: i64, to: i64) -> Vec<(String, String)> {
 }
 
 fn produce(k: &TestKafka, lines: &[(String, String)]) {
-    use rdkafka::producer::{BaseRecord, Producer};
     let p = producer(&k.brokers);
     for (key, line) in lines {
         p.send(BaseRecord::to(&k.t("vitals.raw")).key(key).payload(line))
@@ -386,16 +386,13 @@ fn produce(k: &TestKafka, lines: &[(String, String)]) {
 /// Kafka source in the `rule-nodes` group.
 struct Node {
     h: Harness,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    source: std::thread::JoinHandle<vitalstream::sources::kafka::KafkaStats>,
-    stored: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    source: JoinHandle<KafkaStats>,
+    stored: Arc<AtomicUsize>,
 }
 
 impl Node {
     fn start(name: &str, k: &TestKafka, rules_toml: &str, strategy: &str) -> Node {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-        use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
         let mut h = Harness::start(&common::config(), rules(rules_toml));
         let stored = Arc::new(AtomicUsize::new(0));
         {
@@ -410,26 +407,13 @@ impl Node {
             });
         }
         let config = KafkaSourceConfig {
-            brokers: k.brokers.clone(),
-            group_id: k.t("rule-nodes"),
-            topics: vec![k.t("vitals.raw")],
-            batch_size: 64,
             rebuild_records: 1000,
             // The mock coordinator waits this long (less a second) for members to rejoin.
             session_timeout: Duration::from_secs(3),
             assignment_strategy: strategy.into(),
-            ..KafkaSourceConfig::default()
+            ..source_config(k, "rule-nodes", 64)
         };
-        let source = KafkaSource::new(&config).unwrap();
-        let handle = h.engine.source(vitalstream::model::ClockMode::Live);
-        let stop = Arc::new(AtomicBool::new(false));
-        let source = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name(format!("kafka-{name}"))
-                .spawn(move || source.run(handle, &stop))
-                .unwrap()
-        };
+        let (stop, source) = start_source(name, &mut h, &config);
         Node {
             h,
             stop,
@@ -439,20 +423,15 @@ impl Node {
     }
 
     fn stored(&self) -> usize {
-        self.stored.load(std::sync::atomic::Ordering::Relaxed)
+        self.stored.load(Relaxed)
     }
 
     fn frames(&self) -> u64 {
         self.h.engine.metrics.snapshot().frames
     }
 
-    fn finish(
-        self,
-    ) -> (
-        vitalstream::sources::kafka::KafkaStats,
-        Vec<vitalstream::alerts::AlertEvent>,
-    ) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    fn finish(self) -> (KafkaStats, Vec<AlertEvent>) {
+        self.stop.store(true, Relaxed);
         let stats = self.source.join().unwrap();
         let (_, alerts, _) = self.h.finish();
         (stats, alerts)
@@ -468,7 +447,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// (transition, alert id) of every raise and resolve, sorted.
-fn edges(events: &[vitalstream::alerts::AlertEvent]) -> Vec<(String, String)> {
+fn edges(events: &[AlertEvent]) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = events
         .iter()
         .filter(|e| e.event != Transition::Acknowledged)
@@ -524,7 +503,7 @@ fn rebalance_between_two_rule_nodes(strategy: &str) {
     let (b_stats, b_alerts) = b.finish();
     assert!(a_stats.rebalances >= 2, "A saw B join: {a_stats:?}");
     assert!(b_stats.warmup_records > 0, "B rebuilt state: {b_stats:?}");
-    let live = |s: &vitalstream::sources::kafka::KafkaStats| s.records - s.warmup_records;
+    let live = |s: &KafkaStats| s.records - s.warmup_records;
     assert!(
         live(&a_stats) > before.len() as u64 && live(&b_stats) > 0,
         "the partitions are split: A {a_stats:?}, B {b_stats:?}"
@@ -558,13 +537,9 @@ fn rebalance_between_two_rule_nodes(strategy: &str) {
 #[test]
 fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
     common::logs();
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-    use vitalstream::sources::kafka::{KafkaSource, KafkaSourceConfig};
 
     let k = TestKafka::start();
     k.create_topic("vitals.raw", 2);
-    let brokers = k.brokers.clone();
     let t0 = now_millis() - 100_000;
     let total = 6000;
     let lines: Vec<(String, String)> = (0..total)
@@ -581,20 +556,7 @@ fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
 
     // Storage takes one batch at a time, and slowly.
     let mut h = Harness::with_slow_storage(&common::config(), rules(HR_RULE), 1);
-    let config = KafkaSourceConfig {
-        brokers: brokers.clone(),
-        group_id: k.t("slow"),
-        topics: vec![k.t("vitals.raw")],
-        batch_size: 20,
-        ..KafkaSourceConfig::default()
-    };
-    let source = KafkaSource::new(&config).unwrap();
-    let handle = h.engine.source(vitalstream::model::ClockMode::Live);
-    let stop = Arc::new(AtomicBool::new(false));
-    let runner = {
-        let stop = stop.clone();
-        std::thread::spawn(move || source.run(handle, &stop))
-    };
+    let (stop, runner) = start_source("slow", &mut h, &source_config(&k, "slow", 20));
     let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
     let mut stored = 0;
     let mut stalled = false;
@@ -638,9 +600,6 @@ fn a_full_engine_pauses_the_partitions_and_loses_nothing() {
 #[test]
 fn an_ingest_node_forwards_mqtt_readings_to_the_rule_nodes() {
     common::logs();
-    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
 
     let k = TestKafka::start();
     k.create_topic("vitals.raw", 4);
@@ -742,7 +701,7 @@ dlq_topic = "{dlq}"
     wait_for("the rule node to store every reading", || {
         node.stored() == sent.len()
     });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Relaxed);
     ingest.join().unwrap().unwrap();
     let (_, alerts) = node.finish();
     let raised: Vec<&str> = alerts

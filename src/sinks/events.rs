@@ -65,6 +65,25 @@ impl Default for KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// Producer settings: idempotent, `acks=all`, compressed and batched, retried until
+    /// `delivery_timeout`.
+    pub fn producer(&self, client_id: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", client_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &self.compression)
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set(
+                "delivery.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            );
+        c
+    }
+}
+
 /// Delivery outcomes, counted by the producer's background thread.
 #[derive(Debug, Default)]
 pub struct KafkaMetrics {
@@ -156,17 +175,8 @@ impl DomainEvent {
 impl EventPublisher {
     pub fn new(config: &KafkaConfig) -> Result<EventPublisher, KafkaError> {
         let metrics = Arc::new(KafkaMetrics::default());
-        let producer: ThreadedProducer<Context> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("client.id", &config.client_id)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", &config.compression)
-            .set("linger.ms", config.linger.as_millis().to_string())
-            .set(
-                "delivery.timeout.ms",
-                config.delivery_timeout.as_millis().to_string(),
-            )
+        let producer: ThreadedProducer<Context> = config
+            .producer(&config.client_id)
             .create_with_context(Context {
                 metrics: metrics.clone(),
             })?;

@@ -10,9 +10,9 @@ use crate::ack::Ack;
 use crate::model::FrameBatch;
 use crate::sinks::events::KafkaConfig;
 use crossbeam_channel::Receiver;
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientConfig, ClientContext};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -60,17 +60,8 @@ pub struct Forwarder {
 impl Forwarder {
     pub fn new(config: &KafkaConfig, topic: &str) -> Result<Forwarder, KafkaError> {
         let metrics = Arc::new(ForwardMetrics::default());
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("client.id", format!("{}-ingest", config.client_id))
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", &config.compression)
-            .set("linger.ms", config.linger.as_millis().to_string())
-            .set(
-                "delivery.timeout.ms",
-                config.delivery_timeout.as_millis().to_string(),
-            )
+        let producer = config
+            .producer(&format!("{}-ingest", config.client_id))
             .create_with_context(Context {
                 metrics: metrics.clone(),
             })?;

@@ -26,6 +26,17 @@ message = "HR high"
 condition = "hr > 120"
 "#;
 
+/// SpO2 averaging under 90 over a 10 s tumbling window.
+pub const SPO2_WINDOW: &str = r#"
+[[rule]]
+id = "spo2_low"
+kind = "window"
+priority = "high"
+message = "SpO2 low"
+condition = "avg(spo2) < 90"
+window = "10s"
+"#;
+
 pub fn rules(toml: &str) -> RuleSet {
     parse_pipeline(toml).expect("valid test pipeline")
 }
