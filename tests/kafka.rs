@@ -711,3 +711,103 @@ dlq_topic = "{dlq}"
         .collect();
     assert_eq!(raised, ["bed-2"]);
 }
+
+/// A rule node as operators run it (`vitalstream run` with a Kafka source): what it consumes
+/// is stored, alerted on Kafka and dead-lettered with its place in Kafka.
+#[test]
+fn a_rule_node_stores_alerts_and_dead_letters_what_it_consumes() {
+    common::logs();
+    let k = TestKafka::start();
+    for (topic, partitions) in [
+        ("vitals.raw", 3),
+        ("alert.events", 1),
+        ("device.events", 1),
+        ("vitals.dlq", 1),
+    ] {
+        k.create_topic(topic, partitions);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let pipeline = dir.path().join("rules.toml");
+    std::fs::write(&pipeline, HR_RULE).unwrap();
+    let file = dir.path().join("rule-node.toml");
+    let events = k.events_config();
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+pipeline = "{pipeline}"
+[[sources]]
+type = "kafka"
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{raw}"]
+batch_linger = "10ms"
+[storage]
+dir = "{data}"
+[dead_letter]
+path = "{data}/dead-letter.ndjson"
+[alert_log]
+path = "{data}/alerts.ndjson"
+[api]
+enabled = false
+[kafka]
+brokers = "{brokers}"
+alert_topic = "{alerts}"
+device_topic = "{devices}"
+dlq_topic = "{dlq}"
+"#,
+            pipeline = pipeline.display(),
+            brokers = k.brokers,
+            group = k.t("rule-node"),
+            raw = events.raw_topic,
+            data = data.display(),
+            alerts = events.alert_topic,
+            devices = events.device_topic,
+            dlq = events.dlq_topic,
+        ),
+    )
+    .unwrap();
+    let config = vitalstream::config::Config::load_with(Some(&file), &[]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let node = {
+        let stop = stop.clone();
+        std::thread::spawn(move || vitalstream::service::run(&config, stop))
+    };
+
+    let t0 = now_millis() - 20_000;
+    let mut lines: Vec<(String, String)> = (0..60)
+        .map(|s| {
+            let device = format!("bed-{}", s % 3);
+            let hr = if s == 31 { 150 } else { 70 };
+            let line = format!(
+                r#"{{"device_id":"{device}","ts":{},"hr":{hr}}}"#,
+                t0 + s * 300
+            );
+            (device, line)
+        })
+        .collect();
+    lines.push(("bed-0".into(), r#"{"device_id":"bed-0","ts":"#.into()));
+    produce(&k, &lines);
+
+    let raised = consume(&k.brokers, &events.alert_topic, 1);
+    let envelope: Value = serde_json::from_slice(&raised[0].payload).unwrap();
+    assert_eq!(envelope["event_type"], "alert.raised");
+    assert_eq!(envelope["data"]["subject"], "bed-1");
+    let dlq = consume(&k.brokers, &events.dlq_topic, 1);
+    assert_eq!(dlq[0].headers["dlq-reason"], "invalid_json");
+    assert_eq!(dlq[0].headers["dlq-kafka-topic"], events.raw_topic);
+    let stored = || common::parquet_rows(&data, "readings-");
+    // Parquet files are completed as the node stops.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Relaxed);
+    node.join().unwrap().unwrap();
+    assert_eq!(stored(), 60, "every good reading stored");
+    let dead = std::fs::read_to_string(data.join("dead-letter.ndjson")).unwrap();
+    let dead: Value = serde_json::from_str(dead.lines().next().unwrap()).unwrap();
+    assert_eq!(dead["kafka_topic"], events.raw_topic.as_str());
+    assert_eq!(
+        dead["kafka_offset"],
+        dlq[0].headers["dlq-kafka-offset"].parse::<i64>().unwrap()
+    );
+}

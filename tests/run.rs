@@ -1,31 +1,12 @@
 //! `vitalstream run` as an operator runs it: the simulator feeds the engine, alerts appear,
 //! and SIGINT stops it cleanly with every accepted reading in complete Parquet files.
 
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+mod common;
+
+use common::parquet_rows;
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn parquet_rows(dir: &std::path::Path, prefix: &str) -> usize {
-    let mut rows = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        assert!(
-            !name.ends_with(".tmp"),
-            "a half-written file was left: {name}"
-        );
-        if name.starts_with(prefix) && name.ends_with(".parquet") {
-            let file = std::fs::File::open(&path).unwrap();
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .unwrap_or_else(|e| panic!("{name} is not a complete Parquet file: {e}"))
-                .build()
-                .unwrap();
-            rows += reader.map(|b| b.unwrap().num_rows()).sum::<usize>();
-        }
-    }
-    rows
-}
 
 #[test]
 fn runs_the_simulator_and_stops_cleanly_on_sigint() {

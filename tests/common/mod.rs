@@ -132,3 +132,27 @@ pub fn logs() {
         .with_test_writer()
         .try_init();
 }
+
+/// Rows in the complete Parquet files under `dir` whose names start with `prefix`; fails on
+/// a half-written one.
+pub fn parquet_rows(dir: &std::path::Path, prefix: &str) -> usize {
+    let mut rows = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            !name.ends_with(".tmp"),
+            "a half-written file was left: {name}"
+        );
+        if name.starts_with(prefix) && name.ends_with(".parquet") {
+            let file = std::fs::File::open(&path).unwrap();
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .unwrap_or_else(|e| panic!("{name} is not a complete Parquet file: {e}"))
+                    .build()
+                    .unwrap();
+            rows += reader.map(|b| b.unwrap().num_rows()).sum::<usize>();
+        }
+    }
+    rows
+}
