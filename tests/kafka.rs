@@ -503,6 +503,11 @@ fn rebalance_between_two_rule_nodes(strategy: &str) {
     let (b_stats, b_alerts) = b.finish();
     assert!(a_stats.rebalances >= 2, "A saw B join: {a_stats:?}");
     assert!(b_stats.warmup_records > 0, "B rebuilt state: {b_stats:?}");
+    assert_eq!(
+        (a_stats.skipped, b_stats.skipped),
+        (0, 0),
+        "no offset jumped over"
+    );
     let live = |s: &KafkaStats| s.records - s.warmup_records;
     assert!(
         live(&a_stats) > before.len() as u64 && live(&b_stats) > 0,

@@ -117,9 +117,12 @@ pub struct KafkaStats {
     /// Times the partitions were paused because the engine was full.
     pub pauses: u64,
     pub rebalances: u64,
-    /// Offsets the broker jumped over (on a topic that is not compacted, records lost
-    /// before they reached this node).
+    /// Offsets the broker jumped over (on a topic that is neither compacted nor written in
+    /// transactions, records lost before they reached this node).
     pub skipped: u64,
+    /// Records polled just before a rebalance moved their partition, dropped (they are read
+    /// again from the committed offset).
+    pub stale: u64,
 }
 
 /// A topic and partition.
@@ -181,6 +184,8 @@ struct Lane {
     offset: i64,
     /// The offset the next record should have (-1 until the first).
     next: i64,
+    /// The rebalance generation that assigned the partition.
+    opened: u64,
     started: Option<Instant>,
 }
 
@@ -204,6 +209,8 @@ struct Pipeline {
     topics: Vec<Arc<str>>,
     /// When lingering batches were last looked for.
     checked: Instant,
+    /// The latest rebalance.
+    generation: u64,
     /// The engine has shut down.
     closed: bool,
     stats: KafkaStats,
@@ -219,9 +226,16 @@ impl Pipeline {
         t
     }
 
-    fn push(&mut self, m: &BorrowedMessage<'_>, received_us: i64) {
+    /// Adds a record polled in rebalance `generation` to its partition's batch. A record
+    /// whose partition has left, or was assigned afresh since it was polled, is stale and
+    /// dropped: that partition is read again from its committed offset (here or elsewhere).
+    fn push(&mut self, m: &BorrowedMessage<'_>, generation: u64, received_us: i64) {
         let topic = self.topic(m.topic());
         let partition = (topic.clone(), m.partition());
+        if (self.lanes.get(&partition)).is_none_or(|lane| lane.opened > generation) {
+            self.stats.stale += 1;
+            return;
+        }
         let hint: Option<Id> = m
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
@@ -243,11 +257,9 @@ impl Pipeline {
             partition: m.partition(),
             offset: m.offset(),
         };
-        if !self.lanes.contains_key(&partition) {
-            self.open_lane(&partition);
-        }
-        let lane = self.lanes.get_mut(&partition).expect("lane opened");
-        // `vitals.raw` is not compacted: a jump in offsets means the broker skipped records.
+        let lane = self.lanes.get_mut(&partition).expect("checked above");
+        // `vitals.raw` is neither compacted nor transactional (ingest nodes are idempotent
+        // producers): a jump in offsets means the broker skipped records.
         if lane.next >= 0 && m.offset() > lane.next {
             let skipped = (m.offset() - lane.next) as u64;
             self.stats.skipped += skipped;
@@ -283,6 +295,7 @@ impl Pipeline {
             handle,
             offset: -1,
             next: -1,
+            opened: self.generation,
             started: None,
         };
         self.lanes.insert(partition.clone(), lane);
@@ -542,7 +555,7 @@ impl ConsumerContext for Context {
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         );
-        self.generation.fetch_add(1, Relaxed);
+        let generation = self.generation.fetch_add(1, Relaxed) + 1;
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?err, ?partitions, cooperative, "Kafka rebalance");
         let mut guard = self.pipeline();
@@ -550,6 +563,7 @@ impl ConsumerContext for Context {
             (RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, pipeline) => {
                 if let Some(p) = pipeline {
                     p.stats.rebalances += 1;
+                    p.generation = generation;
                     p.assign(consumer, tpl);
                 }
                 let assigned = if cooperative {
@@ -649,6 +663,7 @@ impl KafkaSource {
             devices: HashMap::default(),
             topics: Vec::new(),
             checked: Instant::now(),
+            generation: 0,
             closed: false,
             stats: KafkaStats::default(),
         });
@@ -672,21 +687,16 @@ impl KafkaSource {
             // Polled even while paused: it serves the group (rebalances). Records polled
             // just before a pause took effect join their lanes' next batches. What is ready
             // is taken in one go (up to `POLL_MAX`), then handled under one lock.
-            // A rebalance (run inside `poll`) makes what was taken before it stale: those
-            // partitions were settled without it, and are read again from their commits.
+            // Each record is tagged with the rebalance generation it was polled in: one taken
+            // before a rebalance that moved its partition is stale (see `Pipeline::push`).
             messages.clear();
             if !stopping {
-                let context = consumer.context();
-                let mut generation = context.generation.load(Relaxed);
+                let generation = &consumer.context().generation;
                 let mut wait = Duration::from_millis(if held { 5 } else { 20 });
                 while messages.len() < POLL_MAX {
                     let message = consumer.poll(wait);
-                    if context.generation.load(Relaxed) != generation {
-                        generation = context.generation.load(Relaxed);
-                        messages.clear();
-                    }
                     match message {
-                        Some(Ok(m)) => messages.push(m),
+                        Some(Ok(m)) => messages.push((m, generation.load(Relaxed))),
                         Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
                         None => break,
                     }
@@ -696,8 +706,8 @@ impl KafkaSource {
             let received_us = now_micros();
             let mut guard = lock();
             let p = guard.as_mut().expect("pipeline set");
-            for m in &messages {
-                p.push(m, received_us);
+            for (m, generation) in &messages {
+                p.push(m, *generation, received_us);
             }
             p.seal_due(false);
             p.commit_done(consumer);
