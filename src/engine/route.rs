@@ -217,7 +217,8 @@ impl Router {
             {
                 pace(&mut clock.pace_origin, sample.ts, speed);
             }
-            accepted += 1;
+            // A warm-up reading was accepted once already, by the node that owned it.
+            accepted += u64::from(!sample.warmup);
             let shard = if shards == 1 {
                 0
             } else {
