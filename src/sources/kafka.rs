@@ -489,6 +489,9 @@ impl Pipeline {
                 });
             let from = match found {
                 Some(o) => o.min(until),
+                // No offset by time: no record that recent, or a broker that cannot look up
+                // by time (librdkafka's mock). Re-reading more than needed is harmless (warm-up
+                // raises and stores nothing), so fall back to a count of records.
                 None => {
                     let low = consumer
                         .fetch_watermarks(e.topic(), e.partition(), timeout)
