@@ -263,6 +263,7 @@ fn start_api(
     control: Control,
     bus: api::AlertBus,
     mqtt: Option<(mqtt::Commands, Arc<AtomicBool>)>,
+    kafka_up: Option<Arc<AtomicBool>>,
 ) -> anyhow::Result<ApiServer> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -279,7 +280,8 @@ fn start_api(
         _ => None,
     };
     let state = api::ApiState::with_bus(&config.api, control, storage, Some(bus.clone()))
-        .with_mqtt(mqtt.clone().map(|m| m.0), mqtt.map(|m| m.1));
+        .with_mqtt(mqtt.clone().map(|m| m.0), mqtt.map(|m| m.1))
+        .with_kafka(kafka_up);
     if config.api.dev_token {
         let token = state.keys.sign(&api::auth::Claims {
             sub: "developer".into(),
@@ -391,8 +393,31 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         })
         .collect();
     let commands = mqtt_sources.first().map(|m| (m.commands(), m.connected()));
+    // Kafka consumers too, so that `/ready` can report them.
+    let mut kafka_sources = Vec::new();
+    for source in &config.sources {
+        if let SourceConfig::Kafka(k) = source {
+            // Partitions arriving here are re-read far enough back for every rule.
+            let needed = engine.rules().memory() + config.engine.allowed_lateness;
+            let k = crate::sources::kafka::KafkaSourceConfig {
+                rebuild: k.rebuild.max(needed),
+                ..k.clone()
+            };
+            kafka_sources.push(
+                crate::sources::kafka::KafkaSource::new(&k)
+                    .context("creating the Kafka consumer")?,
+            );
+        }
+    }
+    let kafka_up = kafka_sources.first().map(|k| k.connected());
     let api = match bus {
-        Some(bus) => Some(start_api(config, engine.control(), bus, commands)?),
+        Some(bus) => Some(start_api(
+            config,
+            engine.control(),
+            bus,
+            commands,
+            kafka_up,
+        )?),
         None => None,
     };
     let mut sources = Vec::new();
@@ -410,15 +435,8 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
                     );
                 }));
             }
-            SourceConfig::Kafka(k) => {
-                // Partitions arriving here are re-read far enough back for every rule.
-                let needed = engine.rules().memory() + config.engine.allowed_lateness;
-                let k = crate::sources::kafka::KafkaSourceConfig {
-                    rebuild: k.rebuild.max(needed),
-                    ..k.clone()
-                };
-                let source = crate::sources::kafka::KafkaSource::new(&k)
-                    .context("creating the Kafka consumer")?;
+            SourceConfig::Kafka(_) => {
+                let source = kafka_sources.remove(0);
                 let (handle, stop) = (engine.source(ClockMode::Live), stop.clone());
                 sources.push(spawn_source("kafka", move || {
                     let stats = source.run(handle, &stop);

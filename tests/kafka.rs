@@ -816,3 +816,59 @@ dlq_topic = "{dlq}"
         dlq[0].headers["dlq-kafka-offset"].parse::<i64>().unwrap()
     );
 }
+
+/// `/ready` reports the Kafka source: not ready until the group has assigned it partitions,
+/// not ready while no broker answers, ready again when one does.
+#[test]
+fn readiness_follows_the_brokers() {
+    common::logs();
+    use rdkafka::mocking::MockCluster;
+    use vitalstream::api::{ApiConfig, ApiState};
+    // Taking brokers down needs the mock cluster, whatever VITALSTREAM_TEST_KAFKA says.
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("vitals.raw", 2, 1).unwrap();
+    let mut h = Harness::start(&common::config(), rules(HR_RULE));
+    let config = KafkaSourceConfig {
+        brokers: cluster.bootstrap_servers(),
+        group_id: "ready".into(),
+        ..KafkaSourceConfig::default()
+    };
+    let source = KafkaSource::new(&config).unwrap();
+    let up = source.connected();
+    let api = ApiConfig::default();
+    let state = ApiState::new(&api, h.engine.control(), None).with_kafka(Some(up.clone()));
+    let server = common::server::Server::start_rest(&api, state);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let ready = || {
+        let url = format!("{}/ready", server.url());
+        let mut r = agent.get(&url).call().unwrap();
+        let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        (r.status().as_u16(), body["checks"]["kafka"].clone())
+    };
+    assert_eq!(
+        ready(),
+        (503, Value::from("not connected")),
+        "not yet in the group"
+    );
+
+    let handle = h.engine.source(ClockMode::Live);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || source.run(handle, &stop))
+    };
+    wait_for("the group to assign the partitions", || ready().0 == 200);
+    assert_eq!(ready().1, "ok");
+    cluster.broker_down(1).unwrap();
+    wait_for("the source to see the broker gone", || ready().0 == 503);
+    cluster.broker_up(1).unwrap();
+    wait_for("the source to see the broker back", || ready().0 == 200);
+
+    stop.store(true, Relaxed);
+    runner.join().unwrap();
+    server.stop();
+    h.finish();
+}

@@ -84,6 +84,8 @@ pub struct Inner {
     pub commands: Option<crate::sources::mqtt::Commands>,
     /// The MQTT source's connection state, for readiness.
     pub mqtt_up: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The Kafka source's state (brokers answer, partitions assigned), for readiness.
+    pub kafka_up: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The Redis that socket.io rooms are shared through, for readiness.
     pub redis_url: Option<String>,
     /// `notification:new` messages on their way to socket.io rooms.
@@ -119,6 +121,7 @@ impl ApiState {
             bus,
             commands: None,
             mqtt_up: None,
+            kafka_up: None,
             redis_url: config.redis_url.clone(),
             notices: tokio::sync::broadcast::channel(1024).0,
         }))
@@ -135,6 +138,14 @@ impl ApiState {
             .unwrap_or_else(|_| panic!("with_mqtt is called before the state is shared"));
         inner.commands = commands;
         inner.mqtt_up = up;
+        ApiState(Arc::new(inner))
+    }
+
+    /// Reports the Kafka source's state in `/ready` (call before sharing the state).
+    pub fn with_kafka(self, up: Option<Arc<std::sync::atomic::AtomicBool>>) -> ApiState {
+        let mut inner = Arc::try_unwrap(self.0)
+            .unwrap_or_else(|_| panic!("with_kafka is called before the state is shared"));
+        inner.kafka_up = up;
         ApiState(Arc::new(inner))
     }
 

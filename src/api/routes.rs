@@ -86,13 +86,12 @@ async fn readiness(state: &ApiState) -> (bool, serde_json::Value) {
             json!(result.err().unwrap_or_else(|| "ok".into())),
         );
     }
-    if let Some(up) = &state.mqtt_up {
-        let ok = up.load(std::sync::atomic::Ordering::Relaxed);
-        ready &= ok;
-        checks.insert(
-            "mqtt".into(),
-            json!(if ok { "ok" } else { "not connected" }),
-        );
+    for (name, up) in [("mqtt", &state.mqtt_up), ("kafka", &state.kafka_up)] {
+        if let Some(up) = up {
+            let ok = up.load(std::sync::atomic::Ordering::Relaxed);
+            ready &= ok;
+            checks.insert(name.into(), json!(if ok { "ok" } else { "not connected" }));
+        }
     }
     if let Some(url) = &state.redis_url {
         let ping = async {

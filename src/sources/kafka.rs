@@ -537,6 +537,8 @@ struct Context {
     pipeline: Mutex<Option<Pipeline>>,
     /// Counts rebalances, so the read loop knows when what it holds went stale.
     generation: AtomicU64,
+    /// The brokers answer and the group has assigned this node its share, for readiness.
+    up: Arc<AtomicBool>,
 }
 
 impl Context {
@@ -545,7 +547,15 @@ impl Context {
     }
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    /// librdkafka reports that no broker answers: the source is down until one does.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.up.store(false, Relaxed);
+        }
+        tracing::warn!(%error, reason, "Kafka client error");
+    }
+}
 
 impl ConsumerContext for Context {
     fn rebalance(
@@ -569,6 +579,7 @@ impl ConsumerContext for Context {
                     p.generation = generation;
                     p.assign(consumer, tpl);
                 }
+                self.up.store(true, Relaxed);
                 let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -637,6 +648,7 @@ impl KafkaSource {
             .create_with_context(Context {
                 pipeline: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                up: Arc::default(),
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -644,6 +656,12 @@ impl KafkaSource {
             consumer,
             config: config.clone(),
         })
+    }
+
+    /// True while the brokers answer and the group has given this node its partitions
+    /// (for `/ready`).
+    pub fn connected(&self) -> Arc<AtomicBool> {
+        self.consumer.context().up.clone()
     }
 
     /// Reads until `stop` is set or the engine stops; commits behind durable batches.
@@ -673,6 +691,7 @@ impl KafkaSource {
         let consumer = &self.consumer;
         let lock = || consumer.context().pipeline();
         let mut messages = Vec::with_capacity(POLL_MAX);
+        let mut probed = Instant::now();
         loop {
             let stopping = stop.load(Relaxed);
             let held = {
@@ -705,6 +724,17 @@ impl KafkaSource {
                     }
                     wait = Duration::ZERO;
                 }
+            }
+            let context = consumer.context();
+            if !messages.is_empty() {
+                context.up.store(true, Relaxed);
+            } else if !context.up.load(Relaxed) && probed.elapsed() >= Duration::from_secs(1) {
+                // Down, and nothing arriving: ask a broker whether it is back.
+                probed = Instant::now();
+                let back = (consumer.client())
+                    .fetch_metadata(None, Duration::from_secs(1))
+                    .is_ok();
+                context.up.store(back, Relaxed);
             }
             let received_us = now_micros();
             let mut guard = lock();
