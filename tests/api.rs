@@ -513,6 +513,15 @@ fn devices_are_assigned_and_released_and_commands_need_an_mqtt_source() {
     let api = api(&h, ApiConfig::default());
     let clinician = token(&api, Role::Clinician, None);
     let analyst = token(&api, Role::Analyst, None);
+    let changes = h.engine.devices.listen().unwrap();
+    let assigned_to = || match changes.try_recv() {
+        Ok(vitalstream::devices::DeviceEvent::Assigned {
+            device_id,
+            patient_id,
+            ..
+        }) => Some((device_id.to_string(), patient_id.map(|p| p.to_string()))),
+        other => panic!("expected a device.assigned, got {other:?}"),
+    };
     let assign = json!({ "patient_id": "p9" });
     assert_envelope(
         &api.call(
@@ -536,6 +545,7 @@ fn devices_are_assigned_and_released_and_commands_need_an_mqtt_source() {
         h.engine.assignments.patient_of("bed-9").as_deref(),
         Some("p9")
     );
+    assert_eq!(assigned_to(), Some(("bed-9".into(), Some("p9".into()))));
     // A reading without a patient id now raises the alert for the assigned patient.
     let mut source = h.replay_source();
     common::send_lines(
@@ -556,6 +566,7 @@ fn devices_are_assigned_and_released_and_commands_need_an_mqtt_source() {
         200,
     );
     assert_eq!(h.engine.assignments.patient_of("bed-9"), None);
+    assert_eq!(assigned_to(), Some(("bed-9".into(), None)));
     assert_envelope(
         &api.call(
             "POST",

@@ -498,10 +498,7 @@ async fn assign_device(
             .await
             .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
     }
-    state
-        .engine
-        .assignments
-        .assign(device.clone(), patient.clone());
+    (state.engine).assign_device(device.clone(), Some(patient.clone()), &auth.0.sub);
     Ok(Reply::ok(
         "device assigned",
         json!({ "device_id": device, "patient_id": patient }),
@@ -527,11 +524,7 @@ async fn release_device(
             .await
             .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
     }
-    state.engine.assignments.unassign(&id);
-    state
-        .engine
-        .devices
-        .assigned(&id, None, &auth.0.sub, crate::model::now_millis());
+    (state.engine).assign_device(id.as_str().into(), None, &auth.0.sub);
     Ok(Reply::ok(
         "device released",
         json!({ "device_id": id, "patient_id": patient }),

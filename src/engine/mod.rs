@@ -258,6 +258,17 @@ impl Control {
         self.rules.load_full()
     }
 
+    /// Attaches a device to a patient (or releases it, with `None`), on behalf of `by`;
+    /// listeners to the device registry hear of it (`device.assigned`).
+    pub fn assign_device(&self, device: Id, patient: Option<Id>, by: &str) {
+        match &patient {
+            Some(p) => self.assignments.assign(device.clone(), p.clone()),
+            None => self.assignments.unassign(&device),
+        }
+        self.devices
+            .assigned(&device, patient.as_deref(), by, crate::model::now_millis());
+    }
+
     /// Batches waiting: (parse input, sum over shard inputs).
     pub fn queue_depths(&self) -> (usize, usize) {
         self.queues.depths()
