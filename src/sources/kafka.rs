@@ -186,6 +186,10 @@ struct Lane {
     next: i64,
     /// The rebalance generation that assigned the partition.
     opened: u64,
+    /// Records below this offset are re-read only to rebuild state (see `Pipeline::assign`).
+    rebuild_until: i64,
+    /// Devices seen here, whose state goes when the partition does.
+    devices: HashSet<Id>,
     started: Option<Instant>,
 }
 
@@ -202,10 +206,6 @@ struct Pipeline {
     in_flight: InFlight,
     done_tx: crossbeam_channel::Sender<(u64, bool)>,
     done_rx: crossbeam_channel::Receiver<(u64, bool)>,
-    /// Per partition: records below this offset are re-read only to rebuild state.
-    rebuild_until: HashMap<Partition, i64>,
-    /// Devices seen per partition, whose state goes when the partition does.
-    devices: HashMap<Partition, HashSet<Id>>,
     topics: Vec<Arc<str>>,
     /// When lingering batches were last looked for.
     checked: Instant,
@@ -231,33 +231,22 @@ impl Pipeline {
     /// dropped: that partition is read again from its committed offset (here or elsewhere).
     fn push(&mut self, m: &BorrowedMessage<'_>, generation: u64, received_us: i64) {
         let topic = self.topic(m.topic());
-        let partition = (topic.clone(), m.partition());
-        if (self.lanes.get(&partition)).is_none_or(|lane| lane.opened > generation) {
+        let partition = (topic, m.partition());
+        let Some(lane) = (self.lanes.get_mut(&partition)).filter(|l| l.opened <= generation) else {
             self.stats.stale += 1;
             return;
-        }
+        };
         let hint: Option<Id> = m
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
             .map(|k| valid_id(k).unwrap_or_default());
         if let Some(device) = &hint
             && !device.is_empty()
+            && !lane.devices.contains(device)
         {
-            let devices = self.devices.entry(partition.clone()).or_default();
-            if !devices.contains(device) {
-                devices.insert(device.clone());
-            }
+            lane.devices.insert(device.clone());
         }
-        let warmup = self
-            .rebuild_until
-            .get(&partition)
-            .is_some_and(|&until| m.offset() < until);
-        let origin = Origin {
-            topic,
-            partition: m.partition(),
-            offset: m.offset(),
-        };
-        let lane = self.lanes.get_mut(&partition).expect("checked above");
+        let warmup = m.offset() < lane.rebuild_until;
         // `vitals.raw` is neither compacted nor transactional (ingest nodes are idempotent
         // producers): a jump in offsets means the broker skipped records.
         if lane.next >= 0 && m.offset() > lane.next {
@@ -273,6 +262,11 @@ impl Pipeline {
             );
         }
         lane.next = m.offset() + 1;
+        let origin = Origin {
+            topic: partition.0.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+        };
         let payload = m.payload().unwrap_or_default();
         lane.batch
             .push_record(payload, received_us, hint, origin, warmup);
@@ -296,6 +290,8 @@ impl Pipeline {
             offset: -1,
             next: -1,
             opened: self.generation,
+            rebuild_until: -1,
+            devices: HashSet::default(),
             started: None,
         };
         self.lanes.insert(partition.clone(), lane);
@@ -435,15 +431,11 @@ impl Pipeline {
         let mut gone = HashSet::default();
         for e in leaving.elements() {
             let partition = (self.topic(e.topic()), e.partition());
-            self.rebuild_until.remove(&partition);
-            let forget: Vec<Id> = (self.devices.remove(&partition))
-                .map(|d| d.into_iter().collect())
-                .unwrap_or_default();
             // Behind the partition's last readings, on its own lane: drop its devices' state,
             // and its clock, which must no longer hold the watermark back.
             if let Some(mut lane) = self.lanes.remove(&partition) {
                 let mut batch = lane.handle.batch();
-                batch.forget = forget;
+                batch.forget = lane.devices.into_iter().collect();
                 batch.last = true;
                 self.closed |= !lane.handle.send(batch);
             }
@@ -503,9 +495,9 @@ impl Pipeline {
             let partition = (self.topic(e.topic()), e.partition());
             if let Some(lane) = self.lanes.get_mut(&partition) {
                 lane.next = from;
+                lane.rebuild_until = until;
             }
             if from < until {
-                self.rebuild_until.insert(partition, until);
                 tracing::info!(
                     topic = e.topic(),
                     partition = e.partition(),
@@ -680,8 +672,6 @@ impl KafkaSource {
             },
             done_tx,
             done_rx,
-            rebuild_until: HashMap::default(),
-            devices: HashMap::default(),
             topics: Vec::new(),
             checked: Instant::now(),
             generation: 0,
