@@ -33,6 +33,7 @@ pub fn api() -> Router<ApiState> {
         .route("/alerts/{id}/acknowledge", post(acknowledge))
         .route("/alerts/{id}/resolve", post(resolve))
         .route("/rules", get(list_rules).post(create_rule))
+        .route("/rules/test", post(try_rule))
         .route(
             "/rules/{id}",
             get(get_rule).put(replace_rule).delete(delete_rule),
@@ -336,6 +337,25 @@ async fn resolve(auth: Auth, State(state): State<ApiState>, Path(id): Path<Strin
     Ok(Reply::ok("alert resolved", alert))
 }
 
+/// A rule as the API shows it: its definition, and why it is disabled if it is.
+#[derive(serde::Serialize)]
+struct RuleView {
+    #[serde(flatten)]
+    spec: RuleSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disabled: Option<crate::rules::sql::SqlError>,
+}
+
+fn views(state: &ApiState) -> Vec<RuleView> {
+    let disabled = &state.engine.sql.disabled;
+    (state.engine.rules().rules.iter())
+        .map(|r| RuleView {
+            spec: r.spec.clone(),
+            disabled: disabled.get(&r.id).map(|e| e.clone()),
+        })
+        .collect()
+}
+
 fn specs(state: &ApiState) -> Vec<RuleSpec> {
     state
         .engine
@@ -348,16 +368,16 @@ fn specs(state: &ApiState) -> Vec<RuleSpec> {
 
 async fn list_rules(auth: Auth, State(state): State<ApiState>) -> Result {
     auth.require(&[Role::Analyst, Role::Admin, Role::Clinician, Role::Service])?;
-    let all = specs(&state);
+    let all = views(&state);
     Ok(Reply::ok(format!("{} rules", all.len()), all))
 }
 
 async fn get_rule(auth: Auth, State(state): State<ApiState>, Path(id): Path<String>) -> Result {
     auth.require(&[Role::Analyst, Role::Admin, Role::Clinician, Role::Service])?;
-    specs(&state)
+    views(&state)
         .into_iter()
-        .find(|s| s.id == id)
-        .map(|s| Reply::ok("rule", s))
+        .find(|v| v.spec.id == id)
+        .map(|v| Reply::ok("rule", v))
         .ok_or_else(|| ApiError::not_found(format!("no rule {id}")))
 }
 
@@ -447,6 +467,94 @@ async fn delete_rule(auth: Auth, State(state): State<ApiState>, Path(id): Path<S
         "rule deleted; its alerts are resolved",
         json!({ "id": id }),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TryRule {
+    /// A candidate SQL rule, as it would be POSTed to `/rules`.
+    rule: RuleSpec,
+    /// NDJSON readings to run it over; without them, the most recent window of live
+    /// readings is used.
+    #[serde(default)]
+    sample: Option<String>,
+}
+
+/// Runs a candidate SQL rule without raising anything: over the most recent window of
+/// readings, or over every window of an uploaded NDJSON sample. Returns each window's rows.
+async fn try_rule(auth: Auth, State(state): State<ApiState>, Json(body): Json<TryRule>) -> Result {
+    auth.require(&[Role::Analyst, Role::Admin])?;
+    let mut problems = Vec::new();
+    let rule = rules::compile_rule(&body.rule, &mut problems);
+    let sql = match rule.map(|r| r.kind) {
+        Some(rules::RuleKind::Sql(sql)) => sql,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "only SQL rules (kind = \"sql\") can be tried here",
+            ));
+        }
+        None => {
+            return Err(
+                ApiError::invalid("the rule is not valid").details(json!({ "problems": problems }))
+            );
+        }
+    };
+    let shared = state.engine.sql.clone();
+    let (readings, from) = match &body.sample {
+        Some(text) => (parse_sample(text)?, "sample"),
+        None => {
+            let (rows, _, _) = shared.recent_window(sql.size, sql.slide);
+            (rows, "recent")
+        }
+    };
+    let evaluator = crate::rules::sql::Evaluator::new(shared.limits);
+    let windows = crate::engine::sql::try_rule(&evaluator, &sql, &readings, &shared.wards)
+        .await
+        .map_err(|e| {
+            ApiError::invalid(format!("the rule failed: {e}")).details(json!({ "error": e }))
+        })?;
+    let windows: Vec<_> = windows
+        .into_iter()
+        .map(|(start, end, rows)| json!({ "window_start": start, "window_end": end, "rows": rows }))
+        .collect();
+    let matched: usize = windows
+        .iter()
+        .map(|w| w["rows"].as_array().map_or(0, Vec::len))
+        .sum();
+    Ok(Reply::ok(
+        format!(
+            "{matched} rows in {} windows; nothing was raised",
+            windows.len()
+        ),
+        json!({ "source": from, "readings": readings.len(), "windows": windows }),
+    ))
+}
+
+/// Parses an NDJSON sample as a replay would (event time required); every bad line is
+/// reported with its number.
+fn parse_sample(text: &str) -> Result<Vec<crate::model::Sample>> {
+    let options = crate::parse::ParseOptions {
+        max_frame_bytes: 1 << 20,
+        require_ts: true,
+    };
+    let mut parser = crate::parse::Parser::new(options, 0);
+    let now = crate::model::now_micros();
+    let mut readings = Vec::new();
+    let mut problems = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parser.parse(line.as_bytes(), None, now) {
+            Ok(sample) => readings.push(sample),
+            Err(reason) => problems.push(format!("line {}: {reason}", n + 1)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::invalid("the sample has invalid readings")
+            .details(json!({ "problems": problems })));
+    }
+    Ok(readings)
 }
 
 async fn list_devices(auth: Auth, State(state): State<ApiState>) -> Result {

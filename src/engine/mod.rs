@@ -13,6 +13,7 @@
 mod dedup;
 mod route;
 mod shard;
+pub mod sql;
 
 pub(crate) use shard::prefetch;
 
@@ -58,6 +59,20 @@ pub struct EngineConfig {
     pub max_clock_skew: Duration,
     /// Frames larger than this are rejected (`too_large`) unparsed.
     pub max_frame_bytes: usize,
+    /// SQL rules: wall time one window's evaluation may take before the rule is stopped
+    /// and disabled.
+    #[serde(with = "humantime_serde")]
+    pub sql_timeout: Duration,
+    /// SQL rules: memory one window's evaluation may hold (aggregates, sorts, joins), MiB.
+    pub sql_memory_mb: usize,
+    /// How much event time of recent readings is kept to try candidate SQL rules on
+    /// (`POST /api/v1/rules/test`); 0 keeps none.
+    #[serde(with = "humantime_serde")]
+    pub sql_recent: Duration,
+    /// At most this many recent readings are kept for that.
+    pub sql_recent_readings: usize,
+    /// Ward → its devices: the `ward` column SQL rules read.
+    pub wards: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +86,11 @@ impl Default for EngineConfig {
             state_ttl: Duration::from_secs(600),
             max_clock_skew: Duration::from_secs(300),
             max_frame_bytes: 1 << 20,
+            sql_timeout: Duration::from_secs(2),
+            sql_memory_mb: 64,
+            sql_recent: Duration::ZERO,
+            sql_recent_readings: 200_000,
+            wards: Default::default(),
         }
     }
 }
@@ -85,6 +105,14 @@ impl EngineConfig {
             Self::cores()
         } else {
             self.shards
+        }
+    }
+
+    /// What one SQL rule evaluation may use.
+    pub fn sql_limits(&self) -> crate::rules::sql::Limits {
+        crate::rules::sql::Limits {
+            memory_bytes: self.sql_memory_mb << 20,
+            time: self.sql_timeout,
         }
     }
 
@@ -110,6 +138,9 @@ impl EngineConfig {
         }
         if self.max_frame_bytes < 64 {
             out.push("engine.max_frame_bytes must be at least 64".into());
+        }
+        if self.sql_timeout.is_zero() || self.sql_memory_mb == 0 {
+            out.push("engine.sql_timeout and engine.sql_memory_mb must be positive".into());
         }
         out
     }
@@ -216,6 +247,8 @@ pub struct Engine {
     pub devices: Arc<DeviceRegistry>,
     /// Each patient's latest vitals, when the outputs asked for them.
     pub latest: Option<Arc<Latest>>,
+    /// SQL rules: those disabled after failing, recent readings to try rules on.
+    pub sql: Arc<sql::SqlShared>,
     dead_letter: Option<Sender<RejectBatch>>,
     queues: Arc<QueueDepths>,
     close_at_end: Arc<AtomicBool>,
@@ -230,6 +263,7 @@ pub struct Control {
     pub assignments: Arc<Assignments>,
     pub devices: Arc<DeviceRegistry>,
     pub latest: Option<Arc<Latest>>,
+    pub sql: Arc<sql::SqlShared>,
     queues: Arc<QueueDepths>,
 }
 
@@ -329,6 +363,21 @@ impl Engine {
         }
         drop(parsed_tx);
 
+        let sql_shared = Arc::new(sql::SqlShared::new(config));
+        let wants_readings = Arc::new(AtomicBool::new(false));
+        let (sql_tx, sql_rx) = bounded::<sql::SqlMsg>(config.queue_batches * shards);
+        let stage = sql::SqlStage::new(
+            config,
+            shards,
+            rules.clone(),
+            book.clone(),
+            metrics.clone(),
+            sql_shared.clone(),
+            wants_readings.clone(),
+            close_at_end.clone(),
+        );
+        threads.push(spawn("sql-rules", move || stage.run(sql_rx)));
+
         let mut shard_txs = Vec::new();
         let mut shard_rxs = Vec::new();
         for s in 0..shards {
@@ -344,9 +393,15 @@ impl Engine {
                 outputs.readings.clone(),
                 close_at_end.clone(),
             )
-            .with_latest(outputs.latest.clone().map(crate::latest::Gatherer::new));
+            .with_latest(outputs.latest.clone().map(crate::latest::Gatherer::new))
+            .with_sql(Some(shard::SqlFeed {
+                shard: s,
+                tx: sql_tx.clone(),
+                wants: wants_readings.clone(),
+            }));
             threads.push(spawn(&format!("shard-{s}"), move || shard.run(rx)));
         }
+        drop(sql_tx);
         let _ = queues.shards.set(shard_rxs);
 
         let router =
@@ -363,6 +418,7 @@ impl Engine {
             assignments,
             devices: Arc::new(DeviceRegistry::default()),
             latest: outputs.latest.clone(),
+            sql: sql_shared,
             dead_letter: outputs.rejects.clone(),
             queues,
             close_at_end,
@@ -416,6 +472,7 @@ impl Engine {
             assignments: self.assignments.clone(),
             devices: self.devices.clone(),
             latest: self.latest.clone(),
+            sql: self.sql.clone(),
             queues: self.queues.clone(),
         }
     }

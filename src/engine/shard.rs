@@ -4,12 +4,13 @@
 //! [`AlertBook`].
 
 use super::dedup::Dedup;
+use super::sql::SqlMsg;
 use super::{Assignments, EngineConfig, ReadingBatch};
 use crate::ack::Ack;
 use crate::alerts::{AlertBook, Cause, Signal, Trigger};
 use crate::latest::Gatherer;
 use crate::metrics::{Metrics, RuleCounters};
-use crate::model::{Id, Millis, Sample};
+use crate::model::{Id, Millis, Sample, Vital};
 use crate::rules::threshold::ThresholdState;
 use crate::rules::window::{WindowOutcome, WindowState};
 use crate::rules::{Rule, RuleKind, RuleSet};
@@ -19,6 +20,21 @@ use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+/// A shard's line to the SQL stage.
+pub(crate) struct SqlFeed {
+    pub shard: usize,
+    pub tx: Sender<SqlMsg>,
+    /// Set by the SQL stage while it needs readings (SQL rules, or recent readings kept
+    /// for trying rules out); otherwise only watermarks are sent.
+    pub wants: Arc<AtomicBool>,
+}
+
+impl SqlFeed {
+    fn wants_readings(&self) -> bool {
+        self.wants.load(Relaxed)
+    }
+}
 
 #[derive(Debug)]
 pub(crate) enum ShardMsg {
@@ -77,6 +93,7 @@ impl RuleState {
                 state: WindowState::new(),
                 scheduled: None,
             },
+            RuleKind::Sql(_) => unreachable!("SQL rules run in the SQL stage, not in shards"),
         }
     }
 
@@ -92,6 +109,8 @@ impl RuleState {
 /// A rule in force in this shard.
 struct RuleRuntime {
     rule: Arc<Rule>,
+    /// The vital it reads.
+    vital: Vital,
     counters: Arc<RuleCounters>,
     matches: u64,
     /// Window rules: window end → device slots with a window ending then (entries whose
@@ -103,6 +122,7 @@ impl RuleRuntime {
     fn new(rule: Arc<Rule>, metrics: &Metrics) -> Self {
         RuleRuntime {
             counters: metrics.rule(&rule.id),
+            vital: rule.vital().expect("a shard's rules read one vital"),
             rule,
             matches: 0,
             schedule: BTreeMap::new(),
@@ -128,6 +148,11 @@ pub(crate) struct Shard {
     metrics: Arc<Metrics>,
     assignments: Arc<Assignments>,
     storage: Option<Sender<ReadingBatch>>,
+    /// The SQL stage, which hears this shard's watermark and, when it asks for them
+    /// ([`SqlFeed::wants_readings`]), the readings this shard evaluated.
+    sql: Option<SqlFeed>,
+    /// Readings for the SQL stage from the batch being processed.
+    for_sql: Vec<Sample>,
     watermark: Millis,
     lateness_ms: Millis,
     idle_ms: Millis,
@@ -145,6 +170,12 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
+    /// Tells the SQL stage this shard's watermark, and hands it readings.
+    pub(crate) fn with_sql(mut self, sql: Option<SqlFeed>) -> Shard {
+        self.sql = sql;
+        self
+    }
+
     /// Gathers each patient's latest vitals into `latest`.
     pub(crate) fn with_latest(mut self, latest: Option<Gatherer>) -> Shard {
         self.latest = latest;
@@ -162,8 +193,7 @@ impl Shard {
     ) -> Shard {
         let rules = rules_source.load_full();
         let runtimes = rules
-            .rules
-            .iter()
+            .native()
             .map(|r| RuleRuntime::new(r.clone(), &metrics))
             .collect();
         Shard {
@@ -177,6 +207,8 @@ impl Shard {
             metrics,
             assignments,
             storage,
+            sql: None,
+            for_sql: Vec::new(),
             watermark: Millis::MIN,
             lateness_ms: config.allowed_lateness.as_millis() as Millis,
             idle_ms: config.idle_timeout.as_millis() as Millis,
@@ -212,6 +244,7 @@ impl Shard {
                     self.advance(watermark);
                     self.maintain(now_ms);
                     self.flush_counters();
+                    self.feed_sql(watermark, now_ms);
                     match &self.storage {
                         Some(storage) if !keep.is_empty() => {
                             self.metrics.stored.fetch_add(keep.len() as u64, Relaxed);
@@ -236,6 +269,7 @@ impl Shard {
                     self.advance(watermark);
                     self.maintain(now_ms);
                     self.flush_counters();
+                    self.feed_sql(watermark, now_ms);
                 }
             }
         }
@@ -245,6 +279,23 @@ impl Shard {
         self.flush_counters();
     }
 
+    /// Hands the SQL stage what this shard evaluated, and how far its watermark got.
+    fn feed_sql(&mut self, watermark: Millis, now_ms: Millis) {
+        let Some(feed) = &self.sql else {
+            return;
+        };
+        let msg = SqlMsg {
+            shard: feed.shard,
+            readings: std::mem::take(&mut self.for_sql),
+            watermark,
+            now_ms,
+        };
+        if feed.tx.send(msg).is_err() {
+            tracing::error!("SQL rule stage is gone; SQL rules are not evaluated");
+            self.sql = None;
+        }
+    }
+
     /// Switches to a new rule set, keeping the state of rules whose definition is unchanged.
     fn refresh_rules(&mut self) {
         let latest = self.rules_source.load();
@@ -252,10 +303,11 @@ impl Shard {
             return;
         }
         let latest = arc_swap::Guard::into_inner(latest);
+        let native: Vec<&Arc<Rule>> = latest.native().collect();
         let mut old: Vec<Option<RuleRuntime>> = self.runtimes.drain(..).map(Some).collect();
         // For each new rule, the index of the old runtime it keeps, if unchanged.
-        let mut kept = Vec::with_capacity(latest.rules.len());
-        for rule in &latest.rules {
+        let mut kept = Vec::with_capacity(native.len());
+        for &rule in &native {
             let same = old
                 .iter()
                 .position(|rt| rt.as_ref().is_some_and(|rt| *rt.rule == **rule));
@@ -273,7 +325,7 @@ impl Shard {
             let mut states: Vec<Option<RuleState>> = device.rules.drain(..).map(Some).collect();
             device.rules = kept
                 .iter()
-                .zip(&latest.rules)
+                .zip(&native)
                 .map(|(same, rule)| match same {
                     Some(i) => states[*i].take().expect("taken once"),
                     None => RuleState::new(rule),
@@ -320,6 +372,7 @@ impl Shard {
     /// Evaluates a batch; returns the readings to store (all but duplicates and warm-up).
     fn process(&mut self, mut samples: Vec<Sample>, now_ms: Millis) -> Vec<Sample> {
         let version = self.assignments.version();
+        let feed_sql = self.sql.as_ref().is_some_and(SqlFeed::wants_readings);
         // Readings not to store again, by position.
         let mut not_stored = Vec::new();
         // First find every reading's device: the lookups are independent of each other, so
@@ -358,6 +411,11 @@ impl Shard {
                 .patient_id
                 .clone()
                 .or_else(|| device.assigned.clone());
+            if feed_sql {
+                let mut reading = sample.clone();
+                reading.patient_id.clone_from(&patient);
+                self.for_sql.push(reading);
+            }
             if let Some(p) = &patient {
                 device.patient.clone_from(&patient);
                 if let Some(latest) = &mut self.latest
@@ -367,7 +425,7 @@ impl Shard {
                 }
             }
             for (rt, state) in self.runtimes.iter_mut().zip(&mut device.rules) {
-                let Some(value) = sample.vitals.get(rt.rule.vital()) else {
+                let Some(value) = sample.vitals.get(rt.vital) else {
                     continue;
                 };
                 match (&rt.rule.kind, state) {

@@ -7,6 +7,7 @@
 //! Pipeline files (`pipelines/*.toml`) hold a list of `[[rule]]` tables; see the README.
 
 pub mod expr;
+pub mod sql;
 pub mod threshold;
 pub mod window;
 
@@ -43,13 +44,14 @@ impl Priority {
 pub struct RuleSpec {
     /// Stable identifier: `^[a-z0-9_]{1,64}$`.
     pub id: String,
-    /// `threshold` or `window`.
+    /// `threshold`, `window` or `sql`.
     pub kind: RuleKindName,
     pub priority: Priority,
     /// Shown to clinicians with the alert.
     pub message: String,
     /// The alarm condition. Threshold: on the reading's vital (`hr > 120 or hr < 40`);
-    /// window: on aggregates of one vital (`avg(spo2) < 90`).
+    /// window: on aggregates of one vital (`avg(spo2) < 90`). SQL rules have `sql` instead.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub condition: String,
     /// When the alarm clears; by default when the condition no longer holds. A clear
     /// condition stricter than `not condition` gives hysteresis.
@@ -64,6 +66,13 @@ pub struct RuleSpec {
     /// Window only: how far consecutive windows advance; equal to `window` (tumbling) by default.
     #[serde(default, with = "humantime_serde")]
     pub slide: Option<Duration>,
+    /// SQL only: the SELECT run over the window's readings (table `vitals`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
+    /// SQL only, in pipeline files: the statement's file in `sql/rules/` beside the
+    /// pipeline's directory, read when the pipeline loads (then held as `sql`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +80,7 @@ pub struct RuleSpec {
 pub enum RuleKindName {
     Threshold,
     Window,
+    Sql,
 }
 
 /// A validated, ready-to-run rule.
@@ -87,14 +97,17 @@ pub struct Rule {
 pub enum RuleKind {
     Threshold(threshold::ThresholdRule),
     Window(window::WindowRule),
+    /// Evaluated centrally over every device's readings, not by the shards.
+    Sql(sql::SqlRule),
 }
 
 impl Rule {
-    /// The one vital the rule reads.
-    pub fn vital(&self) -> Vital {
+    /// The one vital a shard's rule reads; SQL rules read the whole window, so none.
+    pub fn vital(&self) -> Option<Vital> {
         match &self.kind {
-            RuleKind::Threshold(t) => t.vital,
-            RuleKind::Window(w) => w.vital,
+            RuleKind::Threshold(t) => Some(t.vital),
+            RuleKind::Window(w) => Some(w.vital),
+            RuleKind::Sql(_) => None,
         }
     }
 }
@@ -117,10 +130,28 @@ impl RuleSet {
             .map(|r| match &r.kind {
                 RuleKind::Threshold(t) => t.for_ms,
                 RuleKind::Window(w) => w.size,
+                RuleKind::Sql(s) => s.size,
             })
             .max()
             .unwrap_or(0);
         std::time::Duration::from_millis(longest.max(0) as u64)
+    }
+}
+
+impl RuleSet {
+    /// The rules the shards evaluate, per device.
+    pub fn native(&self) -> impl Iterator<Item = &Arc<Rule>> {
+        self.rules
+            .iter()
+            .filter(|r| !matches!(r.kind, RuleKind::Sql(_)))
+    }
+
+    /// The SQL rules, evaluated centrally.
+    pub fn sql(&self) -> impl Iterator<Item = (&Arc<Rule>, &sql::SqlRule)> {
+        self.rules.iter().filter_map(|r| match &r.kind {
+            RuleKind::Sql(s) => Some((r, s)),
+            _ => None,
+        })
     }
 }
 
@@ -163,6 +194,19 @@ pub fn compile_rule(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Rule>
     }
     if spec.message.trim().is_empty() {
         problem("message must not be empty".into());
+    }
+    if spec.kind == RuleKindName::Sql {
+        let sql = compile_sql(spec, &mut problem);
+        return (problems.len() == before).then(|| Rule {
+            id: Arc::from(spec.id.as_str()),
+            priority: spec.priority,
+            message: Arc::from(spec.message.as_str()),
+            kind: RuleKind::Sql(sql),
+            spec: spec.clone(),
+        });
+    }
+    if spec.sql.is_some() || spec.sql_file.is_some() {
+        problem("`sql` and `sql_file` belong to SQL rules (kind = \"sql\")".into());
     }
     let mut parse = |what: &str, src: &str| match expr::parse(src) {
         Ok(e) => Some(e),
@@ -215,15 +259,7 @@ pub fn compile_rule(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Rule>
                     "`for` belongs to threshold rules; a window rule already spans time".into(),
                 );
             }
-            let size = spec.window.map(to_millis).unwrap_or(0);
-            let slide = spec.slide.map(to_millis).unwrap_or(size);
-            if size <= 0 {
-                problem("`window` is required and must be at least 1ms".into());
-            } else if slide <= 0 || slide > size || size % slide != 0 {
-                problem("`slide` must be positive, at most `window`, and divide it evenly".into());
-            } else if size / slide > 1000 {
-                problem("`window` / `slide` must be at most 1000".into());
-            }
+            let (size, slide) = window_of(spec, &mut problem);
             RuleKind::Window(window::WindowRule {
                 vital,
                 condition,
@@ -232,6 +268,7 @@ pub fn compile_rule(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Rule>
                 slide,
             })
         }
+        RuleKindName::Sql => unreachable!("SQL rules were compiled above"),
     };
     (problems.len() == before).then(|| Rule {
         id: Arc::from(spec.id.as_str()),
@@ -240,6 +277,53 @@ pub fn compile_rule(spec: &RuleSpec, problems: &mut Vec<String>) -> Option<Rule>
         kind,
         spec: spec.clone(),
     })
+}
+
+/// A window rule's size and slide (ms), checked.
+fn window_of(spec: &RuleSpec, problem: &mut impl FnMut(String)) -> (Millis, Millis) {
+    let size = spec.window.map(to_millis).unwrap_or(0);
+    let slide = spec.slide.map(to_millis).unwrap_or(size);
+    if size <= 0 {
+        problem("`window` is required and must be at least 1ms".into());
+    } else if slide <= 0 || slide > size || size % slide != 0 {
+        problem("`slide` must be positive, at most `window`, and divide it evenly".into());
+    } else if size / slide > 1000 {
+        problem("`window` / `slide` must be at most 1000".into());
+    }
+    (size, slide)
+}
+
+fn compile_sql(spec: &RuleSpec, problem: &mut impl FnMut(String)) -> sql::SqlRule {
+    if !spec.condition.is_empty() || spec.clear.is_some() || spec.for_duration.is_some() {
+        problem(
+            "a SQL rule has `sql`, not `condition`, `clear` or `for`: its rows are its matches"
+                .into(),
+        );
+    }
+    let (size, slide) = window_of(spec, problem);
+    let text = match (&spec.sql, &spec.sql_file) {
+        (Some(text), _) => text.as_str(),
+        (None, Some(file)) => {
+            problem(format!(
+                "`sql_file` {file:?} is read only when a pipeline file loads; send the SQL itself as `sql`"
+            ));
+            ""
+        }
+        (None, None) => {
+            problem("`sql` is required: a SELECT over `vitals`".into());
+            ""
+        }
+    };
+    if !text.is_empty()
+        && let Err(e) = sql::validate(text)
+    {
+        problem(format!("sql: {e}"));
+    }
+    sql::SqlRule {
+        sql: Arc::from(text),
+        size,
+        slide,
+    }
 }
 
 /// Validates a list of rule specs into a rule set, or every problem found.
@@ -266,6 +350,10 @@ pub fn parse_pipeline(text: &str) -> Result<RuleSet, PipelineError> {
     let file: PipelineFile = toml::from_str(text).map_err(|e| PipelineError {
         problems: vec![e.to_string()],
     })?;
+    compile_file(file)
+}
+
+fn compile_file(file: PipelineFile) -> Result<RuleSet, PipelineError> {
     if file.rules.is_empty() {
         return Err(PipelineError {
             problems: vec!["the pipeline has no [[rule]]".into()],
@@ -274,12 +362,63 @@ pub fn parse_pipeline(text: &str) -> Result<RuleSet, PipelineError> {
     compile(&file.rules)
 }
 
+/// Reads each rule's `sql_file` into its `sql`: a plain file name in `sql/rules/` beside
+/// the pipeline's directory (`pipelines/x.toml` reads `sql/rules/…`).
+fn read_sql_files(file: &mut PipelineFile, pipeline: &Path) -> Result<(), PipelineError> {
+    let dir = pipeline
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."))
+        .join("sql/rules");
+    let mut problems = Vec::new();
+    for spec in &mut file.rules {
+        let Some(name) = spec.sql_file.take() else {
+            continue;
+        };
+        let plain = !name.contains(['/', '\\']) && name.ends_with(".sql") && !name.starts_with('.');
+        if !plain {
+            problems.push(format!(
+                "rule `{}`: `sql_file` must be a file name ending in .sql in {}, not {name:?}",
+                spec.id,
+                dir.display()
+            ));
+        } else if spec.sql.is_some() {
+            problems.push(format!(
+                "rule `{}`: give `sql` or `sql_file`, not both",
+                spec.id
+            ));
+        } else {
+            match std::fs::read_to_string(dir.join(&name)) {
+                Ok(text) => spec.sql = Some(text),
+                Err(e) => problems.push(format!(
+                    "rule `{}`: {}: {e}",
+                    spec.id,
+                    dir.join(&name).display()
+                )),
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(PipelineError { problems })
+    }
+}
+
 /// Loads and validates a pipeline file.
 pub fn load_pipeline(path: &Path) -> Result<RuleSet, PipelineError> {
     let text = std::fs::read_to_string(path).map_err(|e| PipelineError {
         problems: vec![format!("{}: {e}", path.display())],
     })?;
-    parse_pipeline(&text).map_err(|mut e| {
+    let file = toml::from_str(&text)
+        .map_err(|e| PipelineError {
+            problems: vec![e.to_string()],
+        })
+        .and_then(|mut file: PipelineFile| {
+            read_sql_files(&mut file, path)?;
+            compile_file(file)
+        });
+    file.map_err(|mut e| {
         for p in &mut e.problems {
             *p = format!("{}: {p}", path.display());
         }
@@ -339,7 +478,7 @@ mod tests {
 
     #[test]
     fn shipped_pipelines_are_valid() {
-        for name in ["reference", "icu"] {
+        for name in ["reference", "icu", "reference-sql", "analyst"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("pipelines/{name}.toml"));
             let set = load_pipeline(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!set.rules.is_empty());
