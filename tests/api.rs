@@ -662,3 +662,220 @@ fn the_openapi_document_matches_the_routes() {
     drop(api);
     h.finish();
 }
+
+/// Readings of one device at 1 Hz from second `from` to `to` (exclusive), SpO2 `spo2`.
+fn spo2_lines(device: &str, t0: i64, from: i64, to: i64, spo2: f64) -> Vec<String> {
+    (from..to)
+        .map(|s| reading(device, t0 + s * 1000, "spo2", spo2))
+        .collect()
+}
+
+#[test]
+fn analysts_try_submit_and_replace_sql_rules_in_the_running_engine() {
+    let config = vitalstream::engine::EngineConfig {
+        sql_recent: std::time::Duration::from_secs(300),
+        ..common::config()
+    };
+    let mut h = Harness::start(&config, rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let analyst = token(&api, Role::Analyst, None);
+    let clinician = token(&api, Role::Clinician, None);
+    let sql = "SELECT device_id, patient_id, avg(spo2) AS value\nFROM vitals\nGROUP BY device_id, patient_id\nHAVING avg(spo2) < 90";
+    let rule = json!({"id": "spo2_low_sql", "kind": "sql", "priority": "high",
+        "message": "SpO2 low over 10 s", "window": "10s", "sql": sql});
+
+    // Refused with the planner's message and where in the SQL; and what is not a SELECT.
+    let mut bad = rule.clone();
+    bad["sql"] = json!("SELECT device_id,\n  nosuch FROM vitals");
+    let refused = api.call(
+        "POST",
+        "/api/v1/rules",
+        Some(&analyst),
+        Some(bad.clone()),
+        &[],
+    );
+    assert_envelope(&refused, 422);
+    let problem = refused.body["error"]["details"]["problems"][0]
+        .as_str()
+        .unwrap();
+    assert!(
+        problem.contains("nosuch") && problem.contains("line 2, column 3"),
+        "{problem}"
+    );
+    bad["sql"] = json!("DROP TABLE vitals");
+    let refused = api.call("POST", "/api/v1/rules", Some(&analyst), Some(bad), &[]);
+    assert_envelope(&refused, 422);
+    assert!(
+        refused.body.to_string().contains("only a SELECT"),
+        "{}",
+        refused.body
+    );
+    // Clinicians read rules but neither write nor try them.
+    let try_body = |sample: Option<String>| json!({"rule": rule, "sample": sample});
+    assert_envelope(
+        &api.call(
+            "POST",
+            "/api/v1/rules/test",
+            Some(&clinician),
+            Some(try_body(None)),
+            &[],
+        ),
+        403,
+    );
+
+    // Tried on an uploaded sample: bed-1 low, bed-2 fine; nothing is raised.
+    let t0 = now_millis() / 10_000 * 10_000 - 60_000;
+    let sample: String = (spo2_lines("bed-1", t0, 0, 10, 85.0).into_iter())
+        .chain(spo2_lines("bed-2", t0, 0, 10, 97.0))
+        .map(|l| l + "\n")
+        .collect();
+    let tried = api.call(
+        "POST",
+        "/api/v1/rules/test",
+        Some(&analyst),
+        Some(try_body(Some(sample))),
+        &[],
+    );
+    assert_envelope(&tried, 200);
+    let data = &tried.body["data"];
+    assert_eq!(
+        (data["source"].as_str(), data["readings"].as_u64()),
+        (Some("sample"), Some(20))
+    );
+    let windows = data["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 1, "{data}");
+    assert_eq!(windows[0]["window_start"], t0);
+    assert_eq!(windows[0]["rows"].as_array().unwrap().len(), 1, "{data}");
+    assert_eq!(windows[0]["rows"][0]["device_id"], "bed-1");
+    assert_eq!(windows[0]["rows"][0]["value"], 85.0);
+    let bad_sample = try_body(Some(
+        "{\"device_id\":\"bed-1\",\"ts\":1}\nnot json\n".into(),
+    ));
+    let refused = api.call(
+        "POST",
+        "/api/v1/rules/test",
+        Some(&analyst),
+        Some(bad_sample),
+        &[],
+    );
+    assert_envelope(&refused, 422);
+    assert!(
+        refused.body.to_string().contains("line 2: invalid_json"),
+        "{}",
+        refused.body
+    );
+
+    // Tried on the most recent window of live readings.
+    let mut source = h.replay_source();
+    common::send_lines(&mut source, &spo2_lines("bed-1", t0, 0, 12, 85.0), 4);
+    let deadline = std::time::Instant::now() + WAIT;
+    let recent = loop {
+        let tried = api.call(
+            "POST",
+            "/api/v1/rules/test",
+            Some(&analyst),
+            Some(try_body(None)),
+            &[],
+        );
+        assert_envelope(&tried, 200);
+        if tried.body["data"]["readings"] == 2 || std::time::Instant::now() > deadline {
+            break tried.body["data"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(recent["source"], "recent");
+    // The window holding the newest reading (11 s): [10 s, 20 s), two readings so far.
+    assert_eq!(recent["readings"], 2, "{recent}");
+    assert_eq!(
+        recent["windows"][0]["window_start"],
+        t0 + 10_000,
+        "{recent}"
+    );
+    assert_eq!(
+        recent["windows"][0]["rows"][0]["device_id"], "bed-1",
+        "{recent}"
+    );
+    assert!(
+        h.alerts
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err()
+    );
+
+    // Submitted: it takes effect on the readings that follow.
+    assert_envelope(
+        &api.call(
+            "POST",
+            "/api/v1/rules",
+            Some(&analyst),
+            Some(rule.clone()),
+            &[],
+        ),
+        201,
+    );
+    let listed = api.get("/api/v1/rules/spo2_low_sql", &clinician);
+    assert_envelope(&listed, 200);
+    assert_eq!(
+        (
+            listed.body["data"]["kind"].as_str(),
+            listed.body["data"]["sql"].as_str()
+        ),
+        (Some("sql"), Some(sql))
+    );
+    common::send_lines(&mut source, &spo2_lines("bed-1", t0, 12, 30, 85.0), 4);
+    let raised = h.alerts.recv_timeout(WAIT).expect("the SQL rule raises");
+    assert_eq!(
+        (&*raised.alert.rule_id, raised.event),
+        ("spo2_low_sql", Transition::Raised)
+    );
+    assert_eq!(&*raised.alert.subject, "bed-1");
+    assert_eq!(raised.alert.trigger.value, 85.0);
+    assert_eq!(
+        raised.alert.trigger.window,
+        Some((t0 + 10_000, t0 + 20_000))
+    );
+
+    // Replaced by a statement that fails on real data: it is disabled, and says why.
+    let mut failing = rule.clone();
+    failing["sql"] = json!("SELECT device_id, CAST('x' || device_id AS INT) AS value FROM vitals");
+    assert_envelope(
+        &api.call(
+            "PUT",
+            "/api/v1/rules/spo2_low_sql",
+            Some(&analyst),
+            Some(failing),
+            &[],
+        ),
+        200,
+    );
+    let resolved = h
+        .alerts
+        .recv_timeout(WAIT)
+        .expect("the replaced rule's alert resolves");
+    assert_eq!(resolved.event, Transition::Resolved);
+    common::send_lines(&mut source, &spo2_lines("bed-1", t0, 30, 50, 85.0), 4);
+    let deadline = std::time::Instant::now() + WAIT;
+    let disabled = loop {
+        let got = api.get("/api/v1/rules/spo2_low_sql", &analyst).body["data"]["disabled"].clone();
+        if !got.is_null() || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        disabled["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Cannot cast")),
+        "{disabled}"
+    );
+    // hr_high still works.
+    common::send_lines(
+        &mut source,
+        &[reading("bed-1", t0 + 50_000, "hr", 130.0)],
+        1,
+    );
+    let hr = h.alerts.recv_timeout(WAIT).expect("hr_high raises");
+    assert_eq!(&*hr.alert.rule_id, "hr_high");
+    drop(source);
+    drop(api);
+    h.finish();
+}

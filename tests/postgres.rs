@@ -787,10 +787,18 @@ fn rules_changed_through_the_api_survive_a_restart() {
     let rule = serde_json::json!({"id": "hr_low", "kind": "threshold", "priority": "high",
         "message": "HR low", "condition": "hr < 40"});
     assert_eq!(call("POST", "/api/v1/rules", Some(rule)), 201);
+    let sql = "SELECT device_id, patient_id, min(spo2) AS value FROM vitals GROUP BY 1, 2 HAVING min(spo2) < 85";
+    let sql_rule = serde_json::json!({"id": "spo2_sql", "kind": "sql", "priority": "high",
+        "message": "SpO2 under 85", "window": "30s", "slide": "10s", "sql": sql});
+    assert_eq!(call("POST", "/api/v1/rules", Some(sql_rule)), 201);
     assert_eq!(call("DELETE", "/api/v1/rules/hr_high", None), 200);
     assert_eq!(
         db.rows("SELECT rule_id, enabled::text, updated_by FROM rules ORDER BY 1"),
-        [["hr_high", "false", "ana"], ["hr_low", "true", "ana"]]
+        [
+            ["hr_high", "false", "ana"],
+            ["hr_low", "true", "ana"],
+            ["spo2_sql", "true", "ana"]
+        ]
     );
     drop(app);
     h.finish();
@@ -855,5 +863,15 @@ fn rules_changed_through_the_api_survive_a_restart() {
         .iter()
         .map(|r| r["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["hr_low"], "{body}");
+    assert_eq!(ids, ["hr_low", "spo2_sql"], "{body}");
+    let kept = &body["data"][1];
+    assert_eq!(
+        (
+            kept["sql"].as_str(),
+            kept["window"].as_str(),
+            kept["slide"].as_str()
+        ),
+        (Some(sql), Some("30s"), Some("10s")),
+        "{body}"
+    );
 }
