@@ -11,12 +11,15 @@ use super::EngineConfig;
 use crate::alerts::{AlertBook, Cause, Signal, Trigger};
 use crate::metrics::{Metrics, RuleCounters};
 use crate::model::{Id, Millis, Sample};
-use crate::rules::sql::{Evaluator, Limits, Match, SqlError, SqlRule, Wards, to_batch};
+use crate::rules::sql::{
+    Evaluator, Limits, Match, SqlError, SqlRule, Wards, readings_batch, to_batch, with_bounds,
+};
 use crate::rules::threshold::Edge;
 use crate::rules::{Rule, RuleSet};
 use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
 use dashmap::DashMap;
+use datafusion::arrow::array::RecordBatch;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -37,10 +40,17 @@ pub struct SqlShared {
     pub disabled: DashMap<Arc<str>, SqlError>,
     pub limits: Limits,
     pub wards: Arc<Wards>,
-    recent: Mutex<VecDeque<Sample>>,
+    recent: Mutex<Recent>,
     /// How much event time of readings `recent` keeps, ms, and at most how many.
     recent_ms: Millis,
     recent_max: usize,
+}
+
+/// Recent readings, oldest first, and the newest event time among them.
+#[derive(Default)]
+struct Recent {
+    readings: VecDeque<Sample>,
+    newest: Millis,
 }
 
 impl SqlShared {
@@ -52,7 +62,7 @@ impl SqlShared {
             disabled: DashMap::new(),
             limits: config.sql_limits(),
             wards: Arc::new(wards),
-            recent: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(Recent::default()),
             recent_ms: config.sql_recent.as_millis() as Millis,
             recent_max: config.sql_recent_readings,
         }
@@ -63,14 +73,15 @@ impl SqlShared {
             return;
         }
         let mut recent = self.recent.lock().expect("recent readings lock");
-        recent.extend(readings.iter().filter(|r| !r.warmup).cloned());
-        let newest = recent.iter().map(|r| r.ts).max().unwrap_or(Millis::MIN);
-        while recent.len() > self.recent_max
-            || recent
-                .front()
-                .is_some_and(|r| r.ts <= newest - self.recent_ms)
+        for r in readings.iter().filter(|r| !r.warmup) {
+            recent.newest = recent.newest.max(r.ts);
+            recent.readings.push_back(r.clone());
+        }
+        let oldest = recent.newest - self.recent_ms;
+        while recent.readings.len() > self.recent_max
+            || (recent.readings.front()).is_some_and(|r| r.ts <= oldest)
         {
-            recent.pop_front();
+            recent.readings.pop_front();
         }
     }
 
@@ -78,12 +89,12 @@ impl SqlShared {
     /// window's bounds: it ends at the first multiple of `slide` after the newest reading.
     pub fn recent_window(&self, size: Millis, slide: Millis) -> (Vec<Sample>, Millis, Millis) {
         let recent = self.recent.lock().expect("recent readings lock");
-        let Some(newest) = recent.iter().map(|r| r.ts).max() else {
+        if recent.readings.is_empty() {
             return (Vec::new(), 0, 0);
-        };
-        let end = newest.div_euclid(slide) * slide + slide;
+        }
+        let end = recent.newest.div_euclid(slide) * slide + slide;
         let start = end - size;
-        let rows = (recent.iter())
+        let rows = (recent.readings.iter())
             .filter(|r| (start..end).contains(&r.ts))
             .cloned()
             .collect();
@@ -110,7 +121,7 @@ pub async fn try_rule(
         let end = start + rule.size;
         let rows = window_rows(panes.range(start..end).flat_map(|(_, v)| v.iter().copied()));
         let matches = evaluator
-            .run(&rule.sql, to_batch(&rows, wards, start, end))
+            .run(&rule.sql, vec![to_batch(&rows, wards, start, end)])
             .await?;
         out.push((start, end, matches));
         next = start + rule.slide;
@@ -127,8 +138,30 @@ fn pane_of(rule: &SqlRule, ts: Millis) -> Millis {
 /// readings at the same time keep their arrival order). Shard count does not change it.
 fn window_rows<'a>(rows: impl Iterator<Item = &'a Sample>) -> Vec<&'a Sample> {
     let mut rows: Vec<&Sample> = rows.collect();
-    rows.sort_by(|a, b| a.ts.cmp(&b.ts).then_with(|| a.device_id.cmp(&b.device_id)));
+    rows.sort_by(|a, b| table_order(a, b));
     rows
+}
+
+fn table_order(a: &Sample, b: &Sample) -> std::cmp::Ordering {
+    a.ts.cmp(&b.ts).then_with(|| a.device_id.cmp(&b.device_id))
+}
+
+/// The readings of one `slide`-long stretch of event time.
+#[derive(Default)]
+struct Pane {
+    readings: Vec<Sample>,
+    /// The readings, sorted into table order, as columns: built when a window first reads
+    /// the pane, dropped if another reading arrives.
+    batch: Option<RecordBatch>,
+}
+
+impl Pane {
+    fn batch(&mut self, wards: &Wards) -> &RecordBatch {
+        self.batch.get_or_insert_with(|| {
+            self.readings.sort_by(table_order);
+            readings_batch(self.readings.iter(), wards)
+        })
+    }
 }
 
 /// One SQL rule's windows and alarms.
@@ -137,7 +170,7 @@ struct SqlRuntime {
     sql: SqlRule,
     counters: Arc<RuleCounters>,
     /// Readings by pane (`slide`-long stretch of event time) start.
-    panes: BTreeMap<Millis, Vec<Sample>>,
+    panes: BTreeMap<Millis, Pane>,
     /// Every window starting before this has been evaluated.
     next_start: Millis,
     /// Subject (patient, else device) → the device its alert is held by.
@@ -164,7 +197,9 @@ impl SqlRuntime {
         if pane < self.next_start || self.disabled {
             return false;
         }
-        self.panes.entry(pane).or_default().push(reading.clone());
+        let pane = self.panes.entry(pane).or_default();
+        pane.readings.push(reading.clone());
+        pane.batch = None;
         true
     }
 }
@@ -313,12 +348,16 @@ impl SqlStage {
         let rt = &mut self.runtimes[r];
         let (size, slide) = (rt.sql.size, rt.sql.slide);
         let end = start + size;
-        let rows =
-            window_rows((rt.panes.range(start..end)).flat_map(|(_, readings)| readings.iter()));
-        let batch = to_batch(&rows, &self.shared.wards, start, end);
+        let batches: Vec<RecordBatch> = (rt.panes.range_mut(start..end))
+            .map(|(_, pane)| with_bounds(pane.batch(&self.shared.wards), start, end))
+            .collect();
+        // Each pane is in table order and the panes follow each other in time: so is this.
+        let rows: Vec<&Sample> = (rt.panes.range(start..end))
+            .flat_map(|(_, pane)| pane.readings.iter())
+            .collect();
         let result = self
             .runtime
-            .block_on(self.evaluator.run(&rt.sql.sql, batch));
+            .block_on(self.evaluator.run(&rt.sql.sql, batches));
         match result {
             Ok(matches) => {
                 rt.counters.matches.fetch_add(matches.len() as u64, Relaxed);

@@ -9,7 +9,7 @@
 use crate::model::{Id, Millis, Sample, Vital};
 use datafusion::arrow::array::{
     Array, ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray, StringBuilder,
-    TimestampMillisecondBuilder,
+    TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -157,6 +157,15 @@ pub type Wards = HashMap<Id, Id>;
 
 /// The window `[start, end)` holding `readings` (already in table order) as one batch.
 pub fn to_batch(readings: &[&Sample], wards: &Wards, start: Millis, end: Millis) -> RecordBatch {
+    with_bounds(&readings_batch(readings.iter().copied(), wards), start, end)
+}
+
+/// Readings (in table order) as the columns of `vitals` before the window's bounds: built
+/// once per pane, however many sliding windows then read it.
+pub fn readings_batch<'a>(
+    readings: impl ExactSizeIterator<Item = &'a Sample>,
+    wards: &Wards,
+) -> RecordBatch {
     let n = readings.len();
     let mut device = StringBuilder::with_capacity(n, n * 12);
     let mut patient = StringBuilder::with_capacity(n, n * 12);
@@ -173,11 +182,6 @@ pub fn to_batch(readings: &[&Sample], wards: &Wards, start: Millis, end: Millis)
             builder.append_option(r.vitals.get(v));
         }
     }
-    let bound = |t: Millis| {
-        let mut b = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
-        b.append_value_n(t, n);
-        Arc::new(b.finish()) as ArrayRef
-    };
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(device.finish()),
         Arc::new(patient.finish()),
@@ -185,6 +189,17 @@ pub fn to_batch(readings: &[&Sample], wards: &Wards, start: Millis, end: Millis)
         Arc::new(ts.finish()),
     ];
     columns.extend(vitals.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    let fields = schema().fields()[..columns.len()].to_vec();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("columns follow the schema")
+}
+
+/// A batch of [`readings_batch`] with the window's bounds added: a batch of `vitals`.
+pub fn with_bounds(readings: &RecordBatch, start: Millis, end: Millis) -> RecordBatch {
+    let n = readings.num_rows();
+    let bound = |t: Millis| {
+        Arc::new(TimestampMillisecondArray::from_value(t, n).with_timezone("UTC")) as ArrayRef
+    };
+    let mut columns = readings.columns().to_vec();
     columns.push(bound(start));
     columns.push(bound(end));
     RecordBatch::try_new(schema(), columns).expect("columns follow the schema")
@@ -245,9 +260,9 @@ impl Evaluator {
     }
 
     /// Plans `sql` over `vitals` holding `batch`, refusing anything but one query over it.
-    async fn plan(&self, sql: &str, batch: RecordBatch) -> Result<LogicalPlan, SqlError> {
+    async fn plan(&self, sql: &str, batches: Vec<RecordBatch>) -> Result<LogicalPlan, SqlError> {
         self.ctx.deregister_table(TABLE)?;
-        let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
+        let table = MemTable::try_new(schema(), vec![batches])?;
         self.ctx.register_table(TABLE, Arc::new(table))?;
         let state = self.ctx.state();
         let statement = (state.sql_to_statement(sql, &Dialect::Generic))
@@ -294,7 +309,7 @@ impl Evaluator {
     /// Checks a statement without data: it must plan over `vitals` and return a string
     /// column `patient_id` or `device_id`; `value` must be numeric and `message` text.
     pub async fn validate(&self, sql: &str) -> Result<(), SqlError> {
-        let plan = self.plan(sql, RecordBatch::new_empty(schema())).await?;
+        let plan = self.plan(sql, Vec::new()).await?;
         let out = plan.schema();
         let column = |name: &str| {
             out.fields()
@@ -334,15 +349,16 @@ impl Evaluator {
         Ok(())
     }
 
-    /// Runs `sql` over one window's readings; every row it returns is a match.
-    pub async fn run(&self, sql: &str, batch: RecordBatch) -> Result<Vec<Match>, SqlError> {
+    /// Runs `sql` over one window's readings (batches of [`schema`]); every row it returns
+    /// is a match.
+    pub async fn run(&self, sql: &str, batches: Vec<RecordBatch>) -> Result<Vec<Match>, SqlError> {
         let deadline = Instant::now() + self.limits.time;
         let overrun = format!(
             "the statement ran longer than its limit of {:?} and was stopped",
             self.limits.time
         );
         let work = async {
-            let plan = self.plan(sql, batch).await?;
+            let plan = self.plan(sql, batches).await?;
             let frame = self.ctx.execute_logical_plan(plan).await?;
             let task = frame.task_ctx();
             let physical = frame.create_physical_plan().await?;
@@ -563,6 +579,7 @@ mod tests {
     }
 
     fn run(limits: Limits, sql: &str, batch: RecordBatch) -> Result<Vec<Match>, SqlError> {
+        let batch = vec![batch];
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
