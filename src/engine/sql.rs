@@ -10,17 +10,22 @@
 use super::EngineConfig;
 use crate::alerts::{AlertBook, Cause, Signal, Trigger};
 use crate::metrics::{Metrics, RuleCounters};
-use crate::model::{Id, Millis, Sample};
+use crate::model::{CorrelationId, Id, Millis, Sample};
 use crate::rules::sql::{
-    Evaluator, Limits, Match, SqlError, SqlRule, Wards, readings_batch, to_batch, with_bounds,
+    Columns, Evaluator, Limits, Match, SqlError, SqlRule, Wards, to_batch, with_bounds,
 };
+use datafusion::arrow::array::{Array, StringArray, UInt32Array};
+use datafusion::arrow::compute::take_record_batch;
 use crate::rules::threshold::Edge;
 use crate::rules::{Rule, RuleSet};
 use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
 use dashmap::DashMap;
 use datafusion::arrow::array::RecordBatch;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::hash_map::Entry;
+use std::hash::BuildHasher;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -117,7 +122,7 @@ pub async fn try_rule(
     let mut out = Vec::new();
     let mut next = Millis::MIN;
     while let Some((&first, _)) = panes.first_key_value() {
-        let start = next.max(first - rule.size + rule.slide);
+        let start = next_window(rule, first, next);
         let end = start + rule.size;
         let rows = window_rows(panes.range(start..end).flat_map(|(_, v)| v.iter().copied()));
         let matches = evaluator
@@ -134,34 +139,85 @@ fn pane_of(rule: &SqlRule, ts: Millis) -> Millis {
     ts.div_euclid(rule.slide) * rule.slide
 }
 
-/// A window's readings in table order: by event time, then device (stable, so one device's
-/// readings at the same time keep their arrival order). Shard count does not change it.
+/// The start of the next window to evaluate: the first holding the earliest pane left
+/// (`first`), unless that one was already evaluated (every window before `next` was).
+fn next_window(rule: &SqlRule, first: Millis, next: Millis) -> Millis {
+    next.max(first - rule.size + rule.slide)
+}
+
+/// A window's readings in table order (stable: one device's readings at the same time keep
+/// their arrival order, which the shard count does not change).
 fn window_rows<'a>(rows: impl Iterator<Item = &'a Sample>) -> Vec<&'a Sample> {
     let mut rows: Vec<&Sample> = rows.collect();
-    rows.sort_by(|a, b| table_order(a, b));
+    rows.sort_by_cached_key(|r| table_order(r));
     rows
 }
 
-fn table_order(a: &Sample, b: &Sample) -> std::cmp::Ordering {
-    a.ts.cmp(&b.ts).then_with(|| a.device_id.cmp(&b.device_id))
+/// Table order: by event time, then by a hash of the device id — an order fixed by the
+/// readings alone (not by the shard count or arrival), and cheap to sort by.
+fn table_order(r: &Sample) -> (Millis, u64) {
+    (r.ts, rustc_hash::FxBuildHasher.hash_one(&r.device_id))
 }
 
-/// The readings of one `slide`-long stretch of event time.
+/// The readings of one `slide`-long stretch of event time, as the columns of `vitals`:
+/// appended as they arrive (while the reading is still in cache), put in table order when
+/// a window first reads them.
 #[derive(Default)]
 struct Pane {
-    readings: Vec<Sample>,
-    /// The readings, sorted into table order, as columns: built when a window first reads
-    /// the pane, dropped if another reading arrives.
-    batch: Option<RecordBatch>,
+    columns: Columns,
+    /// Per row, in arrival order: its table-order key, and what an alert would point at.
+    keys: Vec<(Millis, u64)>,
+    refs: Vec<(CorrelationId, i64)>,
+    sorted: Option<Sorted>,
+}
+
+/// A pane in table order: its batch, and for each row its arrival index (into `refs`).
+struct Sorted {
+    batch: RecordBatch,
+    order: Vec<u32>,
 }
 
 impl Pane {
-    fn batch(&mut self, wards: &Wards) -> &RecordBatch {
-        self.batch.get_or_insert_with(|| {
-            self.readings.sort_by(table_order);
-            readings_batch(self.readings.iter(), wards)
+    fn push(&mut self, r: &Sample, wards: &Wards) {
+        self.columns.push(r, wards);
+        self.keys.push(table_order(r));
+        self.refs.push((r.correlation_id.clone(), r.received_us));
+        self.sorted = None;
+    }
+
+    fn sorted(&mut self) -> &Sorted {
+        self.sorted.get_or_insert_with(|| {
+            let mut order: Vec<u32> = (0..self.keys.len() as u32).collect();
+            order.sort_by_key(|&i| self.keys[i as usize]);
+            let batch = self.columns.finish_cloned();
+            let in_order = order.iter().enumerate().all(|(i, &o)| i as u32 == o);
+            let batch = if in_order {
+                batch
+            } else {
+                let indices = UInt32Array::from(order.clone());
+                take_record_batch(&batch, &indices).expect("indices within the batch")
+            };
+            Sorted { batch, order }
         })
     }
+}
+
+/// A window's rows, newest first: (device, patient, correlation id, received µs).
+fn rows_newest_first<'a>(
+    panes: &'a [(&'a Sorted, &'a Pane)],
+) -> impl Iterator<Item = (&'a str, Option<&'a str>, &'a (CorrelationId, i64))> {
+    panes.iter().rev().flat_map(|(sorted, pane)| {
+        let column = |i: usize| {
+            (sorted.batch.column(i).as_any())
+                .downcast_ref::<StringArray>()
+                .expect("a text column")
+        };
+        let (device, patient) = (column(0), column(1));
+        (0..sorted.order.len()).rev().map(move |i| {
+            let patient = patient.is_valid(i).then(|| patient.value(i));
+            (device.value(i), patient, &pane.refs[sorted.order[i] as usize])
+        })
+    })
 }
 
 /// One SQL rule's windows and alarms.
@@ -169,7 +225,7 @@ struct SqlRuntime {
     rule: Arc<Rule>,
     sql: SqlRule,
     counters: Arc<RuleCounters>,
-    /// Readings by pane (`slide`-long stretch of event time) start.
+    /// Panes by start.
     panes: BTreeMap<Millis, Pane>,
     /// Every window starting before this has been evaluated.
     next_start: Millis,
@@ -192,14 +248,12 @@ impl SqlRuntime {
     }
 
     /// Adds a reading; false when every window holding it was already evaluated.
-    fn add(&mut self, reading: &Sample) -> bool {
+    fn add(&mut self, reading: &Sample, wards: &Wards) -> bool {
         let pane = pane_of(&self.sql, reading.ts);
         if pane < self.next_start || self.disabled {
             return false;
         }
-        let pane = self.panes.entry(pane).or_default();
-        pane.readings.push(reading.clone());
-        pane.batch = None;
+        self.panes.entry(pane).or_default().push(reading, wards);
         true
     }
 }
@@ -269,16 +323,17 @@ impl SqlStage {
     pub(crate) fn run(mut self, input: Receiver<SqlMsg>) {
         for msg in input {
             self.refresh_rules();
-            if !msg.readings.is_empty() {
+            let readings = msg.readings;
+            if !readings.is_empty() {
                 self.last_input = msg.now_ms;
-                self.shared.remember(&msg.readings);
+                self.shared.remember(&readings);
             }
-            for reading in &msg.readings {
+            for reading in &readings {
                 if reading.warmup {
                     self.warm_until = (self.warm_until).max(reading.ts - self.lateness_ms);
                 }
                 for rt in &mut self.runtimes {
-                    rt.add(reading);
+                    rt.add(reading, &self.shared.wards);
                 }
             }
             let mark = &mut self.marks[msg.shard];
@@ -340,7 +395,7 @@ impl SqlStage {
     fn next_window(&self, r: usize, watermark: Millis) -> Option<Millis> {
         let rt = &self.runtimes[r];
         let (&first, _) = rt.panes.first_key_value()?;
-        let start = rt.next_start.max(first - rt.sql.size + rt.sql.slide);
+        let start = next_window(&rt.sql, first, rt.next_start);
         (start.saturating_add(rt.sql.size) <= watermark).then_some(start)
     }
 
@@ -348,12 +403,15 @@ impl SqlStage {
         let rt = &mut self.runtimes[r];
         let (size, slide) = (rt.sql.size, rt.sql.slide);
         let end = start + size;
-        let batches: Vec<RecordBatch> = (rt.panes.range_mut(start..end))
-            .map(|(_, pane)| with_bounds(pane.batch(&self.shared.wards), start, end))
-            .collect();
+        for (_, pane) in rt.panes.range_mut(start..end) {
+            pane.sorted();
+        }
         // Each pane is in table order and the panes follow each other in time: so is this.
-        let rows: Vec<&Sample> = (rt.panes.range(start..end))
-            .flat_map(|(_, pane)| pane.readings.iter())
+        let panes: Vec<(&Sorted, &Pane)> = (rt.panes.range(start..end))
+            .map(|(_, pane)| (pane.sorted.as_ref().expect("sorted above"), pane))
+            .collect();
+        let batches = (panes.iter())
+            .map(|(sorted, _)| with_bounds(&sorted.batch, start, end))
             .collect();
         let result = self
             .runtime
@@ -366,7 +424,7 @@ impl SqlStage {
                     &self.book,
                     rt.rule.as_ref(),
                     &mut rt.alarming,
-                    &rows,
+                    &panes,
                     &matches,
                     (start, end),
                     quiet,
@@ -396,35 +454,63 @@ fn signal(
     book: &AlertBook,
     rule: &Rule,
     alarming: &mut HashMap<Id, Id>,
-    rows: &[&Sample],
+    panes: &[(&Sorted, &Pane)],
     matches: &[Match],
     window: (Millis, Millis),
     quiet: bool,
 ) {
-    let mut matched: HashSet<&Id> = HashSet::new();
+    let Some((_, _, newest)) = rows_newest_first(panes).next() else {
+        return;
+    };
+    // Each subject's first row, and the subjects not alarming yet, in row order.
+    let mut matched: FxHashMap<&str, &Match> = FxHashMap::default();
+    let mut raising: Vec<&str> = Vec::new();
     for m in matches {
         let Some(subject) = m.subject() else {
             tracing::warn!(rule = %rule.id, "a SQL rule's row has neither patient_id nor device_id; skipped");
             continue;
         };
-        if !matched.insert(subject) || alarming.contains_key(subject) {
-            continue;
+        if let Entry::Vacant(first) = matched.entry(subject.as_str()) {
+            first.insert(m);
+            if !alarming.contains_key(subject.as_str()) {
+                raising.push(subject);
+            }
         }
-        // The subject's latest reading in the window is what the alert points back to.
-        let about = |r: &&&Sample| {
-            m.device_id.as_ref().is_none_or(|d| *d == r.device_id)
-                && m.patient_id
-                    .as_ref()
-                    .is_none_or(|p| r.patient_id.as_ref() == Some(p))
-        };
-        let Some(reading) = rows.iter().rev().find(about).or(rows.last()) else {
-            continue;
-        };
-        let holder = m
-            .device_id
-            .clone()
-            .unwrap_or_else(|| reading.device_id.clone());
-        alarming.insert(subject.clone(), holder.clone());
+    }
+    // One pass back from the newest reading finds each raising subject's latest reading
+    // (what its alert points at: its device and correlation id) and which alarming subjects
+    // without a row have readings here (they clear); it stops as soon as it has both. A
+    // subject the statement names but without readings here points at the newest one.
+    let mut latest: FxHashMap<&str, (&str, &(CorrelationId, i64))> = FxHashMap::default();
+    let mut wanted: FxHashSet<&str> = raising.iter().copied().collect();
+    let mut unmatched: FxHashSet<&str> = (alarming.keys())
+        .map(|s| s.as_str())
+        .filter(|s| !matched.contains_key(s))
+        .collect();
+    let mut cleared: Vec<Id> = Vec::new();
+    let mut newest_device = "";
+    for (device, patient, refs) in rows_newest_first(panes) {
+        if newest_device.is_empty() {
+            newest_device = device;
+        }
+        if wanted.is_empty() && unmatched.is_empty() {
+            break;
+        }
+        for id in std::iter::once(device).chain(patient) {
+            if wanted.remove(id) {
+                latest.insert(id, (device, refs));
+            }
+            if unmatched.remove(id) {
+                cleared.push(Id::from(id));
+            }
+        }
+    }
+    for subject in raising {
+        let m = matched[subject];
+        let (device, (correlation_id, received_us)) =
+            latest.get(subject).copied().unwrap_or((newest_device, newest));
+        let holder = m.device_id.clone().unwrap_or_else(|| Id::from(device));
+        alarming.insert(Id::from(subject), holder.clone());
         book.signal(Signal {
             cause: Cause {
                 id: rule.id.clone(),
@@ -437,23 +523,15 @@ fn signal(
                 device_id: holder,
                 value: m.value.unwrap_or(f64::NAN),
                 window: Some(window),
-                correlation_id: reading.correlation_id.clone(),
+                correlation_id: correlation_id.clone(),
                 event_ts: window.1,
             },
-            received_us: reading.received_us,
+            received_us: *received_us,
             quiet,
         });
     }
-    let present: HashSet<&Id> = (rows.iter())
-        .flat_map(|r| std::iter::once(&r.device_id).chain(r.patient_id.as_ref()))
-        .collect();
-    let cleared: Vec<Id> = (alarming.keys())
-        .filter(|s| !matched.contains(s) && present.contains(s))
-        .cloned()
-        .collect();
     for subject in cleared {
         let holder = alarming.remove(&subject).expect("alarming subject");
-        let reading = rows.last().expect("a window with readings");
         book.signal(Signal {
             cause: Cause::of(rule),
             patient_id: None,
@@ -462,10 +540,10 @@ fn signal(
                 device_id: holder,
                 value: f64::NAN,
                 window: Some(window),
-                correlation_id: reading.correlation_id.clone(),
+                correlation_id: newest.0.clone(),
                 event_ts: window.1,
             },
-            received_us: reading.received_us,
+            received_us: newest.1,
             quiet,
         });
     }

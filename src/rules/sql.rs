@@ -160,37 +160,71 @@ pub fn to_batch(readings: &[&Sample], wards: &Wards, start: Millis, end: Millis)
     with_bounds(&readings_batch(readings.iter().copied(), wards), start, end)
 }
 
-/// Readings (in table order) as the columns of `vitals` before the window's bounds: built
-/// once per pane, however many sliding windows then read it.
+/// Readings (in table order) as the columns of `vitals` before the window's bounds.
 pub fn readings_batch<'a>(
     readings: impl ExactSizeIterator<Item = &'a Sample>,
     wards: &Wards,
 ) -> RecordBatch {
-    let n = readings.len();
-    let mut device = StringBuilder::with_capacity(n, n * 12);
-    let mut patient = StringBuilder::with_capacity(n, n * 12);
-    let mut ward = StringBuilder::with_capacity(n, n * 8);
-    let mut ts = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut vitals: Vec<Float64Builder> =
-        (0..6).map(|_| Float64Builder::with_capacity(n)).collect();
+    let mut columns = Columns::default();
     for r in readings {
-        device.append_value(&r.device_id);
-        patient.append_option(r.patient_id.as_deref());
-        ward.append_option(wards.get(&r.device_id).map(|w| w.as_str()));
-        ts.append_value(r.ts);
-        for (builder, v) in vitals.iter_mut().zip(Vital::ALL) {
+        columns.push(r, wards);
+    }
+    columns.finish_cloned()
+}
+
+/// The columns of `vitals` before the window's bounds, built one reading at a time.
+pub struct Columns {
+    device: StringBuilder,
+    patient: StringBuilder,
+    ward: StringBuilder,
+    ts: TimestampMillisecondBuilder,
+    vitals: [Float64Builder; 6],
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            device: StringBuilder::new(),
+            patient: StringBuilder::new(),
+            ward: StringBuilder::new(),
+            ts: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            vitals: std::array::from_fn(|_| Float64Builder::new()),
+        }
+    }
+}
+
+impl Columns {
+    pub fn push(&mut self, r: &Sample, wards: &Wards) {
+        self.device.append_value(&r.device_id);
+        self.patient.append_option(r.patient_id.as_deref());
+        self.ward
+            .append_option(wards.get(&r.device_id).map(|w| w.as_str()));
+        self.ts.append_value(r.ts);
+        for (builder, v) in self.vitals.iter_mut().zip(Vital::ALL) {
             builder.append_option(r.vitals.get(v));
         }
     }
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(device.finish()),
-        Arc::new(patient.finish()),
-        Arc::new(ward.finish()),
-        Arc::new(ts.finish()),
-    ];
-    columns.extend(vitals.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-    let fields = schema().fields()[..columns.len()].to_vec();
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("columns follow the schema")
+
+    /// The rows so far as a batch; more may be pushed after.
+    pub fn finish_cloned(&self) -> RecordBatch {
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.device.finish_cloned()),
+            Arc::new(self.patient.finish_cloned()),
+            Arc::new(self.ward.finish_cloned()),
+            Arc::new(self.ts.finish_cloned()),
+        ];
+        columns.extend(self.vitals.iter().map(|b| Arc::new(b.finish_cloned()) as ArrayRef));
+        RecordBatch::try_new(readings_schema(), columns).expect("columns follow the schema")
+    }
+}
+
+/// The schema of [`Columns`]: `vitals` without the window's bounds.
+fn readings_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let all = schema();
+        Arc::new(Schema::new(all.fields()[..all.fields().len() - 2].to_vec()))
+    });
+    SCHEMA.clone()
 }
 
 /// A batch of [`readings_batch`] with the window's bounds added: a batch of `vitals`.
