@@ -195,7 +195,11 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         "# HELP vitalstream_rule_disabled SQL rules disabled after failing (1 each).\n# TYPE vitalstream_rule_disabled gauge"
     );
     for entry in state.engine.sql.disabled.iter() {
-        let _ = writeln!(out, "vitalstream_rule_disabled{{rule=\"{}\"}} 1", entry.key());
+        let _ = writeln!(
+            out,
+            "vitalstream_rule_disabled{{rule=\"{}\"}} 1",
+            entry.key()
+        );
     }
     let _ = writeln!(
         out,

@@ -14,18 +14,18 @@ use crate::model::{CorrelationId, Id, Millis, Sample};
 use crate::rules::sql::{
     Columns, Evaluator, Limits, Match, SqlError, SqlRule, Wards, to_batch, with_bounds,
 };
-use datafusion::arrow::array::{Array, StringArray, UInt32Array};
-use datafusion::arrow::compute::take_record_batch;
 use crate::rules::threshold::Edge;
 use crate::rules::{Rule, RuleSet};
 use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
 use dashmap::DashMap;
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{Array, StringViewArray, UInt32Array};
+use datafusion::arrow::compute::take_record_batch;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::hash_map::Entry;
-use std::hash::BuildHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -188,7 +188,8 @@ impl Pane {
     fn sorted(&mut self) -> &Sorted {
         self.sorted.get_or_insert_with(|| {
             let mut order: Vec<u32> = (0..self.keys.len() as u32).collect();
-            order.sort_by_key(|&i| self.keys[i as usize]);
+            // The index breaks ties: as stable as a stable sort, and quicker.
+            order.sort_unstable_by_key(|&i| (self.keys[i as usize], i));
             let batch = self.columns.finish_cloned();
             let in_order = order.iter().enumerate().all(|(i, &o)| i as u32 == o);
             let batch = if in_order {
@@ -209,13 +210,17 @@ fn rows_newest_first<'a>(
     panes.iter().rev().flat_map(|(sorted, pane)| {
         let column = |i: usize| {
             (sorted.batch.column(i).as_any())
-                .downcast_ref::<StringArray>()
+                .downcast_ref::<StringViewArray>()
                 .expect("a text column")
         };
         let (device, patient) = (column(0), column(1));
         (0..sorted.order.len()).rev().map(move |i| {
             let patient = patient.is_valid(i).then(|| patient.value(i));
-            (device.value(i), patient, &pane.refs[sorted.order[i] as usize])
+            (
+                device.value(i),
+                patient,
+                &pane.refs[sorted.order[i] as usize],
+            )
         })
     })
 }
@@ -225,8 +230,6 @@ struct SqlRuntime {
     rule: Arc<Rule>,
     sql: SqlRule,
     counters: Arc<RuleCounters>,
-    /// Panes by start.
-    panes: BTreeMap<Millis, Pane>,
     /// Every window starting before this has been evaluated.
     next_start: Millis,
     /// Subject (patient, else device) → the device its alert is held by.
@@ -235,33 +238,38 @@ struct SqlRuntime {
 }
 
 impl SqlRuntime {
-    fn new(rule: Arc<Rule>, sql: SqlRule, metrics: &Metrics) -> SqlRuntime {
+    /// A rule added while the stage's watermark is at `watermark`: its first window is the
+    /// first not yet due, so it does not judge the past it was not there for.
+    fn new(rule: Arc<Rule>, sql: SqlRule, metrics: &Metrics, watermark: Millis) -> SqlRuntime {
+        let next_start = match watermark {
+            Millis::MIN | Millis::MAX => Millis::MIN,
+            w => (w - sql.size).div_euclid(sql.slide) * sql.slide + sql.slide,
+        };
         SqlRuntime {
             counters: metrics.rule(&rule.id),
             rule,
             sql,
-            panes: BTreeMap::new(),
-            next_start: Millis::MIN,
+            next_start,
             alarming: HashMap::new(),
             disabled: false,
         }
     }
+}
 
-    /// Adds a reading; false when every window holding it was already evaluated.
-    fn add(&mut self, reading: &Sample, wards: &Wards) -> bool {
-        let pane = pane_of(&self.sql, reading.ts);
-        if pane < self.next_start || self.disabled {
-            return false;
-        }
-        self.panes.entry(pane).or_default().push(reading, wards);
-        true
-    }
+/// Panes by start, shared by every rule with the same slide: a reading is added once.
+#[derive(Default)]
+struct PaneStore {
+    panes: BTreeMap<Millis, Pane>,
+    /// Panes before this belong to no window still to evaluate.
+    floor: Millis,
 }
 
 pub(crate) struct SqlStage {
     rules_source: Arc<ArcSwap<RuleSet>>,
     rules: Arc<RuleSet>,
     runtimes: Vec<SqlRuntime>,
+    /// Slide → the panes of the rules with that slide.
+    stores: BTreeMap<Millis, PaneStore>,
     /// Each shard's watermark.
     marks: Vec<Millis>,
     watermark: Millis,
@@ -302,6 +310,7 @@ impl SqlStage {
             rules_source,
             rules: Arc::new(RuleSet::default()),
             runtimes: Vec::new(),
+            stores: BTreeMap::new(),
             marks: vec![Millis::MIN; shards],
             watermark: Millis::MIN,
             book,
@@ -332,8 +341,13 @@ impl SqlStage {
                 if reading.warmup {
                     self.warm_until = (self.warm_until).max(reading.ts - self.lateness_ms);
                 }
-                for rt in &mut self.runtimes {
-                    rt.add(reading, &self.shared.wards);
+                for (&slide, store) in &mut self.stores {
+                    let pane = reading.ts.div_euclid(slide) * slide;
+                    // Otherwise every window holding it was evaluated already.
+                    if pane >= store.floor {
+                        let pane = store.panes.entry(pane).or_default();
+                        pane.push(reading, &self.shared.wards);
+                    }
                 }
             }
             let mark = &mut self.marks[msg.shard];
@@ -367,9 +381,15 @@ impl SqlStage {
                 .and_then(Option::take);
             let runtime = same.unwrap_or_else(|| {
                 self.shared.disabled.remove(&rule.id);
-                SqlRuntime::new(rule.clone(), sql.clone(), &self.metrics)
+                SqlRuntime::new(rule.clone(), sql.clone(), &self.metrics, self.watermark)
             });
             self.runtimes.push(runtime);
+        }
+        let slides: Vec<Millis> = self.runtimes.iter().map(|rt| rt.sql.slide).collect();
+        self.stores.retain(|slide, _| slides.contains(slide));
+        for slide in slides {
+            self.stores.entry(slide).or_default();
+            self.prune(slide);
         }
         for gone in old.into_iter().flatten() {
             if latest.get(&gone.rule.id).is_none() {
@@ -394,7 +414,13 @@ impl SqlStage {
     /// `watermark`.
     fn next_window(&self, r: usize, watermark: Millis) -> Option<Millis> {
         let rt = &self.runtimes[r];
-        let (&first, _) = rt.panes.first_key_value()?;
+        if rt.disabled {
+            return None;
+        }
+        let (&first, _) = self.stores[&rt.sql.slide]
+            .panes
+            .range(rt.next_start..)
+            .next()?;
         let start = next_window(&rt.sql, first, rt.next_start);
         (start.saturating_add(rt.sql.size) <= watermark).then_some(start)
     }
@@ -403,11 +429,12 @@ impl SqlStage {
         let rt = &mut self.runtimes[r];
         let (size, slide) = (rt.sql.size, rt.sql.slide);
         let end = start + size;
-        for (_, pane) in rt.panes.range_mut(start..end) {
+        let store = self.stores.get_mut(&slide).expect("a store per slide");
+        for (_, pane) in store.panes.range_mut(start..end) {
             pane.sorted();
         }
         // Each pane is in table order and the panes follow each other in time: so is this.
-        let panes: Vec<(&Sorted, &Pane)> = (rt.panes.range(start..end))
+        let panes: Vec<(&Sorted, &Pane)> = (store.panes.range(start..end))
             .map(|(_, pane)| (pane.sorted.as_ref().expect("sorted above"), pane))
             .collect();
         let batches = (panes.iter())
@@ -438,12 +465,25 @@ impl SqlStage {
                 self.book
                     .retire_rule(&rt.rule.id, "rule disabled: its SQL failed");
                 rt.alarming.clear();
-                rt.panes.clear();
+                self.prune(slide);
                 return;
             }
         }
         rt.next_start = start + slide;
-        rt.panes = rt.panes.split_off(&rt.next_start);
+        self.prune(slide);
+    }
+
+    /// Drops the panes no rule with this slide will read again.
+    fn prune(&mut self, slide: Millis) {
+        let floor = (self.runtimes.iter())
+            .filter(|rt| rt.sql.slide == slide && !rt.disabled)
+            .map(|rt| rt.next_start)
+            .min()
+            .unwrap_or(Millis::MAX);
+        if let Some(store) = self.stores.get_mut(&slide) {
+            store.floor = floor;
+            store.panes = store.panes.split_off(&floor);
+        }
     }
 }
 
@@ -507,8 +547,10 @@ fn signal(
     }
     for subject in raising {
         let m = matched[subject];
-        let (device, (correlation_id, received_us)) =
-            latest.get(subject).copied().unwrap_or((newest_device, newest));
+        let (device, (correlation_id, received_us)) = latest
+            .get(subject)
+            .copied()
+            .unwrap_or((newest_device, newest));
         let holder = m.device_id.clone().unwrap_or_else(|| Id::from(device));
         alarming.insert(Id::from(subject), holder.clone());
         book.signal(Signal {

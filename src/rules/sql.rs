@@ -8,7 +8,7 @@
 
 use crate::model::{Id, Millis, Sample, Vital};
 use datafusion::arrow::array::{
-    Array, ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray, StringBuilder,
+    Array, ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray, StringViewBuilder,
     TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
 use datafusion::arrow::compute::cast;
@@ -139,9 +139,9 @@ pub fn schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
         let mut fields = vec![
-            Field::new("device_id", DataType::Utf8, false),
-            Field::new("patient_id", DataType::Utf8, true),
-            Field::new("ward", DataType::Utf8, true),
+            Field::new("device_id", DataType::Utf8View, false),
+            Field::new("patient_id", DataType::Utf8View, true),
+            Field::new("ward", DataType::Utf8View, true),
             Field::new("ts", ts(), false),
         ];
         fields.extend(Vital::ALL.map(|v| Field::new(v.name(), DataType::Float64, true)));
@@ -174,9 +174,9 @@ pub fn readings_batch<'a>(
 
 /// The columns of `vitals` before the window's bounds, built one reading at a time.
 pub struct Columns {
-    device: StringBuilder,
-    patient: StringBuilder,
-    ward: StringBuilder,
+    device: StringViewBuilder,
+    patient: StringViewBuilder,
+    ward: StringViewBuilder,
     ts: TimestampMillisecondBuilder,
     vitals: [Float64Builder; 6],
 }
@@ -184,9 +184,9 @@ pub struct Columns {
 impl Default for Columns {
     fn default() -> Self {
         Columns {
-            device: StringBuilder::new(),
-            patient: StringBuilder::new(),
-            ward: StringBuilder::new(),
+            device: StringViewBuilder::new(),
+            patient: StringViewBuilder::new(),
+            ward: StringViewBuilder::new(),
             ts: TimestampMillisecondBuilder::new().with_timezone("UTC"),
             vitals: std::array::from_fn(|_| Float64Builder::new()),
         }
@@ -213,7 +213,11 @@ impl Columns {
             Arc::new(self.ward.finish_cloned()),
             Arc::new(self.ts.finish_cloned()),
         ];
-        columns.extend(self.vitals.iter().map(|b| Arc::new(b.finish_cloned()) as ArrayRef));
+        columns.extend(
+            self.vitals
+                .iter()
+                .map(|b| Arc::new(b.finish_cloned()) as ArrayRef),
+        );
         RecordBatch::try_new(readings_schema(), columns).expect("columns follow the schema")
     }
 }
