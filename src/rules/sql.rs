@@ -134,7 +134,8 @@ fn position_in(message: &str) -> (Option<u64>, Option<u64>) {
     }
 }
 
-/// The columns of `vitals`: one row per reading, ordered by `ts` then `device_id`.
+/// The columns of `vitals`: one row per reading, ordered by `ts` (then by a hash of the
+/// device id, an order the shard count does not change).
 pub fn schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
