@@ -1,6 +1,8 @@
 //! `vitalstream replay` and `vitalstream check` as a user runs them, against recordings whose
 //! counts come from an independent reference implementation (tests/reference/).
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -80,37 +82,11 @@ fn fresh_recordings_match_the_reference_implementation() {
     let dir = tempfile::tempdir().unwrap();
     // The second recording is out of order by up to 8 s, past the 5 s allowed lateness, so
     // late readings are exercised too.
-    for (seed, disorder_ms) in [(11, "2000"), (12, "8000")] {
+    for (seed, disorder_ms) in [(11, 2000), (12, 8000)] {
         let recording = dir.path().join(format!("rec-{seed}.ndjson"));
-        let generated = Command::new("python3")
-            .arg(root().join("tests/reference/gen_recording.py"))
-            .args([
-                "--devices",
-                "300",
-                "--seconds",
-                "120",
-                "--seed",
-                &seed.to_string(),
-            ])
-            .args(["--disorder-ms", disorder_ms])
-            .args(["--bad-rate", "0.01", "--out"])
-            .arg(&recording)
-            .status()
-            .expect("python3 runs the recording generator");
-        assert!(generated.success());
-        let reference = Command::new("python3")
-            .arg(root().join("tests/reference/replay_reference.py"))
-            .arg("--input")
-            .arg(&recording)
-            .output()
-            .expect("python3 runs the reference implementation");
-        assert!(
-            reference.status.success(),
-            "{}",
-            String::from_utf8_lossy(&reference.stderr)
-        );
-        let reference: Value = serde_json::from_slice(&reference.stdout).unwrap();
-        if disorder_ms == "8000" {
+        common::reference::recording(&recording, 300, 120, seed, disorder_ms);
+        let reference = common::reference::counts(&recording);
+        if disorder_ms == 8000 {
             assert!(
                 reference["late"].as_u64().unwrap() > 0,
                 "the disordered recording has late readings"

@@ -169,22 +169,8 @@ fn r2_and_r3_as_sql_match_the_native_rules_and_the_reference() {
     let recording = dir.path().join("rec.ndjson");
     // Out of order by up to 8 s, past the 5 s allowed lateness: late readings are left out
     // of SQL windows exactly as they are of native ones.
-    let generated = Command::new("python3")
-        .arg(root().join("tests/reference/gen_recording.py"))
-        .args(["--devices", "300", "--seconds", "180", "--seed", "21"])
-        .args(["--disorder-ms", "8000", "--bad-rate", "0.01", "--out"])
-        .arg(&recording)
-        .status()
-        .expect("python3 runs the recording generator");
-    assert!(generated.success());
-    let reference = Command::new("python3")
-        .arg(root().join("tests/reference/replay_reference.py"))
-        .arg("--input")
-        .arg(&recording)
-        .output()
-        .expect("python3 runs the reference implementation");
-    assert!(reference.status.success());
-    let reference: Value = serde_json::from_slice(&reference.stdout).unwrap();
+    common::reference::recording(&recording, 300, 180, 21, 8000);
+    let reference = common::reference::counts(&recording);
 
     let native = replay(&recording, "pipelines/reference.toml", "shards = 2", None);
     for shards in [1, 4] {
@@ -302,14 +288,8 @@ fn a_ward_rule_raises_the_same_alerts_with_one_shard_and_eight() {
     assert_eq!(seen[&1], seen[&8], "every rule's alerts, 1 shard vs 8");
 }
 
+/// Beside `hr_high`: a statement that would run for ever, and a sound one.
 const RUNAWAY: &str = r#"
-[[rule]]
-id = "hr_high"
-kind = "threshold"
-priority = "high"
-message = "HR high"
-condition = "hr > 120"
-
 [[rule]]
 id = "runaway"
 kind = "sql"
@@ -339,7 +319,7 @@ fn a_runaway_rule_is_stopped_and_disabled_while_the_engine_runs_on() {
         sql_timeout: Duration::from_millis(500),
         ..common::config()
     };
-    let mut h = Harness::start(&config, rules(RUNAWAY));
+    let mut h = Harness::start(&config, rules(&format!("{}{RUNAWAY}", common::HR_RULE)));
     let mut source = h.replay_source();
     // 100 devices for 60 s; bed-7 runs at 130 bpm.
     let lines: Vec<String> = (0..60)

@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod kafka;
 pub mod pg;
+pub mod reference;
 pub mod server;
 
 use crossbeam_channel::{Receiver, bounded, unbounded};
