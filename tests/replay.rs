@@ -5,31 +5,15 @@ mod common;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn vitalstream(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vitalstream"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("running vitalstream")
-}
+use common::reference::vitalstream;
 
-/// `vitalstream replay --input INPUT ARGS…`; it must succeed, and its report is returned.
 fn replay_with(input: &Path, args: &[&str]) -> Value {
-    let mut all = vec!["replay", "--input", input.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = vitalstream(&all);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the report is JSON")
+    common::reference::replay(input, args)
 }
 
 fn replay(input: &Path) -> Value {

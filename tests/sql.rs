@@ -8,7 +8,6 @@ use common::{Harness, count, rules, send_lines};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 use vitalstream::alerts::Transition;
 use vitalstream::engine::EngineConfig;
@@ -113,38 +112,16 @@ fn every_example_rule_matches_its_golden_fixture() {
     assert_eq!(checked.len(), 4);
 }
 
-fn vitalstream(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vitalstream"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("running vitalstream")
-}
-
 /// `vitalstream replay` with a pipeline and engine settings; the report.
 fn replay(input: &Path, pipeline: &str, engine: &str, alerts: Option<&Path>) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, format!("[engine]\n{engine}\n")).unwrap();
-    let mut args = vec![
-        "replay",
-        "--input",
-        input.to_str().unwrap(),
-        "--pipeline",
-        pipeline,
-        "--config",
-        config.to_str().unwrap(),
-    ];
+    let mut args = vec!["--pipeline", pipeline, "--config", config.to_str().unwrap()];
     if let Some(alerts) = alerts {
         args.extend(["--alerts", alerts.to_str().unwrap()]);
     }
-    let out = vitalstream(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the report is JSON")
+    common::reference::replay(input, &args)
 }
 
 /// The raised alerts in an alerts file: (rule, subject, window end).

@@ -1,5 +1,6 @@
-//! The independent reference implementation (`tests/reference/`, Python): recordings it
-//! generates, and the counts it gives for them.
+//! `vitalstream replay` as a user runs it, and the independent reference implementation
+//! (`tests/reference/`, Python) it is checked against: recordings it generates, and the
+//! counts it gives for them.
 
 #![allow(dead_code)]
 
@@ -11,6 +12,28 @@ fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/reference")
         .join(name)
+}
+
+/// Runs the `vitalstream` binary in the repository's root.
+pub fn vitalstream(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vitalstream"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("running vitalstream")
+}
+
+/// `vitalstream replay --input INPUT ARGS…`; it must succeed, and its report is returned.
+pub fn replay(input: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["replay", "--input", input.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = vitalstream(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the report is JSON")
 }
 
 /// Writes a recording of `devices` × `seconds` at 1 Hz, out of order by up to
