@@ -145,9 +145,18 @@ fn main() -> anyhow::Result<()> {
             Ok(set) => {
                 println!("{pipeline}: {} rules, all valid", set.rules.len());
                 for rule in &set.rules {
+                    // A SQL rule shows its statement on one line, without comment lines.
+                    let what = match &rule.spec.sql {
+                        Some(sql) => (sql.lines())
+                            .filter(|l| !l.trim_start().starts_with("--"))
+                            .flat_map(str::split_whitespace)
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        None => rule.spec.condition.clone(),
+                    };
                     println!(
-                        "  {} ({:?}, {:?}): {}",
-                        rule.id, rule.spec.kind, rule.priority, rule.spec.condition
+                        "  {} ({:?}, {:?}): {what}",
+                        rule.id, rule.spec.kind, rule.priority
                     );
                 }
             }

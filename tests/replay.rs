@@ -137,12 +137,50 @@ fn check_lists_every_problem() {
     assert!(stderr.contains("unknown name `pulse`"), "{stderr}");
     assert!(stderr.contains("`window` is required"), "{stderr}");
 
-    let out = vitalstream(&["check", "--pipeline", "pipelines/icu.toml"]);
+    // SQL rules: the planner's message with its place; what is not a SELECT over vitals; a
+    // statement file that is not there.
+    std::fs::write(
+        &bad,
+        "[[rule]]\nid='typo'\nkind='sql'\npriority='low'\nmessage='m'\nwindow='10s'\n\
+         sql='''SELECT device_id,\n  avg(sp02) AS value FROM vitals GROUP BY device_id'''\n\
+         [[rule]]\nid='file'\nkind='sql'\npriority='low'\nmessage='m'\nwindow='10s'\n\
+         sql=\"SELECT device_id FROM '/etc/passwd'\"\n\
+         [[rule]]\nid='missing'\nkind='sql'\npriority='low'\nmessage='m'\nwindow='10s'\n\
+         sql_file='nope.sql'\n",
+    )
+    .unwrap();
+    let out = vitalstream(&["check", "--pipeline", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("1 problem(s)") && stderr.contains("nope.sql"),
+        "{stderr}"
     );
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&bad)
+            .unwrap()
+            .replace("sql_file='nope.sql'", "sql='DROP TABLE vitals'"),
+    )
+    .unwrap();
+    let out = vitalstream(&["check", "--pipeline", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(
+        stderr.contains("No field named sp02") && stderr.contains("(line 2, column 7)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("/etc/passwd' not found"), "{stderr}");
+    assert!(stderr.contains("only a SELECT over `vitals`"), "{stderr}");
+
+    for good in ["pipelines/icu.toml", "pipelines/analyst.toml"] {
+        let out = vitalstream(&["check", "--pipeline", good]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
