@@ -16,7 +16,10 @@
 //!    future, marks late ones against the source's watermark, and hashes each reading to
 //!    the shard that owns its device. A shard (one thread, no locks on the hot path) drops
 //!    duplicates, evaluates the [`rules`] — threshold rules per reading, window rules when
-//!    the watermark closes a window — and sends alert edges to the [`alerts`] book.
+//!    the watermark closes a window — and sends alert edges to the [`alerts`] book. What
+//!    the shards evaluated also goes to one SQL stage ([`engine::sql`]), which runs the
+//!    analysts' SQL rules ([`rules::sql`], DataFusion) over each window of every device's
+//!    readings, once the slowest shard's watermark has passed it.
 //! 4. [`alerts`] — the lifecycle per (rule, patient): pending → firing → acknowledged →
 //!    resolved; one active alert per key, however long the condition lasts.
 //! 5. [`sinks`] — alert transitions go to the alert log (NDJSON); readings and alerts to

@@ -3,7 +3,7 @@
 //! [`PostgresStorage`] implements the [`Storage`] contract: readings are gathered into
 //! batches of `batch_rows` (or whatever arrived within the storage thread's linger) and each
 //! batch goes to the database on its own connection, up to `connections` at once, by binary
-//! COPY with conflict skipping ([`write`]). A failed call is retried with exponential backoff
+//! COPY with conflict skipping ([`write`](mod@write)). A failed call is retried with exponential backoff
 //! and jitter; after `retries` it — and, while the circuit breaker is open, every batch — goes
 //! to the local [`spool`] instead. `flush` returns once every batch handed over is in the
 //! database or in the spool, which is when the storage thread acknowledges upstream. The
