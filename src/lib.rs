@@ -48,3 +48,4 @@ pub mod rules;
 pub mod service;
 pub mod sinks;
 pub mod sources;
+pub mod tasks;

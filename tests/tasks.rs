@@ -1,0 +1,310 @@
+//! Tasks on the RabbitMQ at 127.0.0.1:5672: the platform's topology and the publisher. Each
+//! test works in a virtual host of its own (made with rabbitmqctl), so tests do not share
+//! queues; a TCP proxy in front of the broker stands for RabbitMQ going away and coming back.
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use vitalstream::tasks::publisher::{Publisher, Task};
+use vitalstream::tasks::topology;
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (RabbitMQ's Debian package)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A virtual host of the test's own, deleted afterwards.
+struct Vhost(String);
+
+impl Vhost {
+    fn create() -> Vhost {
+        let name = format!("vs-test-{:016x}", fastrand::u64(..));
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost(name)
+    }
+
+    fn url(&self, port: u16) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{port}/{}", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.0])
+            .output();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_topology_carries_the_platforms_arguments_and_can_be_declared_again() {
+    let vhost = Vhost::create();
+    runtime().block_on(async {
+        let conn = Connection::connect(&vhost.url(5672), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        topology::declare(&channel).await.unwrap();
+        topology::declare(&channel)
+            .await
+            .expect("declaring again is harmless");
+        // The broker refuses the same queue with other arguments: what it holds is ours.
+        let other = conn.create_channel().await.unwrap();
+        let refused = other
+            .queue_declare(
+                "sms.urgent".into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .expect_err("sms.urgent without its arguments");
+        assert!(
+            refused.to_string().contains("PRECONDITION_FAILED"),
+            "{refused}"
+        );
+    });
+    let listed = rabbitmqctl(&[
+        "list_queues",
+        "-p",
+        &vhost.0,
+        "name",
+        "durable",
+        "arguments",
+        "--no-table-headers",
+        "-q",
+    ]);
+    let queues: Vec<&str> = topology::EXCHANGES
+        .iter()
+        .flat_map(|(_, q)| q.iter().copied())
+        .collect();
+    assert_eq!(queues.len(), 7);
+    for queue in queues {
+        let line = listed
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(queue))
+            .unwrap_or_else(|| panic!("{queue} missing:\n{listed}"));
+        assert!(line.contains("true"), "{queue} is durable: {line}");
+        for arg in [
+            "x-max-priority",
+            "10",
+            "x-dead-letter-exchange",
+            "nilecare.dlq",
+            "failed.jobs",
+        ] {
+            assert!(line.contains(arg), "{queue} has {arg}: {line}");
+        }
+    }
+    assert!(
+        listed.lines().any(|l| l.starts_with("failed.jobs")),
+        "{listed}"
+    );
+    let bindings = rabbitmqctl(&[
+        "list_bindings",
+        "-p",
+        &vhost.0,
+        "source_name",
+        "destination_name",
+        "routing_key",
+        "--no-table-headers",
+        "-q",
+    ]);
+    for (exchange, queues) in topology::EXCHANGES {
+        for queue in queues {
+            assert!(
+                bindings
+                    .lines()
+                    .any(|l| l.split_whitespace().collect::<Vec<_>>() == [exchange, queue, queue]),
+                "{exchange} → {queue}:\n{bindings}"
+            );
+        }
+    }
+}
+
+fn task(n: usize) -> Task {
+    Task {
+        exchange: "nilecare.sms".into(),
+        queue: "sms.urgent".into(),
+        priority: 9,
+        correlation_id: format!("corr-{n}"),
+        kind: "notify.sms".into(),
+        body: serde_json::json!({ "n": n, "to": "on-call-icu" }),
+    }
+}
+
+/// Every message in `queue`, taken with basic.get: (correlation id, properties, body).
+async fn drain(url: &str, queue: &str) -> Vec<(String, lapin::BasicProperties, serde_json::Value)> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let props = m.delivery.properties.clone();
+        let corr = props
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        out.push((
+            corr,
+            props,
+            serde_json::from_slice(&m.delivery.data).unwrap(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn a_task_is_persistent_prioritised_and_carries_its_correlation_id() {
+    let vhost = Vhost::create();
+    let url = vhost.url(5672);
+    runtime().block_on(async {
+        let publisher = Publisher::start(url.clone(), 16);
+        publisher.send(task(1)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while publisher.metrics.published.load(Relaxed) < 1 {
+            assert!(Instant::now() < deadline, "not confirmed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = drain(&url, "sms.urgent").await;
+        assert_eq!(got.len(), 1);
+        let (corr, props, body) = &got[0];
+        assert_eq!(corr, "corr-1");
+        assert_eq!(*props.delivery_mode(), Some(2), "persistent");
+        assert_eq!(*props.priority(), Some(9));
+        let headers = props.headers().as_ref().expect("headers");
+        let header = |k: &str| headers.inner().get(k).cloned();
+        assert_eq!(
+            header("correlation-id"),
+            Some(AMQPValue::LongString("corr-1".into()))
+        );
+        assert_eq!(header("x-retry-count"), Some(AMQPValue::LongInt(0)));
+        assert_eq!(body["n"], 1);
+    });
+}
+
+/// A TCP proxy to the broker that can be taken down (listener closed, every connection
+/// cut) and brought back on the same port.
+struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        tokio::spawn(serve(listener, port, up.clone()));
+        Proxy { port, up }
+    }
+}
+
+async fn serve(listener: TcpListener, port: u16, up: Arc<AtomicBool>) {
+    let mut listener = Some(listener);
+    loop {
+        match &listener {
+            Some(l) if up.load(Relaxed) => {
+                if let Ok(Ok((client, _))) =
+                    tokio::time::timeout(Duration::from_millis(20), l.accept()).await
+                {
+                    tokio::spawn(pipe(client, up.clone()));
+                }
+            }
+            // Going down: nothing listens until it is back.
+            Some(_) => listener = None,
+            None if up.load(Relaxed) => {
+                listener = TcpListener::bind(("127.0.0.1", port)).await.ok();
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Carries one connection to the broker until either side ends or the proxy goes down.
+async fn pipe(mut client: TcpStream, up: Arc<AtomicBool>) {
+    let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await else {
+        return;
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut broker);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                if !up.load(Relaxed) {
+                    return; // both ends dropped: the connection is cut
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tasks_sent_while_rabbitmq_is_away_wait_and_are_published_when_it_returns() {
+    let vhost = Vhost::create();
+    runtime().block_on(async {
+        let proxy = Proxy::start().await;
+        let publisher = Publisher::start(vhost.url(proxy.port), 1000);
+        for n in 0..100 {
+            publisher.send(task(n)).await.unwrap();
+        }
+        // Away while tasks keep coming.
+        proxy.up.store(false, Relaxed);
+        for n in 100..300 {
+            publisher.send(task(n)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let during = publisher.metrics.published.load(Relaxed);
+        assert!(
+            during < 300,
+            "nothing can be confirmed while RabbitMQ is away"
+        );
+        assert_eq!(publisher.metrics.buffered.load(Relaxed), 300 - during);
+        proxy.up.store(true, Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while publisher.metrics.published.load(Relaxed) < 300 {
+            assert!(
+                Instant::now() < deadline,
+                "published {} of 300",
+                publisher.metrics.published.load(Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Every task is there; one whose confirm was lost with the connection may be there
+        // twice (at least once, never lost).
+        let got = drain(&vhost.url(5672), "sms.urgent").await;
+        let ids: std::collections::BTreeSet<String> =
+            got.iter().map(|(c, _, _)| c.clone()).collect();
+        let want: std::collections::BTreeSet<String> =
+            (0..300).map(|n| format!("corr-{n}")).collect();
+        assert_eq!(ids, want);
+        assert!(got.len() <= 301, "{} messages for 300 tasks", got.len());
+    });
+}
