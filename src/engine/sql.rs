@@ -5,7 +5,12 @@
 //! after them. The stage's watermark is the lowest of the shards': every reading before it
 //! has arrived. A window `[start, start + window)` (starts at multiples of `slide`) that holds
 //! at least one reading is evaluated once, when that watermark passes its end, when no
-//! reading has arrived for `idle_timeout`, or when a recording ends.
+//! reading has arrived for `idle_timeout`, or when a recording ends. A rule added while the
+//! engine runs starts with the first window not yet due.
+//!
+//! Readings are kept in panes (`slide`-long stretches of event time) as Arrow columns,
+//! shared by every rule with that slide: a reading is appended once and sorted once, and a
+//! window hands DataFusion its panes' batches, whatever the overlap of sliding windows.
 
 use super::EngineConfig;
 use crate::alerts::{AlertBook, Cause, Signal, Trigger};
@@ -19,8 +24,7 @@ use crate::rules::{Rule, RuleSet};
 use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
 use dashmap::DashMap;
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::array::{Array, StringViewArray, UInt32Array};
+use datafusion::arrow::array::{Array, RecordBatch, StringViewArray, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::hash_map::Entry;
