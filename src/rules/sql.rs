@@ -260,7 +260,7 @@ impl Match {
     }
 }
 
-/// Runs statements over windows, each in a session of its own limits.
+/// Runs statements over windows, in one DataFusion session with its limits.
 pub struct Evaluator {
     ctx: SessionContext,
     limits: Limits,
@@ -294,11 +294,7 @@ impl Evaluator {
         }
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
-    /// Plans `sql` over `vitals` holding `batch`, refusing anything but one query over it.
+    /// Plans `sql` over `vitals` holding `batches`, refusing anything but one query over it.
     async fn plan(&self, sql: &str, batches: Vec<RecordBatch>) -> Result<LogicalPlan, SqlError> {
         self.ctx.deregister_table(TABLE)?;
         let table = MemTable::try_new(schema(), vec![batches])?;
