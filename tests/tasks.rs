@@ -2,6 +2,9 @@
 //! test works in a virtual host of its own (made with rabbitmqctl), so tests do not share
 //! queues; a TCP proxy in front of the broker stands for RabbitMQ going away and coming back.
 
+mod common;
+
+use common::{HR_RULE, Harness, WAIT, reading, rules};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -10,6 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
+use vitalstream::alerts::Transition;
+use vitalstream::tasks::policy::NotificationPolicy;
 use vitalstream::tasks::publisher::{Publisher, Task};
 use vitalstream::tasks::topology;
 
@@ -307,4 +312,125 @@ fn tasks_sent_while_rabbitmq_is_away_wait_and_are_published_when_it_returns() {
         assert_eq!(ids, want);
         assert!(got.len() <= 301, "{} messages for 300 tasks", got.len());
     });
+}
+
+const POLICY: &str = r#"
+[[route]]
+priorities = ["high"]
+channel = "sms"
+to = ["rota:icu-on-call", "role:charge-nurse"]
+
+[[route]]
+priorities = ["high", "medium"]
+channel = "email"
+to = ["role:physician"]
+"#;
+
+const SPO2_MEDIUM: &str = r#"
+[[rule]]
+id = "spo2_low"
+kind = "threshold"
+priority = "medium"
+message = "SpO2 low"
+condition = "spo2 < 92"
+"#;
+
+/// Alerts raised by the engine become the tasks the policy names for their priority, on
+/// the queues and with the message priorities the platform expects; other transitions
+/// notify no one.
+#[test]
+fn an_alert_becomes_the_tasks_its_priority_calls_for() {
+    let policy: NotificationPolicy = toml::from_str(POLICY).unwrap();
+    assert_eq!(policy.problems(), Vec::<String>::new());
+    let mut h = Harness::start(&common::config(), rules(&format!("{HR_RULE}{SPO2_MEDIUM}")));
+    let mut source = h.replay_source();
+    let t0 = vitalstream::model::now_millis() - 10_000;
+    common::send_lines(
+        &mut source,
+        &[
+            reading("bed-1", t0, "hr", 130.0),
+            reading("bed-2", t0, "spo2", 90.0),
+        ],
+        1,
+    );
+    let raised: Vec<_> = (0..2)
+        .map(|_| h.alerts.recv_timeout(WAIT).expect("raised"))
+        .collect();
+    assert!(raised.iter().all(|e| e.event == Transition::Raised));
+    let high = raised
+        .iter()
+        .find(|e| &*e.alert.rule_id == "hr_high")
+        .unwrap();
+    let medium = raised
+        .iter()
+        .find(|e| &*e.alert.rule_id == "spo2_low")
+        .unwrap();
+    h.engine
+        .book
+        .acknowledge(&high.alert.alert_id, "nurse")
+        .unwrap();
+    let acknowledged = h.alerts.recv_timeout(WAIT).unwrap();
+    assert!(policy.tasks_for(&acknowledged).is_empty());
+
+    let vhost = Vhost::create();
+    let url = vhost.url(5672);
+    runtime().block_on(async {
+        let publisher = Publisher::start(url.clone(), 16);
+        let tasks: Vec<Task> = raised.iter().flat_map(|e| policy.tasks_for(e)).collect();
+        assert_eq!(
+            tasks.len(),
+            4,
+            "2 SMS and an email for the high alert, an email for the medium"
+        );
+        for task in tasks {
+            publisher.send(task).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while publisher.metrics.published.load(Relaxed) < 4 {
+            assert!(Instant::now() < deadline, "not confirmed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sms = drain(&url, "sms.urgent").await;
+        let mut to: Vec<&str> = sms
+            .iter()
+            .map(|(_, _, b)| b["to"].as_str().unwrap())
+            .collect();
+        to.sort();
+        assert_eq!(to, ["role:charge-nurse", "rota:icu-on-call"]);
+        for (corr, props, body) in &sms {
+            assert_eq!(*corr, high.alert.trigger.correlation_id.to_string());
+            assert_eq!(*props.priority(), Some(9));
+            assert_eq!(body["alert_id"], high.alert.alert_id);
+            assert_eq!(body["subject"], "bed-1");
+        }
+        let email_high = drain(&url, "email.high").await;
+        assert_eq!(email_high.len(), 1);
+        assert_eq!(*email_high[0].1.priority(), Some(9));
+        assert_eq!(email_high[0].2["to"], "role:physician");
+        let email_normal = drain(&url, "email.normal").await;
+        assert_eq!(email_normal.len(), 1);
+        assert_eq!(*email_normal[0].1.priority(), Some(5));
+        assert_eq!(email_normal[0].2["alert_id"], medium.alert.alert_id);
+        assert!(drain(&url, "sms.normal").await.is_empty());
+    });
+    drop(source);
+    h.finish();
+}
+
+#[test]
+fn a_policy_names_its_problems() {
+    let policy: NotificationPolicy = toml::from_str(
+        "[[route]]\npriorities = []\nchannel = \"sms\"\nto = [\"nurse\", \"role:\"]\n",
+    )
+    .unwrap();
+    let problems = policy.problems().join("\n");
+    assert!(problems.contains("`priorities` is empty"), "{problems}");
+    assert!(problems.contains("`nurse` is not"), "{problems}");
+    assert!(problems.contains("`role:` is not"), "{problems}");
+    assert!(
+        toml::from_str::<NotificationPolicy>(
+            "[[route]]\npriorities = [\"high\"]\nchannel = \"fax\"\nto = []\n"
+        )
+        .is_err()
+    );
 }

@@ -1,5 +1,7 @@
 //! Slow or retryable work leaves the hot path through RabbitMQ, as the platform prescribes:
-//! [`topology`] declares its exchanges and queues, [`publisher`] sends tasks to them.
+//! [`topology`] declares its exchanges and queues, [`policy`] turns alerts into notification
+//! tasks, [`publisher`] sends tasks to the queues.
 
+pub mod policy;
 pub mod publisher;
 pub mod topology;
