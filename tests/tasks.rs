@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use vitalstream::alerts::Transition;
+use vitalstream::tasks::escalation::Escalator;
 use vitalstream::tasks::policy::NotificationPolicy;
 use vitalstream::tasks::publisher::{Publisher, Task};
 use vitalstream::tasks::topology;
@@ -433,4 +434,105 @@ fn a_policy_names_its_problems() {
         )
         .is_err()
     );
+}
+
+const ESCALATION: &str = r#"
+after = "5m"
+limit = 2
+
+[[level]]
+channel = "sms"
+to = ["role:charge-nurse"]
+
+[[level]]
+channel = "sms"
+to = ["user:dr-on-call", "role:charge-nurse"]
+"#;
+
+/// With the clock given, not slept: an alert left unacknowledged escalates at 5 and 10
+/// minutes, to a wider audience at a higher priority, and no further than its limit; one
+/// acknowledged in time does not escalate.
+#[test]
+fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
+    let mut escalator = Escalator::new(toml::from_str(ESCALATION).unwrap());
+    let mut h = Harness::start(&common::config(), rules(&format!("{HR_RULE}{SPO2_MEDIUM}")));
+    let mut source = h.replay_source();
+    let t0 = vitalstream::model::now_millis() - 10_000;
+    common::send_lines(
+        &mut source,
+        &[
+            reading("bed-1", t0, "hr", 130.0),
+            reading("bed-2", t0, "spo2", 90.0),
+        ],
+        1,
+    );
+    let raised: Vec<_> = (0..2)
+        .map(|_| h.alerts.recv_timeout(WAIT).expect("raised"))
+        .collect();
+    for event in &raised {
+        escalator.observe(event);
+    }
+    let high = raised
+        .iter()
+        .find(|e| &*e.alert.rule_id == "hr_high")
+        .unwrap();
+    let medium = raised
+        .iter()
+        .find(|e| &*e.alert.rule_id == "spo2_low")
+        .unwrap();
+    let at = |e: &vitalstream::alerts::AlertEvent| e.alert.raised_at.unwrap();
+    let (first, last) = (at(high).min(at(medium)), at(high).max(at(medium)));
+    const MINUTE: i64 = 60_000;
+
+    assert!(escalator.due(first + 5 * MINUTE - 1).is_empty(), "not yet");
+    // The medium alert is acknowledged in time.
+    h.engine
+        .book
+        .acknowledge(&medium.alert.alert_id, "nurse")
+        .unwrap();
+    escalator.observe(&h.alerts.recv_timeout(WAIT).unwrap());
+
+    let due = escalator.due(last + 5 * MINUTE);
+    assert_eq!(due.len(), 1, "only the unacknowledged alert");
+    let (id, level, tasks) = &due[0];
+    assert_eq!((id, *level), (&high.alert.alert_id, 1));
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(
+        (tasks[0].queue.as_str(), tasks[0].priority),
+        ("sms.urgent", 10)
+    );
+    assert_eq!(tasks[0].body["to"], "role:charge-nurse");
+    assert_eq!(tasks[0].body["escalation"], 1);
+    assert_eq!(
+        tasks[0].correlation_id,
+        high.alert.trigger.correlation_id.to_string()
+    );
+    assert!(
+        escalator.due(last + 5 * MINUTE + 1).is_empty(),
+        "once per level"
+    );
+
+    let due = escalator.due(last + 10 * MINUTE);
+    assert_eq!(due.len(), 1);
+    let (_, level, tasks) = &due[0];
+    assert_eq!(*level, 2);
+    let to: Vec<&str> = tasks
+        .iter()
+        .map(|t| t.body["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(to, ["user:dr-on-call", "role:charge-nurse"]);
+    assert!(
+        escalator.due(last + 60 * MINUTE).is_empty(),
+        "no further than the limit"
+    );
+    assert_eq!(escalator.waiting(), 1);
+
+    h.engine
+        .book
+        .acknowledge(&high.alert.alert_id, "dr")
+        .unwrap();
+    escalator.observe(&h.alerts.recv_timeout(WAIT).unwrap());
+    assert_eq!(escalator.waiting(), 0);
+    drop(source);
+    h.finish();
 }

@@ -1,7 +1,9 @@
 //! Slow or retryable work leaves the hot path through RabbitMQ, as the platform prescribes:
 //! [`topology`] declares its exchanges and queues, [`policy`] turns alerts into notification
-//! tasks, [`publisher`] sends tasks to the queues.
+//! tasks, [`escalation`] notifies wider audiences while an alert stays unacknowledged,
+//! [`publisher`] sends tasks to the queues.
 
+pub mod escalation;
 pub mod policy;
 pub mod publisher;
 pub mod topology;
