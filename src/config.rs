@@ -52,6 +52,9 @@ pub struct Config {
     /// Domain events and dead letters on Kafka; absent = no Kafka.
     #[serde(default)]
     pub kafka: Option<KafkaConfig>,
+    /// Notification tasks (and escalations) on RabbitMQ; absent = none.
+    #[serde(default)]
+    pub notifications: Option<crate::tasks::notifier::NotificationsConfig>,
 }
 
 /// A node's part in a scaled-out deployment (MQTT → ingest nodes → Kafka → rule nodes).
@@ -155,6 +158,9 @@ impl Config {
         let mut problems = self.engine.problems();
         if let Err(e) = self.rules() {
             problems.extend(e.problems);
+        }
+        if let Some(n) = &self.notifications {
+            problems.extend(n.problems());
         }
         if self.status_interval.is_zero() {
             problems.push("status_interval must be positive".into());

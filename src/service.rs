@@ -62,9 +62,15 @@ fn start_sinks(
     storage: Option<Box<dyn Storage>>,
     bus: Option<api::AlertBus>,
     kafka: Option<(Arc<EventPublisher>, Vec<String>)>,
+    notifications: Option<&crate::tasks::notifier::NotificationsConfig>,
 ) -> anyhow::Result<(Outputs, Sinks)> {
     let events = kafka.as_ref().map(|k| k.0.clone());
     let mut threads = Vec::new();
+    let notifier = notifications
+        .map(|n| crate::tasks::notifier::start(n.clone()))
+        .transpose()
+        .context("starting the notifier")?;
+    let (notify, notifier_thread) = notifier.unzip();
     let (alert_tx, alert_rx) = bounded::<AlertEvent>(4096);
     let (stored_alerts_tx, stored_alerts_rx) = bounded::<Vec<AlertEvent>>(64);
     let mut log = alert_log
@@ -95,9 +101,23 @@ fn start_sinks(
                 }
                 log.flush().context("flushing the alert log")?;
             }
+            if let Some(notify) = &notify {
+                for e in &batch {
+                    if notify.blocking_send(e.clone()).is_err() {
+                        tracing::error!(alert_id = %e.alert.alert_id, "the notifier stopped; no notification task for this alert");
+                    }
+                }
+            }
             if let Some(tx) = &to_storage {
                 let _ = tx.send(batch);
             }
+        }
+        // The notifier publishes what waits, then ends.
+        drop(notify);
+        if let Some(thread) = notifier_thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the notifier panicked");
         }
         Ok(())
     }));
@@ -368,6 +388,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         storage,
         bus.clone(),
         kafka.clone(),
+        config.notifications.as_ref(),
     )?;
     // Screens want each patient's latest vitals: gathered only when the API is on.
     outputs.latest = bus.is_some().then(Default::default);
@@ -678,6 +699,7 @@ pub fn replay(input: impl Read, options: ReplayOptions) -> anyhow::Result<Replay
         options.alerts.as_ref(),
         options.rejects.as_ref(),
         storage,
+        None,
         None,
         None,
     )?;

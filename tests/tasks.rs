@@ -191,7 +191,7 @@ fn a_task_is_persistent_prioritised_and_carries_its_correlation_id() {
     let vhost = Vhost::create();
     let url = vhost.url(5672);
     runtime().block_on(async {
-        let publisher = Publisher::start(url.clone(), 16);
+        let (publisher, _) = Publisher::start(url.clone(), 16);
         publisher.send(task(1)).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while publisher.metrics.published.load(Relaxed) < 1 {
@@ -277,7 +277,7 @@ fn tasks_sent_while_rabbitmq_is_away_wait_and_are_published_when_it_returns() {
     let vhost = Vhost::create();
     runtime().block_on(async {
         let proxy = Proxy::start().await;
-        let publisher = Publisher::start(vhost.url(proxy.port), 1000);
+        let (publisher, _) = Publisher::start(vhost.url(proxy.port), 1000);
         for n in 0..100 {
             publisher.send(task(n)).await.unwrap();
         }
@@ -376,7 +376,7 @@ fn an_alert_becomes_the_tasks_its_priority_calls_for() {
     let vhost = Vhost::create();
     let url = vhost.url(5672);
     runtime().block_on(async {
-        let publisher = Publisher::start(url.clone(), 16);
+        let (publisher, _) = Publisher::start(url.clone(), 16);
         let tasks: Vec<Task> = raised.iter().flat_map(|e| policy.tasks_for(e)).collect();
         assert_eq!(
             tasks.len(),
@@ -535,4 +535,86 @@ fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
     assert_eq!(escalator.waiting(), 0);
     drop(source);
     h.finish();
+}
+
+/// `vitalstream run` with `[notifications]`: every alert the simulator's patients raise
+/// becomes an email task on RabbitMQ, and stopping waits for them to be confirmed.
+#[test]
+fn the_service_sends_a_notification_task_for_every_alert_it_raises() {
+    let vhost = Vhost::create();
+    let dir = tempfile::tempdir().unwrap();
+    let alerts = dir.path().join("alerts.ndjson");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[log]
+format = "json"
+[[sources]]
+type = "simulator"
+devices = 40
+rate_hz = 10.0
+anomaly_rate = 1.0
+[storage]
+dir = "{data}"
+[alert_log]
+path = "{alerts}"
+[dead_letter]
+path = "{data}/dead-letter.ndjson"
+[notifications]
+url = "{url}"
+[[notifications.route]]
+priorities = ["high", "medium", "low"]
+channel = "email"
+to = ["role:nurse"]
+"#,
+            data = dir.path().join("data").display(),
+            alerts = alerts.display(),
+            url = vhost.url(5672),
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vitalstream"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let raised_ids = || -> std::collections::BTreeSet<String> {
+        (std::fs::read_to_string(&alerts).unwrap_or_default().lines())
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event"] == "raised")
+            .map(|e| e["alert_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while raised_ids().len() < 3 {
+        assert!(Instant::now() < deadline, "no alerts within 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    assert!(out.status.success(), "{log}");
+    let raised = raised_ids();
+    let tasks: Vec<_> = runtime().block_on(async {
+        let url = vhost.url(5672);
+        let mut all = Vec::new();
+        for queue in ["email.high", "email.normal", "email.low"] {
+            all.extend(drain(&url, queue).await);
+        }
+        all
+    });
+    let notified: std::collections::BTreeSet<String> = (tasks.iter())
+        .map(|(_, _, body)| body["alert_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(notified, raised, "one task per raised alert\n{log}");
+    assert_eq!(tasks.len(), raised.len());
 }

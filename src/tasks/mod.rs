@@ -1,9 +1,10 @@
 //! Slow or retryable work leaves the hot path through RabbitMQ, as the platform prescribes:
 //! [`topology`] declares its exchanges and queues, [`policy`] turns alerts into notification
 //! tasks, [`escalation`] notifies wider audiences while an alert stays unacknowledged,
-//! [`publisher`] sends tasks to the queues.
+//! [`publisher`] sends tasks to the queues, and the [`notifier`] runs it all for a service.
 
 pub mod escalation;
+pub mod notifier;
 pub mod policy;
 pub mod publisher;
 pub mod topology;

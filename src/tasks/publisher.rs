@@ -48,12 +48,13 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts the loop on the current tokio runtime; it connects (and reconnects) to `url`,
-    /// declares the topology and publishes in order. `buffer` tasks may wait locally.
-    pub fn start(url: String, buffer: usize) -> Publisher {
+    /// declares the topology and publishes in order. `buffer` tasks may wait locally. The
+    /// loop ends, once every waiting task is confirmed, when every handle is dropped.
+    pub fn start(url: String, buffer: usize) -> (Publisher, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let metrics = Arc::new(PublisherMetrics::default());
-        tokio::spawn(run(url, rx, metrics.clone()));
-        Publisher { tx, metrics }
+        let done = tokio::spawn(run(url, rx, metrics.clone()));
+        (Publisher { tx, metrics }, done)
     }
 
     /// Queues a task; waits while the local buffer is full. Fails only if the loop is gone.
