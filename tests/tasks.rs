@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
-use vitalstream::alerts::Transition;
+use vitalstream::alerts::{AlertEvent, Transition};
+use vitalstream::sources::SourceHandle;
 use vitalstream::tasks::escalation::Escalator;
 use vitalstream::tasks::policy::NotificationPolicy;
 use vitalstream::tasks::publisher::{Publisher, Task};
@@ -336,6 +337,31 @@ message = "SpO2 low"
 condition = "spo2 < 92"
 "#;
 
+/// An engine that has raised two alerts: `hr_high` (high) for bed-1 and `spo2_low`
+/// (medium) for bed-2, returned in that order. The source is returned so the engine keeps
+/// running.
+fn raise_a_high_and_a_medium_alert() -> (Harness, SourceHandle, [AlertEvent; 2]) {
+    let mut h = Harness::start(&common::config(), rules(&format!("{HR_RULE}{SPO2_MEDIUM}")));
+    let mut source = h.replay_source();
+    let t0 = vitalstream::model::now_millis() - 10_000;
+    let lines = [
+        reading("bed-1", t0, "hr", 130.0),
+        reading("bed-2", t0, "spo2", 90.0),
+    ];
+    common::send_lines(&mut source, &lines, 1);
+    let mut raised: Vec<AlertEvent> = (0..2)
+        .map(|_| h.alerts.recv_timeout(WAIT).expect("raised"))
+        .collect();
+    assert!(raised.iter().all(|e| e.event == Transition::Raised));
+    raised.sort_by_key(|e| e.alert.rule_id.to_string());
+    let [high, medium]: [AlertEvent; 2] = raised.try_into().expect("two alerts");
+    assert_eq!(
+        (&*high.alert.rule_id, &*medium.alert.rule_id),
+        ("hr_high", "spo2_low")
+    );
+    (h, source, [high, medium])
+}
+
 /// Alerts raised by the engine become the tasks the policy names for their priority, on
 /// the queues and with the message priorities the platform expects; other transitions
 /// notify no one.
@@ -343,29 +369,8 @@ condition = "spo2 < 92"
 fn an_alert_becomes_the_tasks_its_priority_calls_for() {
     let policy: NotificationPolicy = toml::from_str(POLICY).unwrap();
     assert_eq!(policy.problems(), Vec::<String>::new());
-    let mut h = Harness::start(&common::config(), rules(&format!("{HR_RULE}{SPO2_MEDIUM}")));
-    let mut source = h.replay_source();
-    let t0 = vitalstream::model::now_millis() - 10_000;
-    common::send_lines(
-        &mut source,
-        &[
-            reading("bed-1", t0, "hr", 130.0),
-            reading("bed-2", t0, "spo2", 90.0),
-        ],
-        1,
-    );
-    let raised: Vec<_> = (0..2)
-        .map(|_| h.alerts.recv_timeout(WAIT).expect("raised"))
-        .collect();
-    assert!(raised.iter().all(|e| e.event == Transition::Raised));
-    let high = raised
-        .iter()
-        .find(|e| &*e.alert.rule_id == "hr_high")
-        .unwrap();
-    let medium = raised
-        .iter()
-        .find(|e| &*e.alert.rule_id == "spo2_low")
-        .unwrap();
+    let (h, source, raised) = raise_a_high_and_a_medium_alert();
+    let [high, medium] = &raised;
     h.engine
         .book
         .acknowledge(&high.alert.alert_id, "nurse")
@@ -455,32 +460,12 @@ to = ["user:dr-on-call", "role:charge-nurse"]
 #[test]
 fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
     let mut escalator = Escalator::new(toml::from_str(ESCALATION).unwrap());
-    let mut h = Harness::start(&common::config(), rules(&format!("{HR_RULE}{SPO2_MEDIUM}")));
-    let mut source = h.replay_source();
-    let t0 = vitalstream::model::now_millis() - 10_000;
-    common::send_lines(
-        &mut source,
-        &[
-            reading("bed-1", t0, "hr", 130.0),
-            reading("bed-2", t0, "spo2", 90.0),
-        ],
-        1,
-    );
-    let raised: Vec<_> = (0..2)
-        .map(|_| h.alerts.recv_timeout(WAIT).expect("raised"))
-        .collect();
+    let (h, source, raised) = raise_a_high_and_a_medium_alert();
     for event in &raised {
         escalator.observe(event);
     }
-    let high = raised
-        .iter()
-        .find(|e| &*e.alert.rule_id == "hr_high")
-        .unwrap();
-    let medium = raised
-        .iter()
-        .find(|e| &*e.alert.rule_id == "spo2_low")
-        .unwrap();
-    let at = |e: &vitalstream::alerts::AlertEvent| e.alert.raised_at.unwrap();
+    let [high, medium] = &raised;
+    let at = |e: &AlertEvent| e.alert.raised_at.unwrap();
     let (first, last) = (at(high).min(at(medium)), at(high).max(at(medium)));
     const MINUTE: i64 = 60_000;
 
