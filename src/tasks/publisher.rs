@@ -48,7 +48,8 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts the loop on the current tokio runtime; it connects (and reconnects) to `url`,
-    /// declares the topology and publishes in order. `buffer` tasks may wait locally. The
+    /// declares the topology and publishes in order. `buffer` tasks (and a few in hand) may
+    /// wait locally. The
     /// loop ends, once every waiting task is confirmed, when every handle is dropped.
     pub fn start(url: String, buffer: usize) -> (Publisher, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(buffer.max(1));
@@ -127,6 +128,11 @@ async fn publish(channel: &Channel, task: &Task) -> Result<(), String> {
     Ok(())
 }
 
+/// Tasks taken off the channel at a time, to publish in order.
+const IN_HAND: usize = 64;
+
+/// Publishes in order. A few tasks are in hand at a time; the rest wait in the channel, and
+/// a full channel makes senders wait: what waits locally stays bounded.
 async fn run(url: String, mut rx: mpsc::Receiver<Task>, metrics: Arc<PublisherMetrics>) {
     let mut pending: VecDeque<Task> = VecDeque::new();
     let mut link: Option<(Connection, Channel)> = None;
@@ -139,8 +145,11 @@ async fn run(url: String, mut rx: mpsc::Receiver<Task>, metrics: Arc<PublisherMe
                 None => return,
             }
         }
-        while let Ok(task) = rx.try_recv() {
-            pending.push_back(task);
+        while pending.len() < IN_HAND {
+            match rx.try_recv() {
+                Ok(task) => pending.push_back(task),
+                Err(_) => break,
+            }
         }
         if link.is_none() {
             match connect(&url).await {
