@@ -524,14 +524,11 @@ async fn try_rule(auth: Auth, State(state): State<ApiState>, Json(body): Json<Tr
         .map_err(|e| {
             ApiError::invalid(format!("the rule failed: {e}")).details(json!({ "error": e }))
         })?;
+    let matched: usize = windows.iter().map(|(_, _, rows)| rows.len()).sum();
     let windows: Vec<_> = windows
         .into_iter()
         .map(|(start, end, rows)| json!({ "window_start": start, "window_end": end, "rows": rows }))
         .collect();
-    let matched: usize = windows
-        .iter()
-        .map(|w| w["rows"].as_array().map_or(0, Vec::len))
-        .sum();
     Ok(Reply::ok(
         format!(
             "{matched} rows in {} windows; nothing was raised",

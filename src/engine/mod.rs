@@ -394,11 +394,11 @@ impl Engine {
                 close_at_end.clone(),
             )
             .with_latest(outputs.latest.clone().map(crate::latest::Gatherer::new))
-            .with_sql(Some(shard::SqlFeed {
+            .with_sql(shard::SqlFeed {
                 shard: s,
                 tx: sql_tx.clone(),
                 wants: wants_readings.clone(),
-            }));
+            });
             threads.push(spawn(&format!("shard-{s}"), move || shard.run(rx)));
         }
         drop(sql_tx);

@@ -171,8 +171,8 @@ pub(crate) struct Shard {
 
 impl Shard {
     /// Tells the SQL stage this shard's watermark, and hands it readings.
-    pub(crate) fn with_sql(mut self, sql: Option<SqlFeed>) -> Shard {
-        self.sql = sql;
+    pub(crate) fn with_sql(mut self, sql: SqlFeed) -> Shard {
+        self.sql = Some(sql);
         self
     }
 

@@ -205,13 +205,21 @@ impl Pane {
             Sorted { batch, order }
         })
     }
+
+    /// The pane in table order, once [`Pane::sorted`] has put it so.
+    fn table(&self) -> &Sorted {
+        self.sorted
+            .as_ref()
+            .expect("sorted before a window reads it")
+    }
 }
 
 /// A window's rows, newest first: (device, patient, correlation id, received µs).
 fn rows_newest_first<'a>(
-    panes: &'a [(&'a Sorted, &'a Pane)],
+    panes: &'a [&'a Pane],
 ) -> impl Iterator<Item = (&'a str, Option<&'a str>, &'a (CorrelationId, i64))> {
-    panes.iter().rev().flat_map(|(sorted, pane)| {
+    panes.iter().rev().flat_map(|pane| {
+        let sorted = pane.table();
         let column = |i: usize| {
             (sorted.batch.column(i).as_any())
                 .downcast_ref::<StringViewArray>()
@@ -438,11 +446,9 @@ impl SqlStage {
             pane.sorted();
         }
         // Each pane is in table order and the panes follow each other in time: so is this.
-        let panes: Vec<(&Sorted, &Pane)> = (store.panes.range(start..end))
-            .map(|(_, pane)| (pane.sorted.as_ref().expect("sorted above"), pane))
-            .collect();
+        let panes: Vec<&Pane> = store.panes.range(start..end).map(|(_, p)| p).collect();
         let batches = (panes.iter())
-            .map(|(sorted, _)| with_bounds(&sorted.batch, start, end))
+            .map(|pane| with_bounds(&pane.table().batch, start, end))
             .collect();
         let result = self
             .runtime
@@ -498,7 +504,7 @@ fn signal(
     book: &AlertBook,
     rule: &Rule,
     alarming: &mut HashMap<Id, Id>,
-    panes: &[(&Sorted, &Pane)],
+    panes: &[&Pane],
     matches: &[Match],
     window: (Millis, Millis),
     quiet: bool,
