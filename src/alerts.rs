@@ -1,5 +1,6 @@
 //! The alert lifecycle, per (rule, patient) — or (rule, device) when the device has no
-//! patient: pending → firing → acknowledged → resolved.
+//! patient: pending → firing → (escalated) → acknowledged → resolved. A firing alert left
+//! unacknowledged is escalated, level by level, by the notifier's clock.
 //!
 //! Shards send [`Signal`]s: edges of a rule's condition for one device. The book turns them
 //! into at most one active alert per key, however long the condition persists and however many
@@ -22,6 +23,8 @@ pub enum AlertState {
     /// The condition holds but has not yet held for the rule's delay.
     Pending,
     Firing,
+    /// Firing and left unacknowledged past the escalation policy's delay.
+    Escalated,
     Acknowledged,
     Resolved,
 }
@@ -31,6 +34,7 @@ pub enum AlertState {
 #[serde(rename_all = "lowercase")]
 pub enum Transition {
     Raised,
+    Escalated,
     Acknowledged,
     Resolved,
 }
@@ -43,6 +47,7 @@ impl AlertState {
         match self {
             AlertState::Pending => "pending",
             AlertState::Firing => "firing",
+            AlertState::Escalated => "escalated",
             AlertState::Acknowledged => "acknowledged",
             AlertState::Resolved => "resolved",
         }
@@ -53,6 +58,7 @@ impl Transition {
     pub const fn name(self) -> &'static str {
         match self {
             Transition::Raised => "raised",
+            Transition::Escalated => "escalated",
             Transition::Acknowledged => "acknowledged",
             Transition::Resolved => "resolved",
         }
@@ -74,6 +80,9 @@ pub struct Alert {
     pub trigger: Trigger,
     pub pending_at: Option<Millis>,
     pub raised_at: Option<Millis>,
+    /// How many times it was escalated (0: never), and when last.
+    pub escalation: u32,
+    pub escalated_at: Option<Millis>,
     pub acknowledged_at: Option<Millis>,
     pub acknowledged_by: Option<String>,
     pub resolved_at: Option<Millis>,
@@ -186,7 +195,7 @@ impl AlertBook {
         match event {
             Transition::Raised => counters.alerts_raised.fetch_add(1, Relaxed),
             Transition::Resolved => counters.alerts_resolved.fetch_add(1, Relaxed),
-            Transition::Acknowledged => 0,
+            Transition::Escalated | Transition::Acknowledged => 0,
         };
         let event = AlertEvent {
             event,
@@ -231,6 +240,8 @@ impl AlertBook {
                         trigger: s.trigger.clone(),
                         pending_at: Some(now),
                         raised_at: None,
+                        escalation: 0,
+                        escalated_at: None,
                         acknowledged_at: None,
                         acknowledged_by: None,
                         resolved_at: None,
@@ -356,7 +367,7 @@ impl AlertBook {
         let alert = entry.value_mut();
         match alert.state {
             AlertState::Pending => return Err(LifecycleError::NotFiring(alert_id.to_string())),
-            AlertState::Firing => {
+            AlertState::Firing | AlertState::Escalated => {
                 alert.state = AlertState::Acknowledged;
                 alert.acknowledged_at = Some(now_millis());
                 alert.acknowledged_by = Some(by.to_string());
@@ -366,6 +377,24 @@ impl AlertBook {
             AlertState::Acknowledged | AlertState::Resolved => {}
         }
         Ok(alert.clone())
+    }
+
+    /// Escalates a firing alert left unacknowledged to `level` (the notifier's clock says
+    /// when). Returns `None`, changing nothing, when it was acknowledged or resolved meanwhile
+    /// or is already at that level.
+    pub fn escalate(&self, alert_id: &str, level: u32) -> Option<Alert> {
+        let (_, mut entry) = self.find(alert_id).ok()?;
+        let alert = entry.value_mut();
+        let waiting = matches!(alert.state, AlertState::Firing | AlertState::Escalated);
+        if !waiting || level <= alert.escalation {
+            return None;
+        }
+        alert.state = AlertState::Escalated;
+        alert.escalation = level;
+        alert.escalated_at = Some(now_millis());
+        tracing::warn!(alert_id, level, correlation_id = %alert.trigger.correlation_id, "alert unacknowledged: escalated");
+        self.emit(Transition::Escalated, alert);
+        Some(alert.clone())
     }
 
     /// Resolves an alert by hand; refused while its condition still holds, so a resolved
@@ -411,7 +440,7 @@ impl AlertBook {
         }
     }
 
-    /// Every active alert (pending, firing or acknowledged).
+    /// Every active alert (pending, firing, escalated or acknowledged).
     pub fn active(&self) -> Vec<Alert> {
         let mut all: Vec<Alert> = self.active.iter().map(|e| e.value().clone()).collect();
         all.sort_by(|a, b| {

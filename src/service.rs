@@ -36,6 +36,8 @@ const STORAGE_LINGER: Duration = Duration::from_secs(1);
 /// The sink threads, joined after the engine has drained.
 struct Sinks {
     threads: Vec<JoinHandle<anyhow::Result<()>>>,
+    /// Where the notifier finds the engine's alert book, to record escalations.
+    book: crate::tasks::notifier::BookSlot,
 }
 
 impl Sinks {
@@ -66,8 +68,9 @@ fn start_sinks(
 ) -> anyhow::Result<(Outputs, Sinks)> {
     let events = kafka.as_ref().map(|k| k.0.clone());
     let mut threads = Vec::new();
+    let book = crate::tasks::notifier::BookSlot::default();
     let notifier = notifications
-        .map(|n| crate::tasks::notifier::start(n.clone()))
+        .map(|n| crate::tasks::notifier::start(n.clone(), book.clone()))
         .transpose()
         .context("starting the notifier")?;
     let (notify, notifier_thread) = notifier.unzip();
@@ -167,7 +170,7 @@ fn start_sinks(
         rejects,
         latest: None,
     };
-    Ok((outputs, Sinks { threads }))
+    Ok((outputs, Sinks { threads, book }))
 }
 
 fn spawn(
@@ -393,6 +396,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     // Screens want each patient's latest vitals: gathered only when the API is on.
     outputs.latest = bus.is_some().then(Default::default);
     let mut engine = Engine::start(&config.engine, rules, outputs);
+    let _ = sinks.book.set(Arc::downgrade(&engine.book));
     // Device changes to Kafka (device.events).
     let device_events = kafka.as_ref().and_then(|(events, _)| {
         let (events, changes) = (events.clone(), engine.devices.listen()?);

@@ -120,7 +120,7 @@ fn migrations_build_the_partitioned_fallback_and_refuse_an_edited_history() {
     );
     assert_eq!(
         db.rows("SELECT version::text, flavour FROM vitalstream_schema ORDER BY version"),
-        [["1", "any"], ["2", "postgres"], ["3", "postgres"]]
+        [["1", "any"], ["2", "postgres"], ["3", "postgres"], ["4", "any"]]
     );
     // device_vitals is range-partitioned on time, with (device_id, time) unique.
     assert_eq!(
@@ -454,6 +454,46 @@ fn a_row_the_database_refuses_is_set_aside_without_its_batch() {
         .filter(|n| n.starts_with("refused-"))
         .collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
+}
+
+/// An alert escalated twice, then acknowledged: one event row per level, and the current
+/// row remembers how far it escalated.
+#[test]
+fn an_escalated_alert_is_stored_with_each_level() {
+    let db = TestDb::create();
+    let spool = tempfile::tempdir().unwrap();
+    let mut storage = PostgresStorage::open(&config(&db, spool.path())).unwrap();
+    let mut h = Harness::start(&common::config(), rules(HR_RULE));
+    let mut source = h.replay_source();
+    let t0 = now_millis() - 60_000;
+    common::send_lines(&mut source, &[reading("d1", t0, "hr", 150.0)], 1);
+    let raised = h.alerts.recv_timeout(common::WAIT).unwrap();
+    let id = raised.alert.alert_id.clone();
+    h.engine.book.escalate(&id, 1).unwrap();
+    h.engine.book.escalate(&id, 2).unwrap();
+    h.engine.book.acknowledge(&id, "dr").unwrap();
+    let events: Vec<_> = (0..3)
+        .map(|_| h.alerts.recv_timeout(common::WAIT).unwrap())
+        .collect();
+    // The last transition first, as a late spool could deliver them: the state holds.
+    storage.write_alerts(&events[2..]).unwrap();
+    storage.write_alerts(&[raised]).unwrap();
+    storage.write_alerts(&events[..2]).unwrap();
+    storage.close().unwrap();
+    drop(source);
+    h.finish();
+
+    assert_eq!(
+        db.count("SELECT count(*) FROM alert_events WHERE event = 'escalated'"),
+        2
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM alerts WHERE alert_id = '{id}' AND state = 'acknowledged' \
+             AND escalation = 2 AND escalated_at IS NOT NULL"
+        )),
+        1
+    );
 }
 
 #[test]

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
-use vitalstream::alerts::{AlertEvent, Transition};
+use vitalstream::alerts::{AlertEvent, AlertState, Transition};
 use vitalstream::sources::SourceHandle;
-use vitalstream::tasks::escalation::Escalator;
+use vitalstream::tasks::escalation::{Escalation, Escalator};
 use vitalstream::tasks::policy::NotificationPolicy;
 use vitalstream::tasks::publisher::{Publisher, Task};
 use vitalstream::tasks::topology;
@@ -455,11 +455,13 @@ to = ["user:dr-on-call", "role:charge-nurse"]
 "#;
 
 /// With the clock given, not slept: an alert left unacknowledged escalates at 5 and 10
-/// minutes, to a wider audience at a higher priority, and no further than its limit; one
-/// acknowledged in time does not escalate.
+/// minutes — the book moves it to `escalated`, and its level's wider audience is notified
+/// at a higher priority — and no further than its limit; one acknowledged in time does not
+/// escalate, and an escalated alert can still be acknowledged.
 #[test]
 fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
-    let mut escalator = Escalator::new(toml::from_str(ESCALATION).unwrap());
+    let policy: Escalation = toml::from_str(ESCALATION).unwrap();
+    let mut escalator = Escalator::new(policy.clone());
     let (h, source, raised) = raise_a_high_and_a_medium_alert();
     for event in &raised {
         escalator.observe(event);
@@ -468,6 +470,17 @@ fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
     let at = |e: &AlertEvent| e.alert.raised_at.unwrap();
     let (first, last) = (at(high).min(at(medium)), at(high).max(at(medium)));
     const MINUTE: i64 = 60_000;
+    // What the notifier does with a due escalation: the book records it, and the
+    // transition it emits carries the level's tasks.
+    let escalate = |escalator: &mut Escalator, id: &str, level: u32| {
+        assert!(h.engine.book.escalate(id, level).is_some());
+        let event = h.alerts.recv_timeout(WAIT).unwrap();
+        escalator.observe(&event);
+        assert_eq!(event.event, Transition::Escalated);
+        assert_eq!(event.alert.state, AlertState::Escalated);
+        assert_eq!(event.alert.escalation, level);
+        policy.tasks_for(&event)
+    };
 
     assert!(escalator.due(first + 5 * MINUTE - 1).is_empty(), "not yet");
     // The medium alert is acknowledged in time.
@@ -478,9 +491,12 @@ fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
     escalator.observe(&h.alerts.recv_timeout(WAIT).unwrap());
 
     let due = escalator.due(last + 5 * MINUTE);
-    assert_eq!(due.len(), 1, "only the unacknowledged alert");
-    let (id, level, tasks) = &due[0];
-    assert_eq!((id, *level), (&high.alert.alert_id, 1));
+    assert_eq!(
+        due,
+        [(high.alert.alert_id.clone(), 1)],
+        "only the unacknowledged alert"
+    );
+    let tasks = escalate(&mut escalator, &high.alert.alert_id, 1);
     assert_eq!(tasks.len(), 1);
     assert_eq!(
         (tasks[0].queue.as_str(), tasks[0].priority),
@@ -496,11 +512,14 @@ fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
         escalator.due(last + 5 * MINUTE + 1).is_empty(),
         "once per level"
     );
+    assert!(
+        h.engine.book.escalate(&high.alert.alert_id, 1).is_none(),
+        "the book records a level once"
+    );
 
     let due = escalator.due(last + 10 * MINUTE);
-    assert_eq!(due.len(), 1);
-    let (_, level, tasks) = &due[0];
-    assert_eq!(*level, 2);
+    assert_eq!(due, [(high.alert.alert_id.clone(), 2)]);
+    let tasks = escalate(&mut escalator, &high.alert.alert_id, 2);
     let to: Vec<&str> = tasks
         .iter()
         .map(|t| t.body["to"].as_str().unwrap())
@@ -512,12 +531,21 @@ fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
     );
     assert_eq!(escalator.waiting(), 1);
 
-    h.engine
+    let acked = h
+        .engine
         .book
         .acknowledge(&high.alert.alert_id, "dr")
         .unwrap();
+    assert_eq!(
+        (acked.state, acked.escalation),
+        (AlertState::Acknowledged, 2)
+    );
     escalator.observe(&h.alerts.recv_timeout(WAIT).unwrap());
     assert_eq!(escalator.waiting(), 0);
+    assert!(
+        h.engine.book.escalate(&high.alert.alert_id, 3).is_none(),
+        "an acknowledged alert does not escalate"
+    );
     drop(source);
     h.finish();
 }

@@ -234,7 +234,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 #[serde(deny_unknown_fields)]
 struct AlertFilter {
     patient: Option<String>,
-    /// pending, firing, acknowledged, resolved
+    /// pending, firing, escalated, acknowledged, resolved
     status: Option<String>,
     priority: Option<String>,
     /// ms since the epoch: raised at or after.
@@ -249,10 +249,10 @@ async fn list_alerts(
     Query(f): Query<AlertFilter>,
 ) -> Result {
     if let Some(s) = f.status.as_deref()
-        && !["pending", "firing", "acknowledged", "resolved"].contains(&s)
+        && !["pending", "firing", "escalated", "acknowledged", "resolved"].contains(&s)
     {
         return Err(ApiError::invalid(format!(
-            "status {s:?}: expected pending, firing, acknowledged or resolved"
+            "status {s:?}: expected pending, firing, escalated, acknowledged or resolved"
         )));
     }
     if let Some(p) = f.priority.as_deref()

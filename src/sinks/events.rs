@@ -232,6 +232,7 @@ impl EventPublisher {
         let a = &e.alert;
         let (event_type, user_id) = match e.event {
             Transition::Raised => ("alert.raised", None),
+            Transition::Escalated => ("alert.escalated", None),
             Transition::Acknowledged => ("alert.acknowledged", a.acknowledged_by.clone()),
             Transition::Resolved => ("alert.resolved", a.resolved_by.clone()),
         };

@@ -1,11 +1,13 @@
-//! Escalation: an alert still unacknowledged `after` its raising is escalated — its next
-//! level's audience is notified, at a higher message priority — and again every `after`,
-//! up to `limit` times. Acknowledging or resolving it stops the escalation. Time is given
-//! to [`Escalator::due`], so tests (and replays) drive the clock.
+//! Escalation: an alert still unacknowledged `after` its raising is escalated — the alert
+//! book moves it to `escalated` and its next level's audience is notified, at a higher
+//! message priority — and again every `after`, up to `limit` times. Acknowledging or
+//! resolving it stops the escalation. Time is given to [`Escalator::due`], so tests (and
+//! replays) drive the clock.
 
 use super::policy::{Channel, queue_for};
 use super::publisher::Task;
-use crate::alerts::{Alert, AlertEvent, Transition};
+use super::topology::MAX_PRIORITY;
+use crate::alerts::{AlertEvent, Transition};
 use crate::model::Millis;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -35,7 +37,6 @@ pub struct Level {
 
 /// An alert waiting for acknowledgement.
 struct Waiting {
-    alert: Alert,
     raised_at: Millis,
     level: u32,
 }
@@ -64,11 +65,15 @@ impl Escalator {
                 self.waiting.insert(
                     id.clone(),
                     Waiting {
-                        alert: event.alert.clone(),
                         raised_at,
                         level: 0,
                     },
                 );
+            }
+            Transition::Escalated => {
+                if let Some(w) = self.waiting.get_mut(id) {
+                    w.level = w.level.max(event.alert.escalation);
+                }
             }
             Transition::Acknowledged | Transition::Resolved => {
                 self.waiting.remove(id);
@@ -81,8 +86,9 @@ impl Escalator {
         self.waiting.len()
     }
 
-    /// The escalations due at `now`: for each, the level reached and its tasks.
-    pub fn due(&mut self, now: Millis) -> Vec<(String, u32, Vec<Task>)> {
+    /// The escalations due at `now`: each alert id with the level it reaches. Each level is
+    /// due once; the alert book then records it and the notifier sends its tasks.
+    pub fn due(&mut self, now: Millis) -> Vec<(String, u32)> {
         let step = self.policy.after.as_millis() as Millis;
         let mut out = Vec::new();
         for (id, w) in &mut self.waiting {
@@ -90,36 +96,47 @@ impl Escalator {
                 continue;
             }
             w.level += 1;
-            let Some(level) = (self.policy.levels)
-                .get(w.level as usize - 1)
-                .or(self.policy.levels.last())
-            else {
-                continue;
-            };
-            let (exchange, queue, base) = queue_for(level.channel, w.alert.priority);
-            let priority = (base + w.level as u8).min(super::topology::MAX_PRIORITY);
-            let tasks = (level.to.iter())
-                .map(|to| Task {
-                    exchange: exchange.into(),
-                    queue: queue.into(),
-                    priority,
-                    correlation_id: w.alert.trigger.correlation_id.to_string(),
-                    kind: "notify.escalation".into(),
-                    body: json!({
-                        "to": to,
-                        "alert_id": w.alert.alert_id,
-                        "rule_id": w.alert.rule_id,
-                        "priority": w.alert.priority,
-                        "subject": w.alert.subject,
-                        "message": w.alert.message,
-                        "raised_at": w.raised_at,
-                        "escalation": w.level,
-                        "unacknowledged_ms": now - w.raised_at,
-                    }),
-                })
-                .collect();
-            out.push((id.clone(), w.level, tasks));
+            out.push((id.clone(), w.level));
         }
         out
+    }
+}
+
+impl Escalation {
+    /// The tasks of an `escalated` transition: its level's audience, on the queue the alert's
+    /// priority calls for, one message priority higher per level.
+    pub fn tasks_for(&self, event: &AlertEvent) -> Vec<Task> {
+        let alert = &event.alert;
+        if event.event != Transition::Escalated || alert.escalation == 0 {
+            return Vec::new();
+        }
+        let Some(level) = (self.levels.get(alert.escalation as usize - 1)).or(self.levels.last())
+        else {
+            return Vec::new();
+        };
+        let (exchange, queue, base) = queue_for(level.channel, alert.priority);
+        let priority = (base as u32 + alert.escalation).min(MAX_PRIORITY as u32) as u8;
+        let raised_at = alert.raised_at.unwrap_or(event.at);
+        (level.to.iter())
+            .map(|to| Task {
+                exchange: exchange.into(),
+                queue: queue.into(),
+                priority,
+                correlation_id: alert.trigger.correlation_id.to_string(),
+                kind: "notify.escalation".into(),
+                body: json!({
+                    "to": to,
+                    "alert_id": alert.alert_id,
+                    "rule_id": alert.rule_id,
+                    "priority": alert.priority,
+                    "subject": alert.subject,
+                    "patient_id": alert.patient_id,
+                    "message": alert.message,
+                    "raised_at": raised_at,
+                    "escalation": alert.escalation,
+                    "unacknowledged_ms": event.at - raised_at,
+                }),
+            })
+            .collect()
     }
 }

@@ -1,16 +1,25 @@
 //! The notifier: alert transitions in, notification tasks out to RabbitMQ. Raised alerts
 //! become the tasks the policy names; once a second the escalator says which unacknowledged
-//! alerts escalate. It runs on a thread of its own, so a slow or absent broker delays only
-//! notifications, never the alert's other outputs.
+//! alerts escalate, the alert book records each escalation (every output sees an `escalated`
+//! transition) and the escalated transition becomes its level's tasks. It runs on a thread
+//! of its own, so a slow or absent broker delays only notifications, never the alert's
+//! other outputs.
 
 use super::escalation::{Escalation, Escalator};
 use super::policy::{NotificationPolicy, Route};
-use super::publisher::Publisher;
-use crate::alerts::AlertEvent;
+use super::publisher::{Publisher, Task};
+use crate::alerts::{AlertBook, AlertEvent};
 use crate::model::now_millis;
 use serde::{Deserialize, Serialize};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// The alert book escalations are recorded in. The engine that owns it starts after its
+/// outputs (the notifier among them), so it is handed over once there; until then nothing
+/// escalates. Held weakly: the book sends to the alert outputs, which end only when it is
+/// gone.
+pub type BookSlot = Arc<OnceLock<Weak<AlertBook>>>;
 
 /// The `[notifications]` section: where RabbitMQ is, who hears of what, and escalation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +54,16 @@ impl NotificationsConfig {
         }
     }
 
+    /// The tasks a transition calls for: the policy's for a raised alert, the escalation
+    /// level's for an escalated one.
+    pub fn tasks_for(&self, event: &AlertEvent) -> Vec<Task> {
+        let mut tasks = self.policy().tasks_for(event);
+        if let Some(e) = &self.escalation {
+            tasks.extend(e.tasks_for(event));
+        }
+        tasks
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut out = self.policy().problems();
         if let Some(e) = &self.escalation
@@ -62,6 +81,7 @@ impl NotificationsConfig {
 /// dropped, after publishing what waits (for up to `drain_timeout`).
 pub fn start(
     config: NotificationsConfig,
+    book: BookSlot,
 ) -> std::io::Result<(mpsc::Sender<AlertEvent>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(config.buffer.max(1));
     let thread = std::thread::Builder::new()
@@ -71,13 +91,12 @@ pub fn start(
                 .enable_all()
                 .build()
                 .expect("a runtime for the notifier");
-            runtime.block_on(run(config, rx));
+            runtime.block_on(run(config, book, rx));
         })?;
     Ok((tx, thread))
 }
 
-async fn run(config: NotificationsConfig, mut rx: mpsc::Receiver<AlertEvent>) {
-    let policy = config.policy();
+async fn run(config: NotificationsConfig, book: BookSlot, mut rx: mpsc::Receiver<AlertEvent>) {
     let mut escalator = config.escalation.clone().map(Escalator::new);
     let (publisher, done) = Publisher::start(config.url.clone(), config.buffer);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -86,16 +105,16 @@ async fn run(config: NotificationsConfig, mut rx: mpsc::Receiver<AlertEvent>) {
         tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break };
-                tasks = policy.tasks_for(&event);
+                tasks = config.tasks_for(&event);
                 if let Some(e) = &mut escalator {
                     e.observe(&event);
                 }
             }
             _ = tick.tick() => {
-                if let Some(e) = &mut escalator {
-                    for (alert_id, level, due) in e.due(now_millis()) {
-                        tracing::warn!(%alert_id, level, "alert unacknowledged: escalated");
-                        tasks.extend(due);
+                if let (Some(e), Some(book)) = (&mut escalator, book.get().and_then(Weak::upgrade)) {
+                    // Each escalation comes back as an `escalated` transition, with its tasks.
+                    for (alert_id, level) in e.due(now_millis()) {
+                        book.escalate(&alert_id, level);
                     }
                 }
             }

@@ -46,7 +46,7 @@ pub struct VitalsBucket {
 #[derive(Debug, Clone, Default)]
 pub struct AlertQuery {
     pub patient_id: Option<String>,
-    /// `firing`, `acknowledged`, `resolved`.
+    /// `firing`, `escalated`, `acknowledged`, `resolved`.
     pub state: Option<String>,
     /// `high`, `medium`, `low`.
     pub priority: Option<String>,
@@ -74,6 +74,8 @@ pub struct StoredAlert {
     pub acknowledged_by: Option<String>,
     pub resolved_at: Option<Millis>,
     pub resolved_by: Option<String>,
+    pub escalation: i32,
+    pub escalated_at: Option<Millis>,
 }
 
 impl Db {
@@ -240,7 +242,7 @@ impl Db {
             .query(
                 "SELECT alert_id, rule_id, priority, message, state, subject, patient_id, \
                  device_id, value, correlation_id, raised_at, acknowledged_at, acknowledged_by, \
-                 resolved_at, resolved_by FROM alerts \
+                 resolved_at, resolved_by, escalation, escalated_at FROM alerts \
                  WHERE ($1::text IS NULL OR patient_id = $1) AND ($2::text IS NULL OR state = $2) \
                  AND ($3::text IS NULL OR priority = $3) AND ($4::timestamptz IS NULL OR raised_at >= $4) \
                  ORDER BY raised_at DESC NULLS LAST, alert_id LIMIT $5",
@@ -296,5 +298,7 @@ fn alert_of(row: &Row) -> StoredAlert {
         acknowledged_by: row.get(12),
         resolved_at: millis(row, 13),
         resolved_by: row.get(14),
+        escalation: row.get(15),
+        escalated_at: millis(row, 16),
     }
 }

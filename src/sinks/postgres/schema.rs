@@ -80,6 +80,7 @@ const MIGRATIONS: &[Migration] = &[
         Some(Flavour::Postgres),
         "0003_device_vitals_1m.postgres.sql"
     ),
+    migration!(4, "alert_escalation", None, "0004_alert_escalation.sql"),
 ];
 
 const NO_TRANSACTION: &str = "-- vitalstream: no-transaction";

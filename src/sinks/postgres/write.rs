@@ -67,6 +67,10 @@ pub struct AlertRow {
     pub correlation_id: String,
     pub event_ts_ms: i64,
     pub raised_at_ms: Option<i64>,
+    #[serde(default)]
+    pub escalation: u32,
+    #[serde(default)]
+    pub escalated_at_ms: Option<i64>,
     pub acknowledged_at_ms: Option<i64>,
     pub acknowledged_by: Option<String>,
     pub resolved_at_ms: Option<i64>,
@@ -92,6 +96,8 @@ impl From<&AlertEvent> for AlertRow {
             correlation_id: a.trigger.correlation_id.to_string(),
             event_ts_ms: a.trigger.event_ts,
             raised_at_ms: a.raised_at,
+            escalation: a.escalation,
+            escalated_at_ms: a.escalated_at,
             acknowledged_at_ms: a.acknowledged_at,
             acknowledged_by: a.acknowledged_by.clone(),
             resolved_at_ms: a.resolved_at,
@@ -109,13 +115,22 @@ impl AlertRow {
         }
     }
 
-    /// 1 raised, 2 acknowledged, 3 resolved: the current state never moves backwards when
-    /// an older transition arrives late (from the spool).
+    /// 1 raised, 2 escalated, 3 acknowledged, 4 resolved: the current state never moves
+    /// backwards when an older transition arrives late (from the spool).
     fn rank(&self) -> i16 {
         match self.event.as_str() {
             "raised" => 1,
-            "acknowledged" => 2,
-            _ => 3,
+            "escalated" => 2,
+            "acknowledged" => 3,
+            _ => 4,
+        }
+    }
+
+    /// The escalation level of an `escalated` event; 0 for the others.
+    fn level(&self) -> i32 {
+        match self.event.as_str() {
+            "escalated" => self.escalation as i32,
+            _ => 0,
         }
     }
 }
@@ -337,8 +352,8 @@ pub async fn write_alerts(client: &mut Client, rows: &[AlertRow]) -> Result<u64,
     let event = tx
         .prepare(
             "INSERT INTO alert_events (alert_id, event, at, rule_id, priority, patient_id, \
-             device_id, value, correlation_id, actor) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+             device_id, value, correlation_id, actor, level) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
         )
         .await?;
     let state = tx
@@ -346,10 +361,12 @@ pub async fn write_alerts(client: &mut Client, rows: &[AlertRow]) -> Result<u64,
             "INSERT INTO alerts AS a (alert_id, rule_id, priority, message, state, subject, \
              patient_id, device_id, value, window_start, window_end, correlation_id, event_time, \
              raised_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by, updated_at, \
-             state_rank) \
+             state_rank, escalation, escalated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $20) \
+             $18, $19, $20, $21, $22) \
              ON CONFLICT (alert_id) DO UPDATE SET state = EXCLUDED.state, \
+             escalation = GREATEST(a.escalation, EXCLUDED.escalation), \
+             escalated_at = COALESCE(EXCLUDED.escalated_at, a.escalated_at), \
              acknowledged_at = EXCLUDED.acknowledged_at, acknowledged_by = EXCLUDED.acknowledged_by, \
              resolved_at = EXCLUDED.resolved_at, resolved_by = EXCLUDED.resolved_by, \
              updated_at = EXCLUDED.updated_at, state_rank = EXCLUDED.state_rank \
@@ -373,6 +390,7 @@ pub async fn write_alerts(client: &mut Client, rows: &[AlertRow]) -> Result<u64,
                     &r.value,
                     &r.correlation_id,
                     &r.actor(),
+                    &r.level(),
                 ],
             )
             .await?;
@@ -400,6 +418,8 @@ pub async fn write_alerts(client: &mut Client, rows: &[AlertRow]) -> Result<u64,
                 &r.resolved_by,
                 &at,
                 &r.rank(),
+                &(r.escalation as i32),
+                &opt(r.escalated_at_ms),
             ],
         )
         .await?;
