@@ -55,6 +55,9 @@ pub struct Config {
     /// Notification tasks (and escalations) on RabbitMQ; absent = none.
     #[serde(default)]
     pub notifications: Option<crate::tasks::notifier::NotificationsConfig>,
+    /// What `vitalstream worker` consumes and how it delivers; absent = no worker.
+    #[serde(default)]
+    pub worker: Option<crate::tasks::worker::WorkerConfig>,
 }
 
 /// A node's part in a scaled-out deployment (MQTT → ingest nodes → Kafka → rule nodes).
@@ -161,6 +164,9 @@ impl Config {
         }
         if let Some(n) = &self.notifications {
             problems.extend(n.problems());
+        }
+        if let Some(w) = &self.worker {
+            problems.extend(w.problems());
         }
         if self.status_interval.is_zero() {
             problems.push("status_interval must be positive".into());

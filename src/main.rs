@@ -62,6 +62,11 @@ enum Command {
         #[arg(long, default_value = "auto")]
         timescaledb: String,
     },
+    /// Deliver the notification tasks on RabbitMQ, as the config's [worker] says.
+    Worker {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Validate a pipeline file and list every problem.
     Check {
         #[arg(long)]
@@ -90,6 +95,28 @@ fn main() -> anyhow::Result<()> {
             let stop = Arc::new(AtomicBool::new(false));
             service::stop_on_signal(stop.clone());
             service::run(&config, stop)?;
+        }
+        Command::Worker { config } => {
+            let config = Config::load(Some(&config))?;
+            init_logging(&config.log.level, config.log.format);
+            let worker = (config.worker)
+                .context("`vitalstream worker` needs a [worker] section in its config")?;
+            let stop = Arc::new(AtomicBool::new(false));
+            service::stop_on_signal(stop.clone());
+            let metrics = Arc::new(vitalstream::tasks::worker::WorkerMetrics::default());
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(vitalstream::tasks::worker::run(
+                    worker,
+                    metrics,
+                    async move {
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                    },
+                ));
         }
         Command::Replay {
             input,

@@ -120,7 +120,12 @@ fn migrations_build_the_partitioned_fallback_and_refuse_an_edited_history() {
     );
     assert_eq!(
         db.rows("SELECT version::text, flavour FROM vitalstream_schema ORDER BY version"),
-        [["1", "any"], ["2", "postgres"], ["3", "postgres"], ["4", "any"]]
+        [
+            ["1", "any"],
+            ["2", "postgres"],
+            ["3", "postgres"],
+            ["4", "any"]
+        ]
     );
     // device_vitals is range-partitioned on time, with (device_id, time) unique.
     assert_eq!(

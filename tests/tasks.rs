@@ -19,6 +19,7 @@ use vitalstream::tasks::escalation::{Escalation, Escalator};
 use vitalstream::tasks::policy::NotificationPolicy;
 use vitalstream::tasks::publisher::{Publisher, Task};
 use vitalstream::tasks::topology;
+use vitalstream::tasks::worker::{self, WorkerConfig, WorkerMetrics};
 
 fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
@@ -106,7 +107,21 @@ fn the_topology_carries_the_platforms_arguments_and_can_be_declared_again() {
         .iter()
         .flat_map(|(_, q)| q.iter().copied())
         .collect();
-    assert_eq!(queues.len(), 7);
+    // The platform's seven, and the webhook channel's two.
+    assert_eq!(
+        queues,
+        [
+            "sms.urgent",
+            "sms.normal",
+            "email.high",
+            "email.normal",
+            "email.low",
+            "webhook.urgent",
+            "webhook.normal",
+            "reports.pdf",
+            "reports.excel"
+        ]
+    );
     for queue in queues {
         let line = listed
             .lines()
@@ -151,6 +166,7 @@ fn the_topology_carries_the_platforms_arguments_and_can_be_declared_again() {
 
 fn task(n: usize) -> Task {
     Task {
+        id: format!("task-{n}"),
         exchange: "nilecare.sms".into(),
         queue: "sms.urgent".into(),
         priority: 9,
@@ -630,4 +646,154 @@ to = ["role:nurse"]
         .collect();
     assert_eq!(notified, raised, "one task per raised alert\n{log}");
     assert_eq!(tasks.len(), raised.len());
+}
+
+/// A webhook receiver that answers `fail_first` calls with 503 (`usize::MAX`: every call),
+/// then 200; it records each call's idempotency key, body and time.
+async fn webhook(fail_first: usize) -> (String, Calls) {
+    use axum::http::{HeaderMap, StatusCode};
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+                let seen = seen.clone();
+                async move {
+                    let key = headers["idempotency-key"].to_str().unwrap().to_string();
+                    let mut calls = seen.lock().unwrap();
+                    calls.push((key, body, Instant::now()));
+                    if calls.len() <= fail_first {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::OK
+                    }
+                }
+            },
+        ),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}
+
+/// A worker for `url` whose webhook and SMS tasks go to `hook`, retrying after 100 ms, then
+/// 200 ms; it runs until the returned sender is dropped.
+fn start_worker(url: &str, hook: &str) -> (Arc<WorkerMetrics>, tokio::sync::oneshot::Sender<()>) {
+    let config: WorkerConfig = toml::from_str(&format!(
+        r#"
+url = "{url}"
+retry_delay = "100ms"
+[webhook]
+kind = "webhook"
+url = "{hook}"
+"#
+    ))
+    .unwrap();
+    assert_eq!(
+        (config.prefetch, config.tries),
+        (5, 3),
+        "the platform's defaults"
+    );
+    let metrics = Arc::new(WorkerMetrics::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(worker::run(config, metrics.clone(), async move {
+        let _ = stopped.await;
+    }));
+    (metrics, stop)
+}
+
+type Calls = Arc<std::sync::Mutex<Vec<(String, serde_json::Value, Instant)>>>;
+
+fn webhook_task(n: usize) -> Task {
+    Task {
+        id: format!("alert-{n}/0/role:rapid-response"),
+        exchange: "nilecare.webhook".into(),
+        queue: "webhook.urgent".into(),
+        priority: 9,
+        correlation_id: format!("corr-{n}"),
+        kind: "notify.webhook".into(),
+        body: serde_json::json!({ "n": n, "to": "role:rapid-response" }),
+    }
+}
+
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A webhook that fails twice then succeeds: tried three times, with growing delays and
+/// the retry count in each try, the same idempotency key every time, and delivered once.
+#[test]
+fn a_webhook_that_fails_twice_then_succeeds_is_retried_and_delivered_once() {
+    let vhost = Vhost::create();
+    let url = vhost.url(5672);
+    runtime().block_on(async {
+        let (hook, calls) = webhook(2).await;
+        let (metrics, _stop) = start_worker(&url, &hook);
+        let (publisher, _) = Publisher::start(url.clone(), 16);
+        publisher.send(webhook_task(1)).await.unwrap();
+        wait_for("delivered", || metrics.delivered.load(Relaxed) == 1).await;
+        // Nothing more arrives after the success.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 3, "{calls:?}");
+        let retry_counts: Vec<_> = calls
+            .iter()
+            .map(|(_, b, _)| b["retry_count"].clone())
+            .collect();
+        assert_eq!(retry_counts, [0, 1, 2]);
+        // Growing delays: at least 100 ms, then at least 200 ms.
+        assert!(calls[1].2 - calls[0].2 >= Duration::from_millis(100));
+        assert!(calls[2].2 - calls[1].2 >= Duration::from_millis(200));
+        assert!(
+            calls
+                .iter()
+                .all(|(key, b, _)| key == "alert-1/0/role:rapid-response"
+                    && b["correlation_id"] == "corr-1"
+                    && b["body"]["n"] == 1)
+        );
+        assert_eq!(metrics.retried.load(Relaxed), 2);
+        assert_eq!(metrics.failed.load(Relaxed), 0);
+        assert!(drain(&url, "failed.jobs").await.is_empty());
+        assert!(
+            drain(&url, "webhook.urgent").await.is_empty(),
+            "acknowledged"
+        );
+    });
+}
+
+/// A webhook that always fails: after three tries the task is in `failed.jobs`, with its
+/// correlation id, the number of failures and the reason.
+#[test]
+fn a_webhook_that_always_fails_lands_in_failed_jobs_after_three_tries() {
+    let vhost = Vhost::create();
+    let url = vhost.url(5672);
+    runtime().block_on(async {
+        let (hook, calls) = webhook(usize::MAX).await;
+        let (metrics, _stop) = start_worker(&url, &hook);
+        let (publisher, _) = Publisher::start(url.clone(), 16);
+        publisher.send(webhook_task(2)).await.unwrap();
+        wait_for("failed", || metrics.failed.load(Relaxed) == 1).await;
+        assert_eq!(calls.lock().unwrap().len(), 3);
+        let failed = drain(&url, "failed.jobs").await;
+        assert_eq!(failed.len(), 1);
+        let (corr, props, body) = &failed[0];
+        assert_eq!((corr.as_str(), body["n"].as_i64()), ("corr-2", Some(2)));
+        let headers = props.headers().as_ref().unwrap().inner();
+        assert_eq!(headers.get("x-retry-count"), Some(&AMQPValue::LongInt(3)));
+        assert_eq!(
+            headers.get("x-original-queue"),
+            Some(&AMQPValue::LongString("webhook.urgent".into()))
+        );
+        let Some(AMQPValue::LongString(reason)) = headers.get("x-failure-reason") else {
+            panic!("no reason: {headers:?}")
+        };
+        assert!(reason.to_string().contains("503"), "{reason}");
+        assert_eq!(metrics.delivered.load(Relaxed), 0);
+    });
 }

@@ -119,6 +119,7 @@ impl Escalation {
         let raised_at = alert.raised_at.unwrap_or(event.at);
         (level.to.iter())
             .map(|to| Task {
+                id: format!("{}/{}/{to}", alert.alert_id, alert.escalation),
                 exchange: exchange.into(),
                 queue: queue.into(),
                 priority,

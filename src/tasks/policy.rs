@@ -31,6 +31,8 @@ pub struct Route {
 pub enum Channel {
     Sms,
     Email,
+    /// An HTTP POST of the task's JSON to the worker's configured endpoint.
+    Webhook,
 }
 
 /// The exchange, queue and message priority for a channel and an alert priority.
@@ -42,6 +44,9 @@ pub fn queue_for(channel: Channel, priority: Priority) -> (&'static str, &'stati
         (Channel::Email, Priority::High) => ("nilecare.email", "email.high", 9),
         (Channel::Email, Priority::Medium) => ("nilecare.email", "email.normal", 5),
         (Channel::Email, Priority::Low) => ("nilecare.email", "email.low", 1),
+        (Channel::Webhook, Priority::High) => ("nilecare.webhook", "webhook.urgent", 9),
+        (Channel::Webhook, Priority::Medium) => ("nilecare.webhook", "webhook.normal", 5),
+        (Channel::Webhook, Priority::Low) => ("nilecare.webhook", "webhook.normal", 1),
     }
 }
 
@@ -83,6 +88,7 @@ impl NotificationPolicy {
             .flat_map(|route| {
                 let (exchange, queue, priority) = queue_for(route.channel, alert.priority);
                 route.to.iter().map(move |to| Task {
+                    id: format!("{}/0/{to}", alert.alert_id),
                     exchange: exchange.into(),
                     queue: queue.into(),
                     priority,

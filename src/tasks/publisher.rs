@@ -17,6 +17,9 @@ use tokio::sync::mpsc;
 /// One job for a worker.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Task {
+    /// The same for the same job (an alert, a level, an audience): receivers drop repeats
+    /// by it (the message id, and a webhook's `Idempotency-Key`).
+    pub id: String,
     /// Exchange and routing key (the queue's name), from the topology.
     pub exchange: String,
     pub queue: String,
@@ -95,6 +98,7 @@ fn properties(task: &Task) -> BasicProperties {
         .with_delivery_mode(2)
         .with_priority(task.priority.min(topology::MAX_PRIORITY))
         .with_correlation_id(task.correlation_id.as_str().into())
+        .with_message_id(task.id.as_str().into())
         .with_headers(headers)
 }
 
