@@ -8,6 +8,7 @@ use common::{HR_RULE, Harness, WAIT, reading, rules};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
+use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -566,18 +567,21 @@ fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
     h.finish();
 }
 
-/// `vitalstream run` with `[notifications]`: every alert the simulator's patients raise
-/// becomes an email task on RabbitMQ, and stopping waits for them to be confirmed.
-#[test]
-fn the_service_sends_a_notification_task_for_every_alert_it_raises() {
-    let vhost = Vhost::create();
-    let dir = tempfile::tempdir().unwrap();
-    let alerts = dir.path().join("alerts.ndjson");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+/// `vitalstream run` with the simulator's patients and `[notifications]` sending an email
+/// task to `role:nurse` for every alert.
+struct Service {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Service {
+    fn start(vhost: &Vhost) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
 [log]
 format = "json"
 [[sources]]
@@ -588,64 +592,149 @@ anomaly_rate = 1.0
 [storage]
 dir = "{data}"
 [alert_log]
-path = "{alerts}"
+path = "{data}/alerts.ndjson"
 [dead_letter]
 path = "{data}/dead-letter.ndjson"
 [notifications]
 url = "{url}"
+drain_timeout = "30s"
 [[notifications.route]]
 priorities = ["high", "medium", "low"]
 channel = "email"
 to = ["role:nurse"]
 "#,
-            data = dir.path().join("data").display(),
-            alerts = alerts.display(),
-            url = vhost.url(5672),
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_vitalstream"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap())
-        .spawn()
+                data = dir.path().join("data").display(),
+                url = vhost.url(5672),
+            ),
+        )
         .unwrap();
-    let raised_ids = || -> std::collections::BTreeSet<String> {
-        (std::fs::read_to_string(&alerts).unwrap_or_default().lines())
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["event"] == "raised")
-            .map(|e| e["alert_id"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while raised_ids().len() < 3 {
-        assert!(Instant::now() < deadline, "no alerts within 60 s");
-        std::thread::sleep(Duration::from_millis(200));
+        let child = Command::new(env!("CARGO_BIN_EXE_vitalstream"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Service { child, dir }
     }
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = child.wait_with_output().unwrap();
-    let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
-    assert!(out.status.success(), "{log}");
-    let raised = raised_ids();
-    let tasks: Vec<_> = runtime().block_on(async {
+
+    fn raised(&self) -> BTreeSet<String> {
+        raised_in(self.dir.path())
+    }
+
+    fn wait_for_alerts(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.raised().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} alerts within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops it as an operator would (SIGINT) and returns its log.
+    fn stop(self) -> (BTreeSet<String>, String) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-INT", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let out = self.child.wait_with_output().unwrap();
+        let log = std::fs::read_to_string(self.dir.path().join("run.log")).unwrap();
+        assert!(out.status.success(), "{log}");
+        (raised_in(self.dir.path()), log)
+    }
+}
+
+/// The ids of the alerts raised so far, from the alert log of a service in `dir`.
+fn raised_in(dir: &std::path::Path) -> BTreeSet<String> {
+    let log = dir.join("data/alerts.ndjson");
+    (std::fs::read_to_string(log).unwrap_or_default().lines())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "raised")
+        .map(|e| e["alert_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The (alert id, message id) of each email task waiting in `vhost`'s queues.
+fn emailed(vhost: &Vhost) -> Vec<(String, String)> {
+    runtime().block_on(async {
         let url = vhost.url(5672);
         let mut all = Vec::new();
         for queue in ["email.high", "email.normal", "email.low"] {
             all.extend(drain(&url, queue).await);
         }
-        all
-    });
-    let notified: std::collections::BTreeSet<String> = (tasks.iter())
-        .map(|(_, _, body)| body["alert_id"].as_str().unwrap().to_string())
-        .collect();
+        (all.iter())
+            .map(|(_, props, body)| {
+                let id = props.message_id().as_ref().map(|m| m.to_string());
+                (body["alert_id"].as_str().unwrap().to_string(), id.unwrap())
+            })
+            .collect()
+    })
+}
+
+/// `vitalstream run` with `[notifications]`: every alert the simulator's patients raise
+/// becomes an email task on RabbitMQ, and stopping waits for them to be confirmed.
+#[test]
+fn the_service_sends_a_notification_task_for_every_alert_it_raises() {
+    let vhost = Vhost::create();
+    let service = Service::start(&vhost);
+    service.wait_for_alerts(3);
+    let (raised, log) = service.stop();
+    let tasks = emailed(&vhost);
+    let notified: BTreeSet<String> = tasks.iter().map(|(alert, _)| alert.clone()).collect();
     assert_eq!(notified, raised, "one task per raised alert\n{log}");
     assert_eq!(tasks.len(), raised.len());
+}
+
+/// RabbitMQ itself stopped (`rabbitmqctl stop_app`) and started again on a guard that
+/// always starts it, even when the test fails.
+struct BrokerOutage;
+
+impl BrokerOutage {
+    fn begin() -> BrokerOutage {
+        rabbitmqctl(&["stop_app"]);
+        BrokerOutage
+    }
+}
+
+impl Drop for BrokerOutage {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["await_startup", "--timeout", "60"])
+            .output();
+    }
+}
+
+/// RabbitMQ stopped and started while the simulator's patients keep raising alerts: the
+/// tasks of the alerts raised meanwhile wait in the service and are published once it is
+/// back; every alert has its task. (A task whose confirm the outage cut off is published
+/// again: at least once, under the same message id, which receivers drop repeats by.)
+#[test]
+fn rabbitmq_stopped_and_started_while_alerts_flow_loses_no_task() {
+    let vhost = Vhost::create();
+    let service = Service::start(&vhost);
+    service.wait_for_alerts(3);
+    let outage = BrokerOutage::begin();
+    let before = service.raised().len();
+    service.wait_for_alerts(before + 5);
+    drop(outage);
+    let after = service.raised().len();
+    service.wait_for_alerts(after + 3);
+    let (raised, log) = service.stop();
+    assert!(
+        log.contains("RabbitMQ unreachable") || log.contains("task not confirmed"),
+        "the service never saw RabbitMQ go away\n{log}"
+    );
+    let tasks = emailed(&vhost);
+    let notified: BTreeSet<String> = tasks.iter().map(|(alert, _)| alert.clone()).collect();
+    assert_eq!(notified, raised, "one task per raised alert\n{log}");
+    let jobs: BTreeSet<&String> = tasks.iter().map(|(_, id)| id).collect();
+    assert_eq!(jobs.len(), raised.len(), "one job per alert\n{log}");
 }
 
 /// A webhook receiver that answers `fail_first` calls with 503 (`usize::MAX`: every call),
