@@ -767,10 +767,10 @@ async fn webhook(fail_first: usize) -> (String, Calls) {
     (url, calls)
 }
 
-/// A worker for `url` whose webhook and SMS tasks go to `hook`, retrying after 100 ms, then
-/// 200 ms; it runs until the returned sender is dropped.
+/// A worker for `url` whose webhook tasks go to `hook`, retrying after 100 ms, then 200 ms;
+/// it runs until the returned sender is dropped.
 fn start_worker(url: &str, hook: &str) -> (Arc<WorkerMetrics>, tokio::sync::oneshot::Sender<()>) {
-    let config: WorkerConfig = toml::from_str(&format!(
+    start_worker_with(&format!(
         r#"
 url = "{url}"
 retry_delay = "100ms"
@@ -779,7 +779,10 @@ kind = "webhook"
 url = "{hook}"
 "#
     ))
-    .unwrap();
+}
+
+fn start_worker_with(config: &str) -> (Arc<WorkerMetrics>, tokio::sync::oneshot::Sender<()>) {
+    let config: WorkerConfig = toml::from_str(config).unwrap();
     assert_eq!(
         (config.prefetch, config.tries),
         (5, 3),
@@ -885,4 +888,125 @@ fn a_webhook_that_always_fails_lands_in_failed_jobs_after_three_tries() {
         assert!(reason.to_string().contains("503"), "{reason}");
         assert_eq!(metrics.delivered.load(Relaxed), 0);
     });
+}
+
+/// A real SMTP server (aiosmtpd, from PyPI) that keeps what it receives in a Maildir.
+struct SmtpServer {
+    child: std::process::Child,
+    port: u16,
+    maildir: tempfile::TempDir,
+}
+
+impl SmtpServer {
+    fn start() -> SmtpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let maildir = tempfile::tempdir().unwrap();
+        let child = Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir.path().join("mail"))
+            .spawn()
+            .expect("python3 -m aiosmtpd (pip install aiosmtpd)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "aiosmtpd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        SmtpServer {
+            child,
+            port,
+            maildir,
+        }
+    }
+
+    /// Every message received, as text.
+    fn messages(&self) -> Vec<String> {
+        let new = self.maildir.path().join("mail/new");
+        (std::fs::read_dir(new).into_iter().flatten())
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Email over SMTP: a task for an audience with an address arrives at the server, with the
+/// alert in its subject; one for an audience the directory lacks goes to `failed.jobs` at
+/// once, since no retry would find the address.
+#[test]
+fn an_email_task_is_sent_over_smtp_and_one_without_an_address_fails_at_once() {
+    let vhost = Vhost::create();
+    let url = vhost.url(5672);
+    let smtp = SmtpServer::start();
+    runtime().block_on(async {
+        let (metrics, _stop) = start_worker_with(&format!(
+            r#"
+url = "{url}"
+retry_delay = "100ms"
+[email]
+kind = "smtp"
+host = "127.0.0.1"
+port = {port}
+from = "vitalstream@nilecare.example"
+addresses = {{ "role:charge-nurse" = "charge.nurse@ward7.example" }}
+"#,
+            port = smtp.port
+        ));
+        let (publisher, _) = Publisher::start(url.clone(), 16);
+        for to in ["role:charge-nurse", "role:nobody"] {
+            publisher
+                .send(Task {
+                    id: format!("alert-9/0/{to}"),
+                    exchange: "nilecare.email".into(),
+                    queue: "email.high".into(),
+                    priority: 9,
+                    correlation_id: "corr-9".into(),
+                    kind: "notify.email".into(),
+                    body: serde_json::json!({
+                        "to": to, "alert_id": "alert-9", "rule_id": "hr_high",
+                        "priority": "high", "message": "heart rate above 120",
+                        "subject": "p-7", "escalation": 0,
+                    }),
+                })
+                .await
+                .unwrap();
+        }
+        wait_for("both outcomes", || {
+            metrics.delivered.load(Relaxed) == 1 && metrics.failed.load(Relaxed) == 1
+        })
+        .await;
+        assert_eq!(metrics.retried.load(Relaxed), 0);
+        let failed = drain(&url, "failed.jobs").await;
+        assert_eq!(failed.len(), 1);
+        let (_, props, body) = &failed[0];
+        assert_eq!(body["to"], "role:nobody");
+        let headers = props.headers().as_ref().unwrap().inner();
+        assert_eq!(headers.get("x-retry-count"), Some(&AMQPValue::LongInt(1)));
+        assert_eq!(
+            headers.get("x-failure-reason"),
+            Some(&AMQPValue::LongString(
+                "no email address for `role:nobody`".into()
+            ))
+        );
+    });
+    let messages = smtp.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let mail = &messages[0];
+    for expected in [
+        "To: charge.nurse@ward7.example",
+        "From: vitalstream@nilecare.example",
+        "Subject: [HIGH] heart rate above 120",
+        "corr-9",
+    ] {
+        assert!(mail.contains(expected), "{expected} in\n{mail}");
+    }
 }
