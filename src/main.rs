@@ -99,8 +99,9 @@ fn main() -> anyhow::Result<()> {
         Command::Worker { config } => {
             let config = Config::load(Some(&config))?;
             init_logging(&config.log.level, config.log.format);
-            let worker = (config.worker)
+            let mut worker = (config.worker)
                 .context("`vitalstream worker` needs a [worker] section in its config")?;
+            worker.wards = config.engine.wards.clone();
             let stop = Arc::new(AtomicBool::new(false));
             service::stop_on_signal(stop.clone());
             let metrics = Arc::new(vitalstream::tasks::worker::WorkerMetrics::default());

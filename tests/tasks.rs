@@ -1010,3 +1010,198 @@ addresses = {{ "role:charge-nurse" = "charge.nurse@ward7.example" }}
         assert!(mail.contains(expected), "{expected} in\n{mail}");
     }
 }
+
+/// Prints each sheet of an .xlsx file as JSON rows, read back with openpyxl (from PyPI).
+const READ_XLSX: &str = r#"
+import json, sys, openpyxl
+book = openpyxl.load_workbook(sys.argv[1])
+print(json.dumps({s.title: [[c for c in row] for row in s.iter_rows(values_only=True)] for s in book}))
+"#;
+
+/// A shift report for a ward, asked for on both report queues: the worker reads the ward's
+/// alerts and vitals from PostgreSQL and writes an Excel file that a spreadsheet reader
+/// reads back with the expected rows, and a PDF that renders (pdftoppm) and holds them.
+#[test]
+fn a_ward_shift_report_is_rendered_as_excel_and_pdf() {
+    use vitalstream::sinks::Storage;
+    use vitalstream::sinks::postgres::{PostgresConfig, PostgresStorage};
+    let vhost = Vhost::create();
+    let url = vhost.url(5672);
+    let db = common::pg::TestDb::create();
+    let dir = tempfile::tempdir().unwrap();
+    // p1 (d1) and p2 (d2) are in icu-3, p3 (d3) is not. Everyone's heart rate goes high;
+    // only p1's alert is acknowledged.
+    let mut h = Harness::start(&common::config(), rules(HR_RULE));
+    let mut source = h.replay_source();
+    let t0 = vitalstream::model::now_millis() - 120_000;
+    let line = |dev: &str, pat: &str, ts: i64, hr: f64| {
+        reading(dev, ts, "hr", hr).replace('{', &format!(r#"{{"patient_id":"{pat}","#))
+    };
+    let lines = vec![
+        line("d1", "p1", t0, 80.0),
+        line("d1", "p1", t0 + 1_000, 130.0),
+        line("d2", "p2", t0 + 2_000, 140.0),
+        line("d3", "p3", t0 + 3_000, 150.0),
+    ];
+    common::send_lines(&mut source, &lines, 1);
+    let mut events: Vec<AlertEvent> = (0..3)
+        .map(|_| h.alerts.recv_timeout(WAIT).unwrap())
+        .collect();
+    let p1 = events
+        .iter()
+        .find(|e| e.alert.patient_id.as_deref() == Some("p1"))
+        .unwrap();
+    h.engine
+        .book
+        .acknowledge(&p1.alert.alert_id.clone(), "nurse")
+        .unwrap();
+    events.push(h.alerts.recv_timeout(WAIT).unwrap());
+    drop(source);
+    h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
+    let mut storage = PostgresStorage::open(&PostgresConfig {
+        url: db.url.clone(),
+        spool_dir: dir.path().join("spool"),
+        ..PostgresConfig::default()
+    })
+    .unwrap();
+    for batch in h.readings.try_iter() {
+        storage.write_readings(&batch.readings).unwrap();
+    }
+    storage.write_alerts(&events).unwrap();
+    storage.close().unwrap();
+
+    let reports = dir.path().join("reports");
+    runtime().block_on(async {
+        let mut config: WorkerConfig = toml::from_str(&format!(
+            r#"
+url = "{url}"
+[reports]
+dir = "{dir}"
+database_url = "{db}"
+"#,
+            dir = reports.display(),
+            db = db.url
+        ))
+        .unwrap();
+        config.wards = [(
+            "icu-3".to_string(),
+            vec!["d1".to_string(), "d2".to_string()],
+        )]
+        .into();
+        let metrics = Arc::new(WorkerMetrics::default());
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(worker::run(config, metrics.clone(), async move {
+            let _ = stopped.await;
+        }));
+        let (publisher, _) = Publisher::start(url.clone(), 16);
+        for (queue, kind) in [
+            ("reports.excel", "report.excel"),
+            ("reports.pdf", "report.pdf"),
+        ] {
+            publisher
+                .send(Task {
+                    id: format!("shift-icu-3/{queue}"),
+                    exchange: "nilecare.reports".into(),
+                    queue: queue.into(),
+                    priority: 1,
+                    correlation_id: "req-1".into(),
+                    kind: kind.into(),
+                    body: serde_json::json!({
+                        "report_id": "shift-icu-3", "ward": "icu-3",
+                        "from": t0 - 60_000, "to": vitalstream::model::now_millis() + 60_000,
+                    }),
+                })
+                .await
+                .unwrap();
+        }
+        wait_for("both reports", || metrics.delivered.load(Relaxed) == 2).await;
+        assert_eq!(metrics.failed.load(Relaxed), 0);
+    });
+
+    let out = Command::new("python3")
+        .args(["-c", READ_XLSX])
+        .arg(reports.join("shift-icu-3.xlsx"))
+        .output()
+        .expect("python3 with openpyxl (pip install openpyxl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sheets: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alerts = sheets["Alerts"].as_array().unwrap();
+    assert!(
+        alerts[0][0]
+            .as_str()
+            .unwrap()
+            .starts_with("Shift report: ward icu-3")
+    );
+    assert_eq!(alerts[2][0], "Patient");
+    let rows: Vec<_> = alerts[3..]
+        .iter()
+        .map(|r| {
+            (
+                r[0].clone(),
+                r[1].clone(),
+                r[2].clone(),
+                r[3].clone(),
+                r[6].clone(),
+            )
+        })
+        .collect();
+    use serde_json::json;
+    assert_eq!(
+        rows,
+        [
+            (json!("p1"), json!("high"), json!(1), json!(1), json!(0)),
+            (json!("p2"), json!("high"), json!(1), json!(0), json!(0)),
+        ],
+        "p3 is not in the ward"
+    );
+    assert_eq!(alerts[4][4], "-", "p2 was never acknowledged");
+    let vitals = sheets["Vitals"].as_array().unwrap();
+    let rows: Vec<_> = vitals[3..]
+        .iter()
+        .map(|r| (r[0].clone(), r[1].clone(), r[4].clone()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (json!("p1"), json!(2), json!(130)),
+            (json!("p2"), json!(1), json!(140))
+        ]
+    );
+
+    let pdf = reports.join("shift-icu-3.pdf");
+    let png = dir.path().join("page");
+    let rendered = Command::new("pdftoppm")
+        .args(["-png", "-r", "50", "-f", "1", "-l", "1"])
+        .arg(&pdf)
+        .arg(&png)
+        .status()
+        .expect("pdftoppm (Debian's poppler-utils)");
+    assert!(rendered.success());
+    let page = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "png"))
+        .expect("a rendered page");
+    assert!(std::fs::metadata(page).unwrap().len() > 1_000);
+    let text = Command::new("pdftotext")
+        .args(["-layout"])
+        .arg(&pdf)
+        .arg("-")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    let squeezed: Vec<String> = (text.lines())
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    for expected in ["p1 high 1 1", "p2 high 1 0 - - 0", "p1 2 105.0 80.0 130.0"] {
+        assert!(
+            squeezed.iter().any(|l| l.starts_with(expected)),
+            "{expected:?} in\n{text}"
+        );
+    }
+    assert!(!text.contains("p3"), "{text}");
+}

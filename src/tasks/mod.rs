@@ -8,5 +8,6 @@ pub mod escalation;
 pub mod notifier;
 pub mod policy;
 pub mod publisher;
+pub mod report;
 pub mod topology;
 pub mod worker;

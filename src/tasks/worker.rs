@@ -1,5 +1,6 @@
 //! The worker: takes tasks off the queues and delivers them — SMS and webhook tasks as an
-//! HTTP POST of their JSON, email over SMTP, or to the log (the embedded default).
+//! HTTP POST of their JSON, email over SMTP, or to the log (the embedded default) — and
+//! renders the shift reports asked for on the report queues.
 //!
 //! At most `prefetch` tasks are in hand at once. A delivery that fails is retried after a
 //! growing delay (`retry_delay`, doubled each time): the task is published again, through a
@@ -9,7 +10,9 @@
 //! in `x-failure-reason`. A worker that dies mid-task leaves it unacknowledged, and RabbitMQ
 //! hands it out again: no task is lost, and receivers drop repeats by the message id.
 
+use super::report::{Format, ReportRequest, ShiftReport};
 use super::topology::{self, DEAD_LETTER_EXCHANGE, EXCHANGES, FAILED_JOBS};
+use crate::sinks::postgres::query::Db;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -45,6 +48,21 @@ pub struct WorkerConfig {
     pub email: Delivery,
     #[serde(default)]
     pub webhook: Delivery,
+    /// Shift reports (`reports.excel`, `reports.pdf`); absent = their queues are not taken.
+    #[serde(default)]
+    pub reports: Option<ReportsConfig>,
+    /// Each ward's devices, from the config's `[engine.wards]`, for ward reports.
+    #[serde(skip)]
+    pub wards: BTreeMap<String, Vec<String>>,
+}
+
+/// Where reports are read from and written to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportsConfig {
+    pub dir: std::path::PathBuf,
+    /// The store the service writes: `postgres://user@host:port/database`.
+    pub database_url: String,
 }
 
 fn default_prefetch() -> u16 {
@@ -302,6 +320,53 @@ async fn send_mail(
     }
 }
 
+/// Does one job: a report, or a notification through its channel's delivery.
+async fn perform(config: &WorkerConfig, job: &Job) -> Result<(), Failure> {
+    match (Format::of_queue(&job.queue), &config.reports) {
+        (Some(format), Some(reports)) => render(config, reports, format, job).await,
+        _ => deliver(config.delivery_for(&job.queue), job).await,
+    }
+}
+
+/// Renders a shift report into the reports directory.
+async fn render(
+    config: &WorkerConfig,
+    reports: &ReportsConfig,
+    format: Format,
+    job: &Job,
+) -> Result<(), Failure> {
+    let request: ReportRequest = serde_json::from_value(job.body.clone())
+        .map_err(|e| Failure::Permanent(format!("not a report request: {e}")))?;
+    let problems = request.problems();
+    if !problems.is_empty() {
+        return Err(Failure::Permanent(problems.join("; ")));
+    }
+    let devices = match &request.ward {
+        Some(ward) => Some(
+            (config.wards.get(ward).cloned())
+                .ok_or_else(|| Failure::Permanent(format!("unknown ward `{ward}`")))?,
+        ),
+        None => None,
+    };
+    let store = crate::sinks::postgres::PostgresConfig {
+        url: reports.database_url.clone(),
+        ..Default::default()
+    };
+    let db = Db::connect(&store)
+        .await
+        .map_err(|e| Failure::Retry(format!("the store is unreachable: {e}")))?;
+    let report = ShiftReport::load(&db, request, devices)
+        .await
+        .map_err(|e| Failure::Retry(format!("reading the report's rows: {e}")))?;
+    let (dir, id) = (reports.dir.clone(), report.request.report_id.clone());
+    let path = tokio::task::spawn_blocking(move || report.write(&dir, format))
+        .await
+        .map_err(|e| Failure::Retry(format!("rendering stopped: {e}")))?
+        .map_err(|e| Failure::Retry(format!("writing the report: {e:#}")))?;
+    tracing::info!(report_id = %id, path = %path.display(), correlation_id = %job.correlation_id, "report ready");
+    Ok(())
+}
+
 /// Runs the worker until `stop` resolves, reconnecting whenever RabbitMQ goes away.
 pub async fn run(
     config: WorkerConfig,
@@ -345,7 +410,7 @@ async fn consume(config: Arc<WorkerConfig>, metrics: Arc<WorkerMetrics>) -> lapi
         .await?;
     let mut consumers = Vec::new();
     for queue in EXCHANGES.iter().flat_map(|(_, queues)| queues.iter()) {
-        if queue.starts_with("reports.") {
+        if queue.starts_with("reports.") && config.reports.is_none() {
             continue;
         }
         let consumer = channel
@@ -387,7 +452,7 @@ async fn handle(
     delivery: lapin::message::Delivery,
 ) -> anyhow::Result<()> {
     let outcome = match Job::of(&delivery) {
-        Ok(job) => deliver(config.delivery_for(&job.queue), &job)
+        Ok(job) => perform(config, &job)
             .await
             .map_err(|f| (f, job.retry_count)),
         Err(e) => Err((Failure::Permanent(e), 0)),

@@ -78,6 +78,34 @@ pub struct StoredAlert {
     pub escalated_at: Option<Millis>,
 }
 
+/// Alerts of one patient (or device) and priority over a report's period.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertSummary {
+    pub subject: String,
+    pub priority: String,
+    pub alerts: i64,
+    pub acknowledged: i64,
+    /// Raised → acknowledged, over those acknowledged.
+    pub mean_to_ack_s: Option<f64>,
+    pub max_to_ack_s: Option<f64>,
+    pub escalated: i64,
+}
+
+/// One patient's (or device's) vitals over a report's period.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VitalsSummary {
+    pub subject: String,
+    pub readings: i64,
+    pub hr_avg: Option<f64>,
+    pub hr_min: Option<f64>,
+    pub hr_max: Option<f64>,
+    pub spo2_avg: Option<f64>,
+    pub spo2_min: Option<f64>,
+    pub temp_max: Option<f64>,
+    pub rr_avg: Option<f64>,
+    pub sys_bp_min: Option<f64>,
+}
+
 impl Db {
     /// Connects and reads the schema's flavour (the schema must exist: `vitalstream migrate`).
     pub async fn connect(config: &PostgresConfig) -> Result<Db, PgError> {
@@ -135,6 +163,93 @@ impl Db {
             )
             .await?;
         Ok(rows.iter().map(bucket_of).collect())
+    }
+
+    /// Alerts raised in `[from, to)` per subject and priority, for a patient or a set of
+    /// devices (a ward), or everyone.
+    pub async fn alert_summary(
+        &self,
+        patient_id: Option<&str>,
+        devices: Option<&[String]>,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<AlertSummary>, PgError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT COALESCE(patient_id, subject), priority, count(*), \
+                 count(acknowledged_at), \
+                 avg(EXTRACT(EPOCH FROM acknowledged_at - raised_at))::float8, \
+                 max(EXTRACT(EPOCH FROM acknowledged_at - raised_at))::float8, \
+                 count(*) FILTER (WHERE escalation > 0) FROM alerts \
+                 WHERE raised_at >= $1 AND raised_at < $2 \
+                 AND ($3::text IS NULL OR patient_id = $3) \
+                 AND ($4::text[] IS NULL OR device_id = ANY($4)) \
+                 GROUP BY 1, 2 ORDER BY 1, \
+                 array_position(ARRAY['high', 'medium', 'low'], priority)",
+                &[
+                    &micros_to_time(from.saturating_mul(1000)),
+                    &micros_to_time(to.saturating_mul(1000)),
+                    &patient_id,
+                    &devices,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AlertSummary {
+                subject: r.get(0),
+                priority: r.get(1),
+                alerts: r.get(2),
+                acknowledged: r.get(3),
+                mean_to_ack_s: r.get(4),
+                max_to_ack_s: r.get(5),
+                escalated: r.get(6),
+            })
+            .collect())
+    }
+
+    /// Readings in `[from, to)` summarised per patient (the device when none), for a
+    /// patient or a set of devices (a ward), or everyone.
+    pub async fn vitals_summary(
+        &self,
+        patient_id: Option<&str>,
+        devices: Option<&[String]>,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<VitalsSummary>, PgError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT COALESCE(patient_id, device_id), count(*), avg(hr), min(hr), max(hr), \
+                 avg(spo2), min(spo2), max(temp), avg(rr), min(sys_bp) FROM device_vitals \
+                 WHERE time >= $1 AND time < $2 \
+                 AND ($3::text IS NULL OR patient_id = $3) \
+                 AND ($4::text[] IS NULL OR device_id = ANY($4)) \
+                 GROUP BY 1 ORDER BY 1",
+                &[
+                    &micros_to_time(from.saturating_mul(1000)),
+                    &micros_to_time(to.saturating_mul(1000)),
+                    &patient_id,
+                    &devices,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| VitalsSummary {
+                subject: r.get(0),
+                readings: r.get(1),
+                hr_avg: r.get(2),
+                hr_min: r.get(3),
+                hr_max: r.get(4),
+                spo2_avg: r.get(5),
+                spo2_min: r.get(6),
+                temp_max: r.get(7),
+                rr_avg: r.get(8),
+                sys_bp_min: r.get(9),
+            })
+            .collect())
     }
 
     /// Ends a device's current assignment and, with `patient`, starts a new one.
