@@ -112,6 +112,7 @@ fn main() -> anyhow::Result<()> {
                 .block_on(vitalstream::tasks::worker::run(
                     worker,
                     metrics,
+                    None,
                     async move {
                         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                             tokio::time::sleep(std::time::Duration::from_millis(100)).await;

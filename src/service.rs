@@ -268,6 +268,8 @@ fn with_runtime_rules(config: &Config, pipeline: RuleSet) -> RuleSet {
 struct ApiServer {
     stop: tokio::sync::oneshot::Sender<()>,
     thread: JoinHandle<std::io::Result<()>>,
+    /// `notification:new` to socket.io rooms (the worker tells of reports this way).
+    notices: crate::tasks::worker::Announce,
 }
 
 impl ApiServer {
@@ -302,9 +304,16 @@ fn start_api(
         Some(StorageConfig::Postgres(pg)) => Some(pg.clone()),
         _ => None,
     };
+    // Report requests go to RabbitMQ through a publisher of the API's own.
+    let tasks = config.notifications.as_ref().map(|n| {
+        let _runtime = rt.enter();
+        crate::tasks::publisher::Publisher::start(n.url.clone(), n.buffer).0
+    });
     let state = api::ApiState::with_bus(&config.api, control, storage, Some(bus.clone()))
         .with_mqtt(mqtt.clone().map(|m| m.0), mqtt.map(|m| m.1))
-        .with_kafka(kafka_up);
+        .with_kafka(kafka_up)
+        .with_tasks(tasks);
+    let notices = state.notices.clone();
     if config.api.dev_token {
         let token = state.keys.sign(&api::auth::Claims {
             sub: "developer".into(),
@@ -334,7 +343,11 @@ fn start_api(
                 let _ = stopped.await;
             }))
         })?;
-    Ok(ApiServer { stop, thread })
+    Ok(ApiServer {
+        stop,
+        thread,
+        notices,
+    })
 }
 
 /// Opens the configured store.
@@ -445,6 +458,30 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         )?),
         None => None,
     };
+    // The worker, when configured, runs beside the service and tells of reports through
+    // its socket.io.
+    let worker = config.worker.clone().map(|mut w| {
+        w.wards = config.engine.wards.clone();
+        let announce = api.as_ref().map(|a| a.notices.clone());
+        let stop = stop.clone();
+        spawn_source("worker", move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the worker");
+            let metrics = Arc::new(crate::tasks::worker::WorkerMetrics::default());
+            runtime.block_on(crate::tasks::worker::run(
+                w,
+                metrics,
+                announce,
+                async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            ));
+        })
+    });
     let mut sources = Vec::new();
     for source in &config.sources {
         match source {
@@ -511,6 +548,10 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     stop.store(true, Ordering::Relaxed);
     for s in sources {
         let _ = s.join();
+    }
+    // A task in the worker's hands when it stops is not acknowledged: RabbitMQ keeps it.
+    if let Some(w) = worker {
+        let _ = w.join();
     }
     if let Some(api) = api {
         api.stop();

@@ -790,7 +790,7 @@ fn start_worker_with(config: &str) -> (Arc<WorkerMetrics>, tokio::sync::oneshot:
     );
     let metrics = Arc::new(WorkerMetrics::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(worker::run(config, metrics.clone(), async move {
+    tokio::spawn(worker::run(config, metrics.clone(), None, async move {
         let _ = stopped.await;
     }));
     (metrics, stop)
@@ -1018,9 +1018,10 @@ book = openpyxl.load_workbook(sys.argv[1])
 print(json.dumps({s.title: [[c for c in row] for row in s.iter_rows(values_only=True)] for s in book}))
 "#;
 
-/// A shift report for a ward, asked for on both report queues: the worker reads the ward's
-/// alerts and vitals from PostgreSQL and writes an Excel file that a spreadsheet reader
-/// reads back with the expected rows, and a PDF that renders (pdftoppm) and holds them.
+/// A shift report for a ward, asked for through REST (`POST /api/v1/reports`): the worker
+/// reads the ward's alerts and vitals from PostgreSQL, writes an Excel file that a
+/// spreadsheet reader reads back with the expected rows and a PDF that renders (pdftoppm)
+/// and holds them, and tells the requester of each by `notification:new`.
 #[test]
 fn a_ward_shift_report_is_rendered_as_excel_and_pdf() {
     use vitalstream::sinks::Storage;
@@ -1071,7 +1072,22 @@ fn a_ward_shift_report_is_rendered_as_excel_and_pdf() {
     storage.close().unwrap();
 
     let reports = dir.path().join("reports");
-    runtime().block_on(async {
+    let api_engine = Harness::start(&common::config(), rules(HR_RULE));
+    let report_id = runtime().block_on(async {
+        use axum::body::Body;
+        use axum::http::Request;
+        use tower::ServiceExt;
+        use vitalstream::api::auth::Role;
+        use vitalstream::api::{ApiConfig, ApiState, router};
+        // The service's side: REST, with a task publisher.
+        let (publisher, _) = Publisher::start(url.clone(), 16);
+        let api_config = ApiConfig::default();
+        let state = ApiState::new(&api_config, api_engine.engine.control(), None)
+            .with_tasks(Some(publisher));
+        let mut notices = state.notices.subscribe();
+        let app = router(&api_config, state.clone());
+        let token = common::server::token(&state, "nurse-7", Role::Clinician, None);
+        // The worker, announcing through the service's socket.io.
         let mut config: WorkerConfig = toml::from_str(&format!(
             r#"
 url = "{url}"
@@ -1090,37 +1106,61 @@ database_url = "{db}"
         .into();
         let metrics = Arc::new(WorkerMetrics::default());
         let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(worker::run(config, metrics.clone(), async move {
+        let announce = Some(state.notices.clone());
+        tokio::spawn(worker::run(config, metrics.clone(), announce, async move {
             let _ = stopped.await;
         }));
-        let (publisher, _) = Publisher::start(url.clone(), 16);
-        for (queue, kind) in [
-            ("reports.excel", "report.excel"),
-            ("reports.pdf", "report.pdf"),
-        ] {
-            publisher
-                .send(Task {
-                    id: format!("shift-icu-3/{queue}"),
-                    exchange: "nilecare.reports".into(),
-                    queue: queue.into(),
-                    priority: 1,
-                    correlation_id: "req-1".into(),
-                    kind: kind.into(),
-                    body: serde_json::json!({
-                        "report_id": "shift-icu-3", "ward": "icu-3",
-                        "from": t0 - 60_000, "to": vitalstream::model::now_millis() + 60_000,
-                    }),
-                })
+
+        let request = serde_json::json!({
+            "ward": "icu-3",
+            "from": t0 - 60_000,
+            "to": vitalstream::model::now_millis() + 60_000,
+        });
+        let response = app
+            .clone()
+            .oneshot(
+                Request::post("/api/v1/reports")
+                    .header("authorization", format!("Bearer {token}"))
+                    .header("content-type", "application/json")
+                    .header("x-request-id", "req-shift-1")
+                    .body(Body::from(request.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["status"], 202, "{body}");
+        assert_eq!(body["data"]["formats"], serde_json::json!(["excel", "pdf"]));
+        let report_id = body["data"]["report_id"].as_str().unwrap().to_string();
+
+        // The requester hears of each file in their own room.
+        let mut told = Vec::new();
+        for _ in 0..2 {
+            let notice = tokio::time::timeout(Duration::from_secs(20), notices.recv())
                 .await
+                .expect("a notification:new within 20 s")
                 .unwrap();
+            assert_eq!(notice.to, "user:nurse-7");
+            assert_eq!(notice.data["report_id"], report_id.as_str());
+            assert_eq!(notice.correlation_id.as_deref(), Some("req-shift-1"));
+            told.push(notice.data["file"].as_str().unwrap().to_string());
         }
-        wait_for("both reports", || metrics.delivered.load(Relaxed) == 2).await;
+        told.sort();
+        assert_eq!(
+            told,
+            [format!("{report_id}.pdf"), format!("{report_id}.xlsx")]
+        );
         assert_eq!(metrics.failed.load(Relaxed), 0);
+        report_id
     });
+    api_engine.finish();
 
     let out = Command::new("python3")
         .args(["-c", READ_XLSX])
-        .arg(reports.join("shift-icu-3.xlsx"))
+        .arg(reports.join(format!("{report_id}.xlsx")))
         .output()
         .expect("python3 with openpyxl (pip install openpyxl)");
     assert!(
@@ -1172,7 +1212,7 @@ database_url = "{db}"
         ]
     );
 
-    let pdf = reports.join("shift-icu-3.pdf");
+    let pdf = reports.join(format!("{report_id}.pdf"));
     let png = dir.path().join("page");
     let rendered = Command::new("pdftoppm")
         .args(["-png", "-r", "50", "-f", "1", "-l", "1"])

@@ -90,6 +90,8 @@ pub struct Inner {
     pub redis_url: Option<String>,
     /// `notification:new` messages on their way to socket.io rooms.
     pub notices: tokio::sync::broadcast::Sender<Arc<socket::Notice>>,
+    /// Report requests go to RabbitMQ through this, when the service has `[notifications]`.
+    pub tasks: Option<crate::tasks::publisher::Publisher>,
 }
 
 impl std::ops::Deref for ApiState {
@@ -124,7 +126,16 @@ impl ApiState {
             kafka_up: None,
             redis_url: config.redis_url.clone(),
             notices: tokio::sync::broadcast::channel(1024).0,
+            tasks: None,
         }))
+    }
+
+    /// Sends report requests to RabbitMQ through `tasks` (call before sharing the state).
+    pub fn with_tasks(self, tasks: Option<crate::tasks::publisher::Publisher>) -> ApiState {
+        let mut inner = Arc::try_unwrap(self.0)
+            .unwrap_or_else(|_| panic!("with_tasks is called before the state is shared"));
+        inner.tasks = tasks;
+        ApiState(Arc::new(inner))
     }
 
     /// Sends device commands through the MQTT source and reports its connection in

@@ -43,6 +43,7 @@ pub fn api() -> Router<ApiState> {
         .route("/devices/{id}/release", post(release_device))
         .route("/devices/{id}/commands", post(device_command))
         .route("/notifications", post(notify))
+        .route("/reports", post(request_report))
         .route("/patients", get(list_patients))
         .route("/patients/{id}/latest", get(patient_latest))
         .route("/patients/{id}/vitals", get(patient_vitals))
@@ -696,6 +697,77 @@ async fn notify(
         StatusCode::ACCEPTED,
         "notification sent",
         notice,
+    ))
+}
+
+/// `POST /reports`: a shift report for a ward or a patient over a period, in one or both
+/// formats. The worker renders it; the requester hears of it by `notification:new`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportBody {
+    #[serde(default)]
+    ward: Option<String>,
+    #[serde(default)]
+    patient_id: Option<String>,
+    from: crate::model::Millis,
+    to: crate::model::Millis,
+    /// `excel`, `pdf` (default both).
+    #[serde(default)]
+    formats: Option<Vec<crate::tasks::report::Format>>,
+}
+
+async fn request_report(
+    auth: Auth,
+    State(state): State<ApiState>,
+    axum::Extension(request_id): axum::Extension<super::envelope::RequestId>,
+    Json(body): Json<ReportBody>,
+) -> Result {
+    use crate::tasks::report::{Format, ReportRequest};
+    auth.require(&[Role::Clinician, Role::Admin])?;
+    if body.patient_id.is_some() && !auth.0.may_see(body.patient_id.as_deref()) {
+        return Err(ApiError::forbidden(
+            "this token does not cover that patient",
+        ));
+    }
+    if body.ward.is_some() && auth.0.patients.is_some() {
+        return Err(ApiError::forbidden(
+            "a ward report needs a token for every patient",
+        ));
+    }
+    let Some(tasks) = &state.tasks else {
+        return Err(ApiError::unavailable(
+            "reports go through RabbitMQ: this service has no [notifications]",
+        ));
+    };
+    let request = ReportRequest {
+        report_id: format!(
+            "rpt-{}-{:08x}",
+            crate::model::now_millis(),
+            fastrand::u32(..)
+        ),
+        ward: body.ward,
+        patient_id: body.patient_id,
+        from: body.from,
+        to: body.to,
+        requested_by: Some(auth.0.sub.clone()),
+    };
+    let problems = request.problems();
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(problems.join("; ")));
+    }
+    let formats = body
+        .formats
+        .unwrap_or_else(|| vec![Format::Excel, Format::Pdf]);
+    for task in request.tasks(&formats, &request_id.0) {
+        tasks
+            .send(task)
+            .await
+            .map_err(|_| ApiError::unavailable("the task publisher has stopped"))?;
+    }
+    Ok(Reply::with_status(
+        StatusCode::ACCEPTED,
+        "report requested",
+        json!({ "report_id": request.report_id, "formats": formats }),
     ))
 }
 

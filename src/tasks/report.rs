@@ -6,6 +6,7 @@
 //! A report is a task on `reports.excel` or `reports.pdf`; the worker renders it into the
 //! configured directory as `<report_id>.xlsx` or `<report_id>.pdf`.
 
+use super::publisher::Task;
 use crate::model::Millis;
 use crate::sinks::postgres::query::{AlertSummary, Db, VitalsSummary};
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,9 @@ pub struct ReportRequest {
     /// Epoch milliseconds.
     pub from: Millis,
     pub to: Millis,
+    /// Who asked: told by a `notification:new` in `user:<id>` once it is written.
+    #[serde(default)]
+    pub requested_by: Option<String>,
 }
 
 impl ReportRequest {
@@ -43,6 +47,21 @@ impl ReportRequest {
             out.push("`from` must be before `to`".into());
         }
         out
+    }
+
+    /// The tasks that ask the worker for this report in these formats.
+    pub fn tasks(&self, formats: &[Format], correlation_id: &str) -> Vec<Task> {
+        (formats.iter())
+            .map(|f| Task {
+                id: format!("{}/{}", self.report_id, f.extension()),
+                exchange: "nilecare.reports".into(),
+                queue: f.queue().into(),
+                priority: 1,
+                correlation_id: correlation_id.into(),
+                kind: format!("report.{}", f.extension()),
+                body: serde_json::to_value(self).expect("a request is JSON"),
+            })
+            .collect()
     }
 
     fn scope(&self) -> String {
@@ -79,7 +98,14 @@ impl Format {
         }
     }
 
-    fn extension(self) -> &'static str {
+    pub fn queue(self) -> &'static str {
+        match self {
+            Format::Excel => "reports.excel",
+            Format::Pdf => "reports.pdf",
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
         match self {
             Format::Excel => "xlsx",
             Format::Pdf => "pdf",

@@ -12,6 +12,7 @@
 
 use super::report::{Format, ReportRequest, ShiftReport};
 use super::topology::{self, DEAD_LETTER_EXCHANGE, EXCHANGES, FAILED_JOBS};
+use crate::api::socket::Notice;
 use crate::sinks::postgres::query::Db;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -320,21 +321,33 @@ async fn send_mail(
     }
 }
 
+/// Where the worker tells of reports written: `notification:new` to the requester's room
+/// (`vitalstream run`'s socket.io), when it runs inside the service.
+pub type Announce = tokio::sync::broadcast::Sender<Arc<Notice>>;
+
+/// What every job of a worker shares.
+struct Worker {
+    config: WorkerConfig,
+    metrics: Arc<WorkerMetrics>,
+    announce: Option<Announce>,
+}
+
 /// Does one job: a report, or a notification through its channel's delivery.
-async fn perform(config: &WorkerConfig, job: &Job) -> Result<(), Failure> {
-    match (Format::of_queue(&job.queue), &config.reports) {
-        (Some(format), Some(reports)) => render(config, reports, format, job).await,
-        _ => deliver(config.delivery_for(&job.queue), job).await,
+async fn perform(worker: &Worker, job: &Job) -> Result<(), Failure> {
+    match (Format::of_queue(&job.queue), &worker.config.reports) {
+        (Some(format), Some(reports)) => render(worker, reports, format, job).await,
+        _ => deliver(worker.config.delivery_for(&job.queue), job).await,
     }
 }
 
-/// Renders a shift report into the reports directory.
+/// Renders a shift report into the reports directory and tells the requester.
 async fn render(
-    config: &WorkerConfig,
+    worker: &Worker,
     reports: &ReportsConfig,
     format: Format,
     job: &Job,
 ) -> Result<(), Failure> {
+    let config = &worker.config;
     let request: ReportRequest = serde_json::from_value(job.body.clone())
         .map_err(|e| Failure::Permanent(format!("not a report request: {e}")))?;
     let problems = request.problems();
@@ -358,12 +371,31 @@ async fn render(
     let report = ShiftReport::load(&db, request, devices)
         .await
         .map_err(|e| Failure::Retry(format!("reading the report's rows: {e}")))?;
-    let (dir, id) = (reports.dir.clone(), report.request.report_id.clone());
+    let request = report.request.clone();
+    let dir = reports.dir.clone();
     let path = tokio::task::spawn_blocking(move || report.write(&dir, format))
         .await
         .map_err(|e| Failure::Retry(format!("rendering stopped: {e}")))?
         .map_err(|e| Failure::Retry(format!("writing the report: {e:#}")))?;
-    tracing::info!(report_id = %id, path = %path.display(), correlation_id = %job.correlation_id, "report ready");
+    tracing::info!(report_id = %request.report_id, path = %path.display(), correlation_id = %job.correlation_id, "report ready");
+    if let (Some(announce), Some(by)) = (&worker.announce, &request.requested_by) {
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+        let _ = announce.send(Arc::new(Notice {
+            id: format!("ntf-{:016x}", fastrand::u64(..)),
+            to: format!("user:{by}"),
+            title: "Shift report ready".into(),
+            message: format!("{} ({})", request.report_id, format.extension()),
+            priority: None,
+            correlation_id: Some(job.correlation_id.clone()),
+            data: serde_json::json!({
+                "report_id": request.report_id,
+                "format": format,
+                "file": file,
+                "path": path,
+            }),
+            created_at: crate::model::now_millis(),
+        }));
+    }
     Ok(())
 }
 
@@ -371,15 +403,20 @@ async fn render(
 pub async fn run(
     config: WorkerConfig,
     metrics: Arc<WorkerMetrics>,
+    announce: Option<Announce>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let config = Arc::new(config);
+    let worker = Arc::new(Worker {
+        config,
+        metrics,
+        announce,
+    });
     tokio::pin!(stop);
     let mut backoff = Duration::from_millis(100);
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            ended = consume(config.clone(), metrics.clone()) => {
+            ended = consume(worker.clone()) => {
                 match ended {
                     Ok(()) => tracing::warn!("RabbitMQ closed the worker's consumers; reconnecting"),
                     Err(e) => tracing::warn!(error = %e, "worker lost RabbitMQ; reconnecting"),
@@ -395,7 +432,8 @@ pub async fn run(
 }
 
 /// One connection's life: declare, consume every task queue, handle deliveries.
-async fn consume(config: Arc<WorkerConfig>, metrics: Arc<WorkerMetrics>) -> lapin::Result<()> {
+async fn consume(worker: Arc<Worker>) -> lapin::Result<()> {
+    let config = &worker.config;
     let connection = Connection::connect(&config.url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     topology::declare(&channel).await?;
@@ -431,9 +469,9 @@ async fn consume(config: Arc<WorkerConfig>, metrics: Arc<WorkerMetrics>) -> lapi
     let mut in_hand = tokio::task::JoinSet::new();
     while let Some(delivery) = deliveries.next().await {
         let delivery = delivery?;
-        let (config, metrics, publish) = (config.clone(), metrics.clone(), publish.clone());
+        let (worker, publish) = (worker.clone(), publish.clone());
         in_hand.spawn(async move {
-            if let Err(e) = handle(&config, &metrics, &publish, delivery).await {
+            if let Err(e) = handle(&worker, &publish, delivery).await {
                 // Unacknowledged: RabbitMQ hands it out again once this connection is gone.
                 tracing::warn!(error = %e, "task outcome not recorded; it will be delivered again");
             }
@@ -446,13 +484,13 @@ async fn consume(config: Arc<WorkerConfig>, metrics: Arc<WorkerMetrics>) -> lapi
 /// Delivers one task and records the outcome: acknowledged when delivered, or once its
 /// retry (or its failed job) is confirmed by the broker.
 async fn handle(
-    config: &WorkerConfig,
-    metrics: &WorkerMetrics,
+    worker: &Worker,
     publish: &Channel,
     delivery: lapin::message::Delivery,
 ) -> anyhow::Result<()> {
+    let (config, metrics) = (&worker.config, &worker.metrics);
     let outcome = match Job::of(&delivery) {
-        Ok(job) => perform(config, &job)
+        Ok(job) => perform(worker, &job)
             .await
             .map_err(|f| (f, job.retry_count)),
         Err(e) => Err((Failure::Permanent(e), 0)),
