@@ -567,8 +567,17 @@ fn an_unacknowledged_alert_escalates_on_time_up_to_its_limit() {
     h.finish();
 }
 
-/// `vitalstream run` with the simulator's patients and `[notifications]` sending an email
-/// task to `role:nurse` for every alert.
+/// 40 simulated patients, each with an anomaly episode early on.
+const SIMULATOR: &str = r#"
+[[sources]]
+type = "simulator"
+devices = 40
+rate_hz = 10.0
+anomaly_rate = 1.0
+"#;
+
+/// `vitalstream run` with `[notifications]` sending an email task to `role:nurse` for
+/// every alert.
 struct Service {
     child: std::process::Child,
     dir: tempfile::TempDir,
@@ -576,19 +585,19 @@ struct Service {
 
 impl Service {
     fn start(vhost: &Vhost) -> Service {
-        let dir = tempfile::tempdir().unwrap();
+        Service::start_in(tempfile::tempdir().unwrap(), &vhost.url(5672), SIMULATOR)
+    }
+
+    /// `sources` is the config's first lines (`[[sources]]` tables, or `sources = []`).
+    fn start_in(dir: tempfile::TempDir, url: &str, sources: &str) -> Service {
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
             format!(
                 r#"
+{sources}
 [log]
 format = "json"
-[[sources]]
-type = "simulator"
-devices = 40
-rate_hz = 10.0
-anomaly_rate = 1.0
 [storage]
 dir = "{data}"
 [alert_log]
@@ -597,14 +606,16 @@ path = "{data}/alerts.ndjson"
 path = "{data}/dead-letter.ndjson"
 [notifications]
 url = "{url}"
-drain_timeout = "30s"
+drain_timeout = "{drain}"
+spool = "{data}/notifications-spool.ndjson"
 [[notifications.route]]
 priorities = ["high", "medium", "low"]
 channel = "email"
 to = ["role:nurse"]
 "#,
                 data = dir.path().join("data").display(),
-                url = vhost.url(5672),
+                // Long enough for a broker that is back; short where none will answer.
+                drain = if url.contains(":1/") { "1s" } else { "30s" },
             ),
         )
         .unwrap();
@@ -642,10 +653,16 @@ to = ["role:nurse"]
                 .unwrap()
                 .success()
         );
+        let (raised, log, _) = self.wait();
+        (raised, log)
+    }
+
+    /// Waits for it to end; returns what it raised, its log and its directory.
+    fn wait(self) -> (BTreeSet<String>, String, tempfile::TempDir) {
         let out = self.child.wait_with_output().unwrap();
         let log = std::fs::read_to_string(self.dir.path().join("run.log")).unwrap();
         assert!(out.status.success(), "{log}");
-        (raised_in(self.dir.path()), log)
+        (raised_in(self.dir.path()), log, self.dir)
     }
 }
 
@@ -688,6 +705,39 @@ fn the_service_sends_a_notification_task_for_every_alert_it_raises() {
     let notified: BTreeSet<String> = tasks.iter().map(|(alert, _)| alert.clone()).collect();
     assert_eq!(notified, raised, "one task per raised alert\n{log}");
     assert_eq!(tasks.len(), raised.len());
+}
+
+/// Stopped while RabbitMQ is unreachable: the tasks it could not publish within its
+/// `drain_timeout` are kept in the spool, and the next start (here with nothing to ingest)
+/// sends them first.
+#[test]
+fn tasks_unconfirmed_at_stop_are_spooled_and_sent_at_the_next_start() {
+    let vhost = Vhost::create();
+    let unreachable = "amqp://guest:guest@127.0.0.1:1/%2f";
+    let first = Service::start_in(tempfile::tempdir().unwrap(), unreachable, SIMULATOR);
+    first.wait_for_alerts(3);
+    let pid = first.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (raised, log, dir) = first.wait();
+    let spool = dir.path().join("data/notifications-spool.ndjson");
+    let kept: BTreeSet<String> = (std::fs::read_to_string(&spool).unwrap().lines())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|t| t["body"]["alert_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kept, raised, "every raised alert's task is kept\n{log}");
+
+    let second = Service::start_in(dir, &vhost.url(5672), "sources = []");
+    let (_, log, dir) = second.wait();
+    assert!(!spool.exists(), "the spool is emptied\n{log}");
+    let sent: BTreeSet<String> = emailed(&vhost).into_iter().map(|(a, _)| a).collect();
+    assert_eq!(sent, raised, "{log}");
+    drop(dir);
 }
 
 /// RabbitMQ itself stopped (`rabbitmqctl stop_app`) and started again on a guard that

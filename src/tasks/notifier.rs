@@ -11,6 +11,7 @@ use super::publisher::{Publisher, Task};
 use crate::alerts::{AlertBook, AlertEvent};
 use crate::model::now_millis;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -33,6 +34,10 @@ pub struct NotificationsConfig {
     /// How long stopping waits for waiting tasks to be confirmed.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Where tasks still unconfirmed at `drain_timeout` are kept until the next start,
+    /// which sends them first.
+    #[serde(default = "default_spool")]
+    pub spool: PathBuf,
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
     #[serde(default)]
@@ -45,6 +50,10 @@ fn default_buffer() -> usize {
 
 fn default_drain() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_spool() -> PathBuf {
+    PathBuf::from("data/notifications-spool.ndjson")
 }
 
 impl NotificationsConfig {
@@ -98,7 +107,23 @@ pub fn start(
 
 async fn run(config: NotificationsConfig, book: BookSlot, mut rx: mpsc::Receiver<AlertEvent>) {
     let mut escalator = config.escalation.clone().map(Escalator::new);
-    let (publisher, done) = Publisher::start(config.url.clone(), config.buffer);
+    let (publisher, running) = Publisher::start(config.url.clone(), config.buffer);
+    // What the last run could not publish goes first.
+    match take_spool(&config.spool) {
+        Ok(spooled) => {
+            if !spooled.is_empty() {
+                tracing::info!(tasks = spooled.len(), spool = %config.spool.display(), "sending the tasks kept at the last stop");
+            }
+            for task in spooled {
+                if publisher.send(task).await.is_err() {
+                    return;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, spool = %config.spool.display(), "the task spool cannot be read; it is left as it is")
+        }
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let mut tasks = Vec::new();
@@ -126,18 +151,60 @@ async fn run(config: NotificationsConfig, book: BookSlot, mut rx: mpsc::Receiver
             }
         }
     }
-    let waiting = publisher
-        .metrics
-        .buffered
-        .load(std::sync::atomic::Ordering::Relaxed);
     drop(publisher);
-    if tokio::time::timeout(config.drain_timeout, done)
-        .await
-        .is_err()
-    {
-        tracing::error!(
-            waiting,
-            "RabbitMQ did not take every waiting task before stopping"
-        );
+    let left = running.finish(config.drain_timeout).await;
+    if left.is_empty() {
+        return;
     }
+    match keep_spool(&config.spool, &left) {
+        Ok(()) => tracing::warn!(
+            tasks = left.len(), spool = %config.spool.display(),
+            "RabbitMQ did not confirm every task before stopping; they are kept for the next start"
+        ),
+        Err(e) => tracing::error!(
+            error = %e, tasks = left.len(), spool = %config.spool.display(),
+            "RabbitMQ did not confirm every task before stopping, and they could not be kept"
+        ),
+    }
+}
+
+/// Reads and removes the spool (missing: nothing to send).
+fn take_spool(path: &Path) -> std::io::Result<Vec<Task>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut tasks = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        match serde_json::from_str(line) {
+            Ok(task) => tasks.push(task),
+            // Only a crash mid-write cuts a line short; the rest is still good.
+            Err(e) => {
+                tracing::error!(line = i + 1, error = %e, "a spooled task cannot be read; skipped")
+            }
+        }
+    }
+    std::fs::remove_file(path)?;
+    Ok(tasks)
+}
+
+/// Writes the tasks to the spool, durably (a whole file or none).
+fn keep_spool(path: &Path, tasks: &[Task]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = path.with_extension("partial");
+    let mut file = std::fs::File::create(&partial)?;
+    for task in tasks {
+        serde_json::to_writer(&mut file, task)?;
+        file.write_all(b"\n")?;
+    }
+    file.sync_all()?;
+    std::fs::rename(&partial, path)
 }

@@ -7,7 +7,7 @@ use super::topology;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// One job for a worker.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     /// The same for the same job (an alert, a level, an audience): receivers drop repeats
     /// by it (the message id, and a webhook's `Idempotency-Key`).
@@ -49,16 +49,52 @@ pub struct Publisher {
     pub metrics: Arc<PublisherMetrics>,
 }
 
+/// The publishing loop, to stop.
+pub struct Running {
+    done: tokio::task::JoinHandle<Vec<Task>>,
+    give_up: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Running {
+    /// Once every handle is dropped: waits up to `timeout` for the waiting tasks to be
+    /// confirmed, and returns those that were not (to keep them elsewhere).
+    pub async fn finish(self, timeout: Duration) -> Vec<Task> {
+        let mut done = self.done;
+        if let Ok(left) = tokio::time::timeout(timeout, &mut done).await {
+            return left.unwrap_or_default();
+        }
+        let _ = self.give_up.send(());
+        done.await.unwrap_or_default()
+    }
+}
+
 impl Publisher {
     /// Starts the loop on the current tokio runtime; it connects (and reconnects) to `url`,
     /// declares the topology and publishes in order. `buffer` tasks (and a few in hand) may
     /// wait locally. The
-    /// loop ends, once every waiting task is confirmed, when every handle is dropped.
-    pub fn start(url: String, buffer: usize) -> (Publisher, tokio::task::JoinHandle<()>) {
+    /// loop ends, once every waiting task is confirmed, when every handle is dropped (or
+    /// earlier, through [`Running::finish`]).
+    pub fn start(url: String, buffer: usize) -> (Publisher, Running) {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let metrics = Arc::new(PublisherMetrics::default());
-        let done = tokio::spawn(run(url, rx, metrics.clone()));
-        (Publisher { tx, metrics }, done)
+        let (give_up, given_up) = tokio::sync::oneshot::channel();
+        let counters = metrics.clone();
+        let done = tokio::spawn(async move {
+            let mut pending = VecDeque::new();
+            let mut rx = rx;
+            tokio::select! {
+                _ = run(url, &mut rx, &mut pending, counters) => {}
+                // Only a sent signal gives up: a dropped `Running` lets the loop run on.
+                Ok(()) = given_up => {}
+            }
+            // What was not confirmed: in hand, then still in the channel.
+            rx.close();
+            while let Ok(task) = rx.try_recv() {
+                pending.push_back(task);
+            }
+            pending.into()
+        });
+        (Publisher { tx, metrics }, Running { done, give_up })
     }
 
     /// Queues a task; waits while the local buffer is full. Fails only if the loop is gone.
@@ -137,8 +173,12 @@ const IN_HAND: usize = 64;
 
 /// Publishes in order. A few tasks are in hand at a time; the rest wait in the channel, and
 /// a full channel makes senders wait: what waits locally stays bounded.
-async fn run(url: String, mut rx: mpsc::Receiver<Task>, metrics: Arc<PublisherMetrics>) {
-    let mut pending: VecDeque<Task> = VecDeque::new();
+async fn run(
+    url: String,
+    rx: &mut mpsc::Receiver<Task>,
+    pending: &mut VecDeque<Task>,
+    metrics: Arc<PublisherMetrics>,
+) {
     let mut link: Option<(Connection, Channel)> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
