@@ -20,12 +20,15 @@
 //!    the shards evaluated also goes to one SQL stage ([`engine::sql`]), which runs the
 //!    analysts' SQL rules ([`rules::sql`], DataFusion) over each window of every device's
 //!    readings, once the slowest shard's watermark has passed it.
-//! 4. [`alerts`] — the lifecycle per (rule, patient): pending → firing → acknowledged →
-//!    resolved; one active alert per key, however long the condition lasts.
+//! 4. [`alerts`] — the lifecycle per (rule, patient): pending → firing → (escalated) →
+//!    acknowledged → resolved; one active alert per key, however long the condition lasts.
 //! 5. [`sinks`] — alert transitions go to the alert log (NDJSON); readings and alerts to
 //!    [`sinks::Storage`] — Parquet files by default, or TimescaleDB / PostgreSQL
 //!    ([`sinks::postgres`]: binary COPY, retries, a circuit breaker and a local spool while
 //!    the database is away); rejects to the dead-letter output.
+//! 6. [`tasks`] — slow work through RabbitMQ: alert transitions become notification tasks
+//!    (and escalations); a worker delivers them (webhook, SMTP, log) with retries and a
+//!    dead-letter queue, and renders shift reports.
 //!
 //! Sources that must acknowledge upstream attach an [`ack::Ack`] to a batch; every piece of
 //! it carries a share until it is durable, so nothing is acknowledged before it is safe.
