@@ -585,11 +585,17 @@ struct Service {
 
 impl Service {
     fn start(vhost: &Vhost) -> Service {
-        Service::start_in(tempfile::tempdir().unwrap(), &vhost.url(5672), SIMULATOR)
+        Service::start_in(
+            tempfile::tempdir().unwrap(),
+            &vhost.url(5672),
+            SIMULATOR,
+            "",
+        )
     }
 
-    /// `sources` is the config's first lines (`[[sources]]` tables, or `sources = []`).
-    fn start_in(dir: tempfile::TempDir, url: &str, sources: &str) -> Service {
+    /// `sources` is the config's first lines (`[[sources]]` tables, or `sources = []`);
+    /// `more` is added at the end.
+    fn start_in(dir: tempfile::TempDir, url: &str, sources: &str, more: &str) -> Service {
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
@@ -612,6 +618,7 @@ spool = "{data}/notifications-spool.ndjson"
 priorities = ["high", "medium", "low"]
 channel = "email"
 to = ["role:nurse"]
+{more}
 "#,
                 data = dir.path().join("data").display(),
                 // Long enough for a broker that is back; short where none will answer.
@@ -714,7 +721,7 @@ fn the_service_sends_a_notification_task_for_every_alert_it_raises() {
 fn tasks_unconfirmed_at_stop_are_spooled_and_sent_at_the_next_start() {
     let vhost = Vhost::create();
     let unreachable = "amqp://guest:guest@127.0.0.1:1/%2f";
-    let first = Service::start_in(tempfile::tempdir().unwrap(), unreachable, SIMULATOR);
+    let first = Service::start_in(tempfile::tempdir().unwrap(), unreachable, SIMULATOR, "");
     first.wait_for_alerts(3);
     let pid = first.child.id().to_string();
     assert!(
@@ -732,7 +739,7 @@ fn tasks_unconfirmed_at_stop_are_spooled_and_sent_at_the_next_start() {
         .collect();
     assert_eq!(kept, raised, "every raised alert's task is kept\n{log}");
 
-    let second = Service::start_in(dir, &vhost.url(5672), "sources = []");
+    let second = Service::start_in(dir, &vhost.url(5672), "sources = []", "");
     let (_, log, dir) = second.wait();
     assert!(!spool.exists(), "the spool is emptied\n{log}");
     let sent: BTreeSet<String> = emailed(&vhost).into_iter().map(|(a, _)| a).collect();
@@ -1294,4 +1301,46 @@ database_url = "{db}"
         );
     }
     assert!(!text.contains("p3"), "{text}");
+}
+
+/// `vitalstream run` with `[worker]`: the worker inside the service delivers the tasks of
+/// the alerts it raises (here email through an email gateway's HTTP API); whatever it had not
+/// taken when the service stopped still waits on the queue.
+#[test]
+fn the_worker_inside_the_service_delivers_its_alerts_notifications() {
+    let vhost = Vhost::create();
+    let rt = runtime();
+    let (hook, calls) = rt.block_on(webhook(0));
+    let service = Service::start_in(
+        tempfile::tempdir().unwrap(),
+        &vhost.url(5672),
+        SIMULATOR,
+        &format!(
+            r#"
+[worker]
+url = "{url}"
+[worker.email]
+kind = "webhook"
+url = "{hook}"
+"#,
+            url = vhost.url(5672)
+        ),
+    );
+    let delivered = || -> BTreeSet<String> {
+        (calls.lock().unwrap().iter())
+            .map(|(_, b, _)| b["body"]["alert_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 3 deliveries within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (raised, log) = service.stop();
+    let mut accounted = delivered();
+    accounted.extend(emailed(&vhost).into_iter().map(|(alert, _)| alert));
+    assert_eq!(accounted, raised, "every alert delivered or waiting\n{log}");
 }
