@@ -1,0 +1,164 @@
+//! `vitalstream-load`: replays device traffic into a vitalstream it starts, as deployed
+//! (MQTT in, PostgreSQL, socket.io out), and measures the whole path.
+//!
+//! ```sh
+//! cargo build --release
+//! cargo run --release -p vitalstream-load -- run --scenario load-tests/scenarios/steady-ward.toml
+//! ```
+//!
+//! One run: a database of its own, vitalstream started against it, a socket.io observer
+//! connected, the scenario's traffic sent open-loop ([`mqtt`]), then a settling wait until
+//! every acknowledged reading is stored and every expected alert has arrived (or `settle`
+//! passes); the [`report`] compares what was sent with what was stored and seen.
+
+mod mqtt;
+mod observe;
+mod report;
+mod scenario;
+mod service;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one scenario and report.
+    Run {
+        #[arg(long)]
+        scenario: PathBuf,
+        /// The vitalstream binary to start.
+        #[arg(long, default_value = "target/release/vitalstream")]
+        vitalstream: PathBuf,
+        /// Where the run's files and reports go (a directory per run).
+        #[arg(long, default_value = "target/load-reports")]
+        out: PathBuf,
+        /// Keep the run's database afterwards (to look into it).
+        #[arg(long)]
+        keep_database: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let Command::Run {
+        scenario,
+        vitalstream,
+        out,
+        keep_database,
+    } = Cli::parse().command;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run(scenario, vitalstream, out, keep_database))?;
+    if !report.ok {
+        anyhow::bail!("the run lost readings or missed or added alerts");
+    }
+    Ok(())
+}
+
+async fn run(
+    scenario: PathBuf,
+    binary: PathBuf,
+    out: PathBuf,
+    keep_database: bool,
+) -> anyhow::Result<report::Report> {
+    let scenario = Arc::new(scenario::Scenario::load(&scenario)?);
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let run = format!("lt{:x}", millis % 0xffff_ffff);
+    let dir = out.join(format!("{}-{run}", scenario.name));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    eprintln!(
+        "{}: {} (files in {})",
+        scenario.name,
+        scenario.description,
+        dir.display()
+    );
+
+    let service = service::Service::start(&scenario, &run, &binary, &dir).await?;
+    let observer = observe::Observer::start(&service.base, &service.observer_token()).await?;
+    let plan = Arc::new(mqtt::Plan::new(&scenario, &run));
+    let sent = Arc::new(mqtt::Sent::default());
+    let (cpu_before, _) = service.usage();
+
+    let started = Instant::now();
+    let mut driving = tokio::spawn(mqtt::drive(scenario.clone(), plan.clone(), sent.clone()));
+    let total = scenario.duration().as_secs_f64();
+    loop {
+        tokio::select! {
+            done = &mut driving => { done?; break; }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                progress(started.elapsed().as_secs_f64(), total, &sent, observer.seen.lock().unwrap().len());
+            }
+        }
+    }
+    let send_seconds = started.elapsed().as_secs_f64().min(total + 1.0);
+    let (cpu_after, _) = service.usage();
+    eprintln!();
+
+    // Settle: every acknowledged reading stored and every expected alert seen, or time out.
+    let deadline = Instant::now() + scenario.service.settle;
+    let stored = loop {
+        let stored = service.stored(&run).await?;
+        let expected = sent.anomalies.lock().unwrap().len();
+        let enough = stored.len() as u64 >= sent.acked.load(Relaxed)
+            && (expected == 0 || !observer.seen.lock().unwrap().is_empty());
+        if enough || Instant::now() >= deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Alerts may trail the rows by a little; give them a moment more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics = service.metrics().await.unwrap_or_default();
+    let (_, peak_rss_mb) = service.usage();
+    let seen = observer.seen.lock().unwrap().clone();
+    observer.stop().await;
+    service.stop(keep_database).await?;
+
+    let report = report::Report::build(report::Inputs {
+        scenario: &scenario,
+        plan: &plan,
+        sent: &sent,
+        seen: &seen,
+        stored: &stored,
+        metrics: &metrics,
+        send_seconds,
+        cpu_seconds: cpu_after - cpu_before,
+        peak_rss_mb,
+    });
+    println!("{}", report.table());
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    std::fs::write(dir.join("report.html"), report.html())?;
+    eprintln!("report: {}", dir.join("report.html").display());
+    Ok(report)
+}
+
+/// One line, rewritten each second: a bar for the time sent so far, and the counts.
+fn progress(elapsed: f64, total: f64, sent: &mqtt::Sent, alerts: usize) {
+    let share = (elapsed / total).clamp(0.0, 1.0);
+    let filled = (share * 30.0) as usize;
+    eprint!(
+        "\r[{}{}] {:>3.0}%  sent {}  acknowledged {}  alerts {}   ",
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        share * 100.0,
+        sent.sent.load(Relaxed),
+        sent.acked.load(Relaxed),
+        alerts,
+    );
+}

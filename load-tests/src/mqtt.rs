@@ -1,0 +1,298 @@
+//! Drives MQTT: each sender is one connection carrying one device (the `connections` mode)
+//! or many (`multiplexed`). Sending is open-loop: message `i` of a sender is due at a time
+//! fixed in advance by the rate, whatever happened to the ones before; a message sent late
+//! still carries its due time, so latencies measured from it include the wait
+//! (coordinated-omission correction). Each message carries its device, `seq`, `ts` (the due
+//! time) and a correlation id that names it.
+
+use crate::scenario::{Mode, Scenario};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The devices of a run and the episodes they take part in.
+pub struct Plan {
+    pub run: String,
+    pub devices: usize,
+    /// For each episode, its devices.
+    pub episodes: Vec<Vec<usize>>,
+}
+
+impl Plan {
+    pub fn new(scenario: &Scenario, run: &str) -> Plan {
+        let mut rng = fastrand::Rng::with_seed(scenario.traffic.seed);
+        let devices = scenario.traffic.devices;
+        let episodes = (scenario.episodes.iter())
+            .map(|e| {
+                let n = ((devices as f64) * e.devices).round() as usize;
+                let mut chosen: Vec<usize> = (0..devices).collect();
+                rng.shuffle(&mut chosen);
+                chosen.truncate(n);
+                chosen.sort_unstable();
+                chosen
+            })
+            .collect();
+        Plan {
+            run: run.into(),
+            devices,
+            episodes,
+        }
+    }
+
+    pub fn device(&self, d: usize) -> String {
+        format!("{}-bed-{d}", self.run)
+    }
+
+    pub fn patient(&self, d: usize) -> String {
+        format!("{}-p-{d}", self.run)
+    }
+}
+
+/// What the senders did, shared while they run.
+#[derive(Default)]
+pub struct Sent {
+    /// Messages handed to the client, due so far.
+    pub sent: AtomicU64,
+    /// Acknowledged by the broker (PUBACK), well-formed ones.
+    pub acked: AtomicU64,
+    /// Malformed on purpose.
+    pub bad: AtomicU64,
+    /// How late sends ran behind their due time, µs.
+    pub lag_max_us: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// (device, seq) of every acknowledged well-formed reading.
+    pub acked_readings: Mutex<Vec<(u32, u64)>>,
+    /// (device, seq) of each anomalous reading → (episode, due time µs).
+    pub anomalies: Mutex<HashMap<(u32, u64), (usize, u64)>>,
+    /// Acknowledged readings per second of the run.
+    pub per_second: Mutex<Vec<u64>>,
+}
+
+fn epoch_us(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
+}
+
+/// Sends the scenario's traffic; returns once every sender is done and acknowledgements
+/// have had `grace` to arrive.
+pub async fn drive(scenario: Arc<Scenario>, plan: Arc<Plan>, sent: Arc<Sent>) {
+    let t = &scenario.traffic;
+    let groups: Vec<Vec<usize>> = match t.mode {
+        Mode::Connections => (0..plan.devices).map(|d| vec![d]).collect(),
+        Mode::Multiplexed => {
+            let n = t.connections.min(plan.devices);
+            (0..n)
+                .map(|c| (c..plan.devices).step_by(n).collect())
+                .collect()
+        }
+    };
+    let start = Instant::now() + Duration::from_millis(500);
+    let start_epoch_us = epoch_us(SystemTime::now()) + 500_000;
+    let mut senders = tokio::task::JoinSet::new();
+    for (i, devices) in groups.into_iter().enumerate() {
+        let (scenario, plan, sent) = (scenario.clone(), plan.clone(), sent.clone());
+        senders.spawn(async move {
+            let sender = Sender {
+                id: i,
+                devices,
+                start,
+                start_epoch_us,
+            };
+            sender.run(&scenario, &plan, &sent).await;
+        });
+    }
+    while senders.join_next().await.is_some() {}
+}
+
+struct Sender {
+    id: usize,
+    devices: Vec<usize>,
+    start: Instant,
+    start_epoch_us: u64,
+}
+
+/// What each publish carries, in the order they are made (None: malformed), until the
+/// connection sends it.
+type Queue = Arc<Mutex<VecDeque<Option<(u32, u64)>>>>;
+
+/// One MQTT connection and the task that reads its acknowledgements.
+struct Link {
+    client: AsyncClient,
+    queue: Queue,
+    /// Published and not yet acknowledged.
+    outstanding: Arc<AtomicU64>,
+    events: tokio::task::JoinHandle<()>,
+}
+
+impl Sender {
+    fn connect(&self, plan: &Plan, scenario: &Scenario, sent: &Arc<Sent>, n: u64) -> Link {
+        let (host, port) = (scenario.traffic.broker.rsplit_once(':'))
+            .map(|(h, p)| (h.to_string(), p.parse().unwrap_or(1883)))
+            .unwrap_or((scenario.traffic.broker.clone(), 1883));
+        let mut options = MqttOptions::new(format!("{}-c{}-{n}", plan.run, self.id), host, port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_inflight(500);
+        options.set_clean_session(true);
+        let (client, eventloop) = AsyncClient::new(options, 1000);
+        let queue = Queue::default();
+        let outstanding = Arc::new(AtomicU64::new(0));
+        let events = tokio::spawn(acknowledgements(
+            eventloop,
+            queue.clone(),
+            outstanding.clone(),
+            sent.clone(),
+            self.start,
+        ));
+        Link {
+            client,
+            queue,
+            outstanding,
+            events,
+        }
+    }
+
+    async fn run(self, scenario: &Scenario, plan: &Plan, sent: &Arc<Sent>) {
+        let t = &scenario.traffic;
+        let base_rate = self.devices.len() as f64 * t.rate_hz;
+        let total = scenario.duration().as_secs_f64();
+        let storms: Vec<f64> = t.reconnect_at.iter().map(|s| s.as_secs_f64()).collect();
+        let mut next_storm = 0;
+        let mut rng = fastrand::Rng::with_seed(t.seed ^ self.id as u64);
+        let mut seqs = vec![0u64; self.devices.len()];
+        let mut link = self.connect(plan, scenario, sent, 0);
+        // Devices start spread over their first period.
+        let mut due = rng.f64() / base_rate;
+        let mut k = 0usize;
+        while due < total {
+            let multiplier = scenario.multiplier_at(Duration::from_secs_f64(due));
+            if multiplier <= 0.0 {
+                break;
+            }
+            if storms.get(next_storm).is_some_and(|s| due >= *s) {
+                next_storm += 1;
+                // Every connection drops at once, then each comes back after a random wait.
+                let _ = link.client.disconnect().await;
+                let _ = link.events.await;
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..1000))).await;
+                sent.reconnects.fetch_add(1, Relaxed);
+                link = self.connect(plan, scenario, sent, sent.reconnects.load(Relaxed));
+            }
+            tokio::time::sleep_until((self.start + Duration::from_secs_f64(due)).into()).await;
+            let late = self.start.elapsed().as_secs_f64() - due;
+            sent.lag_max_us
+                .fetch_max((late.max(0.0) * 1e6) as u64, Relaxed);
+            let slot = k % self.devices.len();
+            let d = self.devices[slot];
+            let seq = seqs[slot];
+            seqs[slot] += 1;
+            let due_us = self.start_epoch_us + (due * 1e6) as u64;
+            let correlation = format!("{}-{d}-{seq}", plan.run);
+            let bad = rng.f64() < t.bad_fraction;
+            let payload = if bad {
+                sent.bad.fetch_add(1, Relaxed);
+                // Each kind the parser must refuse: not JSON, a wrong type, out of range.
+                match seq % 3 {
+                    0 => format!("{{\"seq\":{seq},\"hr\":"),
+                    1 => format!("{{\"seq\":{seq},\"hr\":\"fast\"}}"),
+                    _ => format!("{{\"seq\":{seq},\"spo2\":250}}"),
+                }
+            } else {
+                let episode = (scenario.episodes.iter().enumerate()).find(|(e, ep)| {
+                    let at = ep.at.as_secs_f64();
+                    due >= at
+                        && due < at + ep.duration.as_secs_f64()
+                        && plan.episodes[*e].binary_search(&d).is_ok()
+                });
+                let hr = match episode {
+                    Some((e, ep)) => {
+                        (sent.anomalies.lock().unwrap()).insert((d as u32, seq), (e, due_us));
+                        ep.hr
+                    }
+                    None => 70.0 + (seq % 20) as f64,
+                };
+                format!(
+                    r#"{{"patient_id":"{}","ts":{},"seq":{seq},"correlation_id":"{correlation}","hr":{hr},"spo2":{},"temp":36.8,"rr":16}}"#,
+                    plan.patient(d),
+                    due_us / 1000,
+                    96 + seq % 3,
+                )
+            };
+            link.queue
+                .lock()
+                .unwrap()
+                .push_back((!bad).then_some((d as u32, seq)));
+            link.outstanding.fetch_add(1, Relaxed);
+            let topic = format!("devices/{}/vitals", plan.device(d));
+            if link
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                // The connection's event loop has ended; the next storm or the end of the
+                // run replaces it. The message is not counted as acknowledged.
+                link.queue.lock().unwrap().pop_back();
+                link.outstanding.fetch_sub(1, Relaxed);
+            }
+            sent.sent.fetch_add(1, Relaxed);
+            k += 1;
+            due += 1.0 / (base_rate * multiplier);
+        }
+        // Let the last acknowledgements arrive, then close.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while link.outstanding.load(Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = link.client.disconnect().await;
+        let _ = link.events.await;
+    }
+}
+
+/// Reads a connection's events: each outgoing publish takes the next entry of the queue
+/// (publishes go out in the order they were made); each PUBACK marks its entry acknowledged.
+async fn acknowledgements(
+    mut eventloop: EventLoop,
+    queue: Queue,
+    outstanding: Arc<AtomicU64>,
+    sent: Arc<Sent>,
+    start: Instant,
+) {
+    let mut in_flight: HashMap<u16, Option<(u32, u64)>> = HashMap::new();
+    let mut acked = Vec::new();
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(item) = queue.lock().unwrap().pop_front() {
+                    in_flight.insert(pkid, item);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let Some(item) = in_flight.remove(&ack.pkid) else {
+                    continue;
+                };
+                outstanding.fetch_sub(1, Relaxed);
+                if let Some(reading) = item {
+                    acked.push(reading);
+                    sent.acked.fetch_add(1, Relaxed);
+                    let second = start.elapsed().as_secs() as usize;
+                    let mut per_second = sent.per_second.lock().unwrap();
+                    if per_second.len() <= second {
+                        per_second.resize(second + 1, 0);
+                    }
+                    per_second[second] += 1;
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("warning: an MQTT connection ended: {e}");
+                break;
+            }
+        }
+    }
+    // What was not acknowledged does not count; the sender stops waiting for it.
+    outstanding.store(0, Relaxed);
+    queue.lock().unwrap().clear();
+    sent.acked_readings.lock().unwrap().extend(acked);
+}

@@ -1,0 +1,193 @@
+//! A scenario (`load-tests/scenarios/*.toml`): how many devices send how fast, for how long,
+//! through which transport, with which anomaly episodes (each expects one alert per device),
+//! bad input and reconnect storms, and the vitalstream it runs against.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub traffic: Traffic,
+    /// Rate changes over the run: a burst, or the steps of a ramp. None: one steady phase.
+    #[serde(default, rename = "phase")]
+    pub phases: Vec<Phase>,
+    /// Anomalies with a known expected alert.
+    #[serde(default, rename = "episode")]
+    pub episodes: Vec<Episode>,
+    #[serde(default)]
+    pub service: Service,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Traffic {
+    /// Simulated bedside devices, one patient each.
+    pub devices: usize,
+    /// Readings per second per device.
+    pub rate_hz: f64,
+    /// How long traffic is sent (the phases, when given, say instead).
+    #[serde(default, with = "humantime_serde")]
+    pub duration: Option<Duration>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Connections in the multiplexed mode.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+    /// Share of messages that are malformed on purpose (they must be rejected, not stored).
+    #[serde(default)]
+    pub bad_fraction: f64,
+    /// At these times every connection drops and reconnects (a reconnect storm).
+    #[serde(default)]
+    pub reconnect_at: Vec<humantime_serde::Serde<Duration>>,
+    #[serde(default = "default_broker")]
+    pub broker: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_connections() -> usize {
+    8
+}
+
+fn default_broker() -> String {
+    "127.0.0.1:1883".into()
+}
+
+fn default_seed() -> u64 {
+    2026
+}
+
+/// How devices reach the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One MQTT connection per device, as on a ward.
+    #[default]
+    Connections,
+    /// A few connections carry every device's topics: for rates one connection per device
+    /// cannot reach from one machine.
+    Multiplexed,
+}
+
+/// A stretch of the run at a multiple of the base rate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    pub rate_multiplier: f64,
+}
+
+/// From `at`, for `duration`, a share of the devices report `vital` = `value`; each such
+/// device's patient must get one `alert:critical` (rule `lt_hr_high` for hr > 130).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Episode {
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Share of the devices (0–1).
+    pub devices: f64,
+    #[serde(default = "default_value")]
+    pub hr: f64,
+}
+
+fn default_value() -> f64 {
+    150.0
+}
+
+/// The vitalstream the harness starts (a fresh database, MQTT in, REST and socket.io out).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Service {
+    /// The PostgreSQL server; the run gets a database of its own there.
+    pub postgres: String,
+    /// Where the API listens.
+    pub listen: String,
+    /// Engine shards (0: one per core).
+    pub shards: usize,
+    /// How long after the last message the harness waits for readings to be stored and
+    /// alerts to arrive.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Service {
+            postgres: "postgres://postgres@127.0.0.1:5432".into(),
+            listen: "127.0.0.1:7311".into(),
+            shards: 0,
+            settle: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Scenario {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path)?;
+        let scenario: Scenario = toml::from_str(&text)?;
+        let problems = scenario.problems();
+        anyhow::ensure!(
+            problems.is_empty(),
+            "{}: {}",
+            path.display(),
+            problems.join("; ")
+        );
+        Ok(scenario)
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let t = &self.traffic;
+        if t.devices == 0 || t.rate_hz <= 0.0 || t.connections == 0 {
+            out.push("traffic: devices, rate_hz and connections must be positive".into());
+        }
+        if t.duration.is_none() == self.phases.is_empty() {
+            out.push("give traffic.duration or [[phase]]s, not both".into());
+        }
+        if !(0.0..=1.0).contains(&t.bad_fraction) {
+            out.push("traffic.bad_fraction is a share (0–1)".into());
+        }
+        for (i, e) in self.episodes.iter().enumerate() {
+            if !(0.0..=1.0).contains(&e.devices) || e.hr <= 130.0 {
+                out.push(format!(
+                    "episode[{i}]: devices is a share and hr must exceed 130"
+                ));
+            }
+        }
+        out
+    }
+
+    /// The phases, the single steady one included.
+    pub fn phases(&self) -> Vec<Phase> {
+        match self.traffic.duration {
+            Some(duration) => vec![Phase {
+                duration,
+                rate_multiplier: 1.0,
+            }],
+            None => self.phases.clone(),
+        }
+    }
+
+    pub fn duration(&self) -> Duration {
+        self.phases().iter().map(|p| p.duration).sum()
+    }
+
+    /// The rate multiplier at `t` into the run.
+    pub fn multiplier_at(&self, t: Duration) -> f64 {
+        let mut end = Duration::ZERO;
+        for p in self.phases() {
+            end += p.duration;
+            if t < end {
+                return p.rate_multiplier;
+            }
+        }
+        0.0
+    }
+}
