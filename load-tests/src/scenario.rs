@@ -111,6 +111,9 @@ pub struct Service {
     pub listen: String,
     /// Engine shards (0: one per core).
     pub shards: usize,
+    /// The MQTT source's longest wait for a batch to fill: alert latency pays it at low rates.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
     /// How long after the last message the harness waits for readings to be stored and
     /// alerts to arrive.
     #[serde(with = "humantime_serde")]
@@ -123,6 +126,7 @@ impl Default for Service {
             postgres: "postgres://postgres@127.0.0.1:5432".into(),
             listen: "127.0.0.1:7311".into(),
             shards: 0,
+            batch_linger: Duration::from_millis(2),
             settle: Duration::from_secs(30),
         }
     }

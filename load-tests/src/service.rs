@@ -64,6 +64,7 @@ type = "mqtt"
 host = "{host}"
 port = {port}
 client_id = "{run}-vitalstream"
+batch_linger = "{linger}ms"
 [storage]
 type = "postgres"
 url = "{database}"
@@ -85,6 +86,7 @@ rate_limit_per_minute = 100000
             alerts = dir.join("alerts.ndjson").display(),
             dead = dir.join("dead-letter.ndjson").display(),
             listen = s.listen,
+            linger = s.batch_linger.as_millis(),
         );
         std::fs::write(dir.join("vitalstream.toml"), config)?;
         let log = dir.join("vitalstream.log");
