@@ -650,16 +650,16 @@ to = ["role:nurse"]
         }
     }
 
-    /// Stops it as an operator would (SIGINT) and returns its log.
-    fn stop(self) -> (BTreeSet<String>, String) {
+    /// Asks it to stop, as an operator would (SIGINT).
+    fn interrupt(&self) {
         let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-INT", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        let sent = Command::new("kill").args(["-INT", &pid]).status();
+        assert!(sent.unwrap().success());
+    }
+
+    /// Stops it and returns what it raised and its log.
+    fn stop(self) -> (BTreeSet<String>, String) {
+        self.interrupt();
         let (raised, log, _) = self.wait();
         (raised, log)
     }
@@ -723,14 +723,7 @@ fn tasks_unconfirmed_at_stop_are_spooled_and_sent_at_the_next_start() {
     let unreachable = "amqp://guest:guest@127.0.0.1:1/%2f";
     let first = Service::start_in(tempfile::tempdir().unwrap(), unreachable, SIMULATOR, "");
     first.wait_for_alerts(3);
-    let pid = first.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    first.interrupt();
     let (raised, log, dir) = first.wait();
     let spool = dir.path().join("data/notifications-spool.ndjson");
     let kept: BTreeSet<String> = (std::fs::read_to_string(&spool).unwrap().lines())

@@ -4,7 +4,7 @@
 //! resolving it stops the escalation. Time is given to [`Escalator::due`], so tests (and
 //! replays) drive the clock.
 
-use super::policy::{Channel, queue_for};
+use super::policy::{Channel, notification, queue_for};
 use super::publisher::Task;
 use super::topology::MAX_PRIORITY;
 use crate::alerts::{AlertEvent, Transition};
@@ -114,29 +114,15 @@ impl Escalation {
         else {
             return Vec::new();
         };
-        let (exchange, queue, base) = queue_for(level.channel, alert.priority);
+        let (_, _, base) = queue_for(level.channel, alert.priority);
         let priority = (base as u32 + alert.escalation).min(MAX_PRIORITY as u32) as u8;
-        let raised_at = alert.raised_at.unwrap_or(event.at);
+        let unacknowledged_ms = event.at - alert.raised_at.unwrap_or(event.at);
         (level.to.iter())
-            .map(|to| Task {
-                id: format!("{}/{}/{to}", alert.alert_id, alert.escalation),
-                exchange: exchange.into(),
-                queue: queue.into(),
-                priority,
-                correlation_id: alert.trigger.correlation_id.to_string(),
-                kind: "notify.escalation".into(),
-                body: json!({
-                    "to": to,
-                    "alert_id": alert.alert_id,
-                    "rule_id": alert.rule_id,
-                    "priority": alert.priority,
-                    "subject": alert.subject,
-                    "patient_id": alert.patient_id,
-                    "message": alert.message,
-                    "raised_at": raised_at,
-                    "escalation": alert.escalation,
-                    "unacknowledged_ms": event.at - raised_at,
-                }),
+            .map(|to| {
+                let mut task =
+                    notification(alert, level.channel, to, priority, "notify.escalation");
+                task.body["unacknowledged_ms"] = json!(unacknowledged_ms);
+                task
             })
             .collect()
     }

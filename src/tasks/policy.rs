@@ -3,7 +3,7 @@
 //! for (the `[[notifications.route]]` tables of the config).
 
 use super::publisher::Task;
-use crate::alerts::{AlertEvent, Transition};
+use crate::alerts::{Alert, AlertEvent, Transition};
 use crate::rules::Priority;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -50,6 +50,39 @@ pub fn queue_for(channel: Channel, priority: Priority) -> (&'static str, &'stati
     }
 }
 
+/// The task telling `to` of an alert through `channel`, at its escalation level (0 when it
+/// was just raised).
+pub(super) fn notification(
+    alert: &Alert,
+    channel: Channel,
+    to: &str,
+    priority: u8,
+    kind: &str,
+) -> Task {
+    let (exchange, queue, _) = queue_for(channel, alert.priority);
+    Task {
+        id: format!("{}/{}/{to}", alert.alert_id, alert.escalation),
+        exchange: exchange.into(),
+        queue: queue.into(),
+        priority,
+        correlation_id: alert.trigger.correlation_id.to_string(),
+        kind: kind.into(),
+        body: json!({
+            "to": to,
+            "alert_id": alert.alert_id,
+            "rule_id": alert.rule_id,
+            "priority": alert.priority,
+            "subject": alert.subject,
+            "patient_id": alert.patient_id,
+            "device_id": alert.trigger.device_id,
+            "message": alert.message,
+            "value": alert.trigger.value,
+            "raised_at": alert.raised_at,
+            "escalation": alert.escalation,
+        }),
+    }
+}
+
 impl NotificationPolicy {
     /// Every problem with the policy.
     pub fn problems(&self) -> Vec<String> {
@@ -86,28 +119,10 @@ impl NotificationPolicy {
         let routes = (self.routes.iter()).filter(|r| r.priorities.contains(&alert.priority));
         routes
             .flat_map(|route| {
-                let (exchange, queue, priority) = queue_for(route.channel, alert.priority);
-                route.to.iter().map(move |to| Task {
-                    id: format!("{}/0/{to}", alert.alert_id),
-                    exchange: exchange.into(),
-                    queue: queue.into(),
-                    priority,
-                    correlation_id: alert.trigger.correlation_id.to_string(),
-                    kind: format!("notify.{}", queue.split('.').next().unwrap_or("notify")),
-                    body: json!({
-                        "to": to,
-                        "alert_id": alert.alert_id,
-                        "rule_id": alert.rule_id,
-                        "priority": alert.priority,
-                        "subject": alert.subject,
-                        "patient_id": alert.patient_id,
-                        "device_id": alert.trigger.device_id,
-                        "message": alert.message,
-                        "value": alert.trigger.value,
-                        "raised_at": alert.raised_at,
-                        "escalation": 0,
-                    }),
-                })
+                let (_, queue, priority) = queue_for(route.channel, alert.priority);
+                let kind = format!("notify.{}", queue.split('.').next().unwrap_or("notify"));
+                (route.to.iter())
+                    .map(move |to| notification(alert, route.channel, to, priority, &kind))
             })
             .collect()
     }
