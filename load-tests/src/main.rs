@@ -11,6 +11,7 @@
 //! every acknowledged reading is stored and every expected alert has arrived (or `settle`
 //! passes); the [`report`] compares what was sent with what was stored and seen.
 
+mod kafka;
 mod mqtt;
 mod observe;
 mod report;
@@ -86,18 +87,47 @@ async fn run(
         dir.display()
     );
 
-    let service = service::Service::start(&scenario, &run, &binary, &dir).await?;
+    // Kafka: the brokers named, or a mock cluster of librdkafka's (the real protocol over
+    // TCP) for as long as the run lasts.
+    let mut _cluster = None;
+    let brokers = match (scenario.traffic.transport, &scenario.traffic.kafka_brokers) {
+        (scenario::Transport::Mqtt, _) => None,
+        (scenario::Transport::Kafka, Some(brokers)) => Some(brokers.clone()),
+        (scenario::Transport::Kafka, None) => {
+            let cluster = rdkafka::mocking::MockCluster::new(1)?;
+            cluster.create_topic(kafka::TOPIC, 4, 1)?;
+            let brokers = cluster.bootstrap_servers();
+            _cluster = Some(cluster);
+            Some(brokers)
+        }
+    };
+    let service =
+        service::Service::start(&scenario, &run, &binary, &dir, brokers.as_deref()).await?;
     let observer = observe::Observer::start(&service.base, &service.observer_token()).await?;
     let plan = Arc::new(mqtt::Plan::new(&scenario, &run));
     let sent = Arc::new(mqtt::Sent::default());
     let (cpu_before, _) = service.usage();
 
     let started = Instant::now();
-    let mut driving = tokio::spawn(mqtt::drive(scenario.clone(), plan.clone(), sent.clone()));
+    let mut driving = match brokers {
+        Some(brokers) => tokio::spawn(kafka::drive(
+            scenario.clone(),
+            plan.clone(),
+            sent.clone(),
+            brokers,
+        )),
+        None => {
+            let (scenario, plan, sent) = (scenario.clone(), plan.clone(), sent.clone());
+            tokio::spawn(async move {
+                mqtt::drive(scenario, plan, sent).await;
+                Ok(())
+            })
+        }
+    };
     let total = scenario.duration().as_secs_f64();
     loop {
         tokio::select! {
-            done = &mut driving => { done?; break; }
+            done = &mut driving => { done??; break; }
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 progress(started.elapsed().as_secs_f64(), total, &sent, observer.seen.lock().unwrap().len());
             }

@@ -18,6 +18,10 @@ pub struct Plan {
     pub devices: usize,
     /// For each episode, its devices.
     pub episodes: Vec<Vec<usize>>,
+    /// When sending starts (half a second after the plan is made), and the same as µs
+    /// since the epoch: due times count from it.
+    pub start: Instant,
+    pub start_epoch_us: u64,
 }
 
 impl Plan {
@@ -38,6 +42,8 @@ impl Plan {
             run: run.into(),
             devices,
             episodes,
+            start: Instant::now() + Duration::from_millis(500),
+            start_epoch_us: epoch_us(SystemTime::now()) + 500_000,
         }
     }
 
@@ -87,8 +93,6 @@ pub async fn drive(scenario: Arc<Scenario>, plan: Arc<Plan>, sent: Arc<Sent>) {
                 .collect()
         }
     };
-    let start = Instant::now() + Duration::from_millis(500);
-    let start_epoch_us = epoch_us(SystemTime::now()) + 500_000;
     let mut senders = tokio::task::JoinSet::new();
     for (i, devices) in groups.into_iter().enumerate() {
         let (scenario, plan, sent) = (scenario.clone(), plan.clone(), sent.clone());
@@ -96,8 +100,7 @@ pub async fn drive(scenario: Arc<Scenario>, plan: Arc<Plan>, sent: Arc<Sent>) {
             let sender = Sender {
                 id: i,
                 devices,
-                start,
-                start_epoch_us,
+                start: plan.start,
             };
             sender.run(&scenario, &plan, &sent).await;
         });
@@ -109,7 +112,6 @@ struct Sender {
     id: usize,
     devices: Vec<usize>,
     start: Instant,
-    start_epoch_us: u64,
 }
 
 /// What each publish carries, in the order they are made (None: malformed), until the
@@ -186,42 +188,8 @@ impl Sender {
             let d = self.devices[slot];
             let seq = seqs[slot];
             seqs[slot] += 1;
-            let due_us = self.start_epoch_us + (due * 1e6) as u64;
-            let correlation = format!("{}-{d}-{seq}", plan.run);
-            let bad = rng.f64() < t.bad_fraction;
-            let payload = if bad {
-                sent.bad.fetch_add(1, Relaxed);
-                // Each kind the parser must refuse: not JSON, a wrong type, out of range.
-                match seq % 3 {
-                    0 => format!("{{\"seq\":{seq},\"hr\":"),
-                    1 => format!("{{\"seq\":{seq},\"hr\":\"fast\"}}"),
-                    _ => format!("{{\"seq\":{seq},\"spo2\":250}}"),
-                }
-            } else {
-                let episode = (scenario.episodes.iter().enumerate()).find(|(e, ep)| {
-                    let at = ep.at.as_secs_f64();
-                    due >= at
-                        && due < at + ep.duration.as_secs_f64()
-                        && plan.episodes[*e].binary_search(&d).is_ok()
-                });
-                let hr = match episode {
-                    Some((e, ep)) => {
-                        (sent.anomalies.lock().unwrap()).insert((d as u32, seq), (e, due_us));
-                        ep.hr
-                    }
-                    None => 70.0 + (seq % 20) as f64,
-                };
-                format!(
-                    r#"{{"patient_id":"{}","ts":{},"seq":{seq},"correlation_id":"{correlation}","hr":{hr},"spo2":{},"temp":36.8,"rr":16}}"#,
-                    plan.patient(d),
-                    due_us / 1000,
-                    96 + seq % 3,
-                )
-            };
-            link.queue
-                .lock()
-                .unwrap()
-                .push_back((!bad).then_some((d as u32, seq)));
+            let (payload, reading) = message(scenario, plan, sent, d, seq, due, &mut rng, false);
+            link.queue.lock().unwrap().push_back(reading);
             link.outstanding.fetch_add(1, Relaxed);
             let topic = format!("devices/{}/vitals", plan.device(d));
             if link
@@ -247,6 +215,60 @@ impl Sender {
         let _ = link.client.disconnect().await;
         let _ = link.events.await;
     }
+}
+
+/// The `seq`-th message of device `d`, due `due` seconds into the run: a reading (hr high
+/// while one of its episodes runs) or, now and then, a malformed one. Returns the payload
+/// and, for a reading, its (device, seq). `with_device` names the device in the payload
+/// (Kafka, where no topic does).
+#[allow(clippy::too_many_arguments)]
+pub fn message(
+    scenario: &Scenario,
+    plan: &Plan,
+    sent: &Sent,
+    d: usize,
+    seq: u64,
+    due: f64,
+    rng: &mut fastrand::Rng,
+    with_device: bool,
+) -> (String, Option<(u32, u64)>) {
+    if rng.f64() < scenario.traffic.bad_fraction {
+        sent.bad.fetch_add(1, Relaxed);
+        // Each kind the parser must refuse: not JSON, a wrong type, out of range.
+        let payload = match seq % 3 {
+            0 => format!("{{\"seq\":{seq},\"hr\":"),
+            1 => format!("{{\"seq\":{seq},\"hr\":\"fast\"}}"),
+            _ => format!("{{\"seq\":{seq},\"spo2\":250}}"),
+        };
+        return (payload, None);
+    }
+    let due_us = plan.start_epoch_us + (due * 1e6) as u64;
+    let episode = (scenario.episodes.iter().enumerate()).find(|(e, ep)| {
+        let at = ep.at.as_secs_f64();
+        due >= at
+            && due < at + ep.duration.as_secs_f64()
+            && plan.episodes[*e].binary_search(&d).is_ok()
+    });
+    let hr = match episode {
+        Some((e, ep)) => {
+            (sent.anomalies.lock().unwrap()).insert((d as u32, seq), (e, due_us));
+            ep.hr
+        }
+        None => 70.0 + (seq % 20) as f64,
+    };
+    let device = if with_device {
+        format!("\"device_id\":\"{}\",", plan.device(d))
+    } else {
+        String::new()
+    };
+    let payload = format!(
+        r#"{{{device}"patient_id":"{}","ts":{},"seq":{seq},"correlation_id":"{}-{d}-{seq}","hr":{hr},"spo2":{},"temp":36.8,"rr":16}}"#,
+        plan.patient(d),
+        due_us / 1000,
+        plan.run,
+        96 + seq % 3,
+    );
+    (payload, Some((d as u32, seq)))
 }
 
 /// Reads a connection's events: each outgoing publish takes the next entry of the queue

@@ -25,6 +25,12 @@ pub struct Scenario {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Traffic {
+    /// MQTT (to `broker`) or Kafka (`vitals.raw` on `kafka_brokers`, or on a mock cluster
+    /// the harness starts when none are named).
+    #[serde(default)]
+    pub transport: Transport,
+    #[serde(default)]
+    pub kafka_brokers: Option<String>,
     /// Simulated bedside devices, one patient each.
     pub devices: usize,
     /// Readings per second per device.
@@ -59,6 +65,14 @@ fn default_broker() -> String {
 
 fn default_seed() -> u64 {
     2026
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Mqtt,
+    Kafka,
 }
 
 /// How devices reach the broker.
@@ -154,6 +168,11 @@ impl Scenario {
         }
         if t.duration.is_none() == self.phases.is_empty() {
             out.push("give traffic.duration or [[phase]]s, not both".into());
+        }
+        if t.transport == Transport::Kafka
+            && (!t.reconnect_at.is_empty() || t.mode == Mode::Connections)
+        {
+            out.push("kafka: mode = \"multiplexed\" (producers), and no reconnect_at".into());
         }
         if !(0.0..=1.0).contains(&t.bad_fraction) {
             out.push("traffic.bad_fraction is a share (0–1)".into());

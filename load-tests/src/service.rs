@@ -34,6 +34,7 @@ impl Service {
         run: &str,
         binary: &Path,
         dir: &Path,
+        kafka: Option<&str>,
     ) -> anyhow::Result<Service> {
         let s = &scenario.service;
         let name = format!("vs_load_{}", run.replace('-', "_"));
@@ -51,6 +52,18 @@ impl Service {
             .context("traffic.broker is host:port")?;
         let secret = format!("load-{:016x}", fastrand::u64(..));
         std::fs::write(dir.join("pipeline.toml"), PIPELINE)?;
+        let linger = s.batch_linger.as_millis();
+        let source = match kafka {
+            Some(brokers) => format!(
+                "type = \"kafka\"\nbrokers = \"{brokers}\"\ngroup_id = \"{run}-vitalstream\"\n\
+                 topics = [\"{}\"]\nbatch_linger = \"{linger}ms\"",
+                crate::kafka::TOPIC
+            ),
+            None => format!(
+                "type = \"mqtt\"\nhost = \"{host}\"\nport = {port}\n\
+                 client_id = \"{run}-vitalstream\"\nbatch_linger = \"{linger}ms\""
+            ),
+        };
         let config = format!(
             r#"
 pipeline = "{pipeline}"
@@ -60,11 +73,7 @@ shards = {shards}
 [log]
 format = "json"
 [[sources]]
-type = "mqtt"
-host = "{host}"
-port = {port}
-client_id = "{run}-vitalstream"
-batch_linger = "{linger}ms"
+{source}
 [storage]
 type = "postgres"
 url = "{database}"
@@ -86,7 +95,6 @@ rate_limit_per_minute = 100000
             alerts = dir.join("alerts.ndjson").display(),
             dead = dir.join("dead-letter.ndjson").display(),
             listen = s.listen,
-            linger = s.batch_linger.as_millis(),
         );
         std::fs::write(dir.join("vitalstream.toml"), config)?;
         let log = dir.join("vitalstream.log");
@@ -108,7 +116,8 @@ rate_limit_per_minute = 100000
             admin,
             log,
         };
-        // Ready: the database answers and the MQTT subscription is up.
+        // Ready: the database answers and the MQTT subscription (or the Kafka assignment)
+        // is up.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if service

@@ -1,0 +1,122 @@
+//! Drives Kafka: readings produced to `vitals.raw`, keyed by device id, as ingest nodes
+//! (or devices' gateways) do. Open-loop like the MQTT driver: each message has a due time
+//! fixed by the rate and carries it. A reading counts as acknowledged when the broker
+//! confirms it (acks = all).
+
+use crate::mqtt::{Plan, Sent, message};
+use crate::scenario::Scenario;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+pub const TOPIC: &str = "vitals.raw";
+
+pub async fn drive(
+    scenario: Arc<Scenario>,
+    plan: Arc<Plan>,
+    sent: Arc<Sent>,
+    brokers: String,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()?;
+    let n = scenario.traffic.connections.min(plan.devices).max(1);
+    let mut senders = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let devices: Vec<usize> = (i..plan.devices).step_by(n).collect();
+        let (scenario, plan, sent, producer) = (
+            scenario.clone(),
+            plan.clone(),
+            sent.clone(),
+            producer.clone(),
+        );
+        senders.spawn(async move { send(i, devices, &scenario, &plan, &sent, &producer).await });
+    }
+    while senders.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// One sender's share of the devices, in due order; a second task waits for the broker's
+/// confirmations, in the order they were sent.
+async fn send(
+    id: usize,
+    devices: Vec<usize>,
+    scenario: &Scenario,
+    plan: &Plan,
+    sent: &Arc<Sent>,
+    producer: &FutureProducer,
+) {
+    let t = &scenario.traffic;
+    let base_rate = devices.len() as f64 * t.rate_hz;
+    let total = scenario.duration().as_secs_f64();
+    let mut rng = fastrand::Rng::with_seed(t.seed ^ id as u64);
+    let mut seqs = vec![0u64; devices.len()];
+    let (confirm, mut confirmations) =
+        tokio::sync::mpsc::unbounded_channel::<(DeliveryFuture, Option<(u32, u64)>)>();
+    let counter = sent.clone();
+    let start = plan.start;
+    let acker = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        while let Some((delivery, reading)) = confirmations.recv().await {
+            if let (Ok(Ok(_)), Some(reading)) = (delivery.await, reading) {
+                acked.push(reading);
+                counter.acked.fetch_add(1, Relaxed);
+                let second = start.elapsed().as_secs() as usize;
+                let mut per_second = counter.per_second.lock().unwrap();
+                if per_second.len() <= second {
+                    per_second.resize(second + 1, 0);
+                }
+                per_second[second] += 1;
+            }
+        }
+        counter.acked_readings.lock().unwrap().extend(acked);
+    });
+    let mut due = rng.f64() / base_rate;
+    let mut k = 0usize;
+    while due < total {
+        let multiplier = scenario.multiplier_at(Duration::from_secs_f64(due));
+        if multiplier <= 0.0 {
+            break;
+        }
+        tokio::time::sleep_until((plan.start + Duration::from_secs_f64(due)).into()).await;
+        let late = plan.start.elapsed().as_secs_f64() - due;
+        sent.lag_max_us
+            .fetch_max((late.max(0.0) * 1e6) as u64, Relaxed);
+        let slot = k % devices.len();
+        let d = devices[slot];
+        let seq = seqs[slot];
+        seqs[slot] += 1;
+        let (payload, reading) = message(scenario, plan, sent, d, seq, due, &mut rng, true);
+        let key = plan.device(d);
+        // A full local queue makes the sender wait (and fall behind, which the due times
+        // record); nothing is dropped.
+        let delivery = loop {
+            match producer.send_result(FutureRecord::to(TOPIC).key(&key).payload(&payload)) {
+                Ok(delivery) => break Some(delivery),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err((e, _)) => {
+                    eprintln!("warning: a reading was not produced: {e}");
+                    break None;
+                }
+            }
+        };
+        if let Some(delivery) = delivery {
+            let _ = confirm.send((delivery, reading));
+        }
+        sent.sent.fetch_add(1, Relaxed);
+        k += 1;
+        due += 1.0 / (base_rate * multiplier);
+    }
+    drop(confirm);
+    let _ = acker.await;
+}
