@@ -6,7 +6,7 @@
 //! growing delay (`retry_delay`, doubled each time): the task is published again, through a
 //! delay queue, with its `x-retry-count` (the failures so far) one higher, and only then is
 //! the delivery acknowledged. After `tries` failures — or at once for a failure no retry can
-//! mend, such as an address the directory lacks — it goes to `failed.jobs` with the reason
+//! mend, such as an audience without an address — it goes to `failed.jobs` with the reason
 //! in `x-failure-reason`. A worker that dies mid-task leaves it unacknowledged, and RabbitMQ
 //! hands it out again: no task is lost, and receivers drop repeats by the message id.
 
@@ -16,7 +16,7 @@ use crate::api::socket::Notice;
 use crate::sinks::postgres::query::Db;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -470,10 +470,16 @@ async fn consume(worker: Arc<Worker>) -> lapin::Result<()> {
     while let Some(delivery) = deliveries.next().await {
         let delivery = delivery?;
         let (worker, publish) = (worker.clone(), publish.clone());
+        let acker = delivery.acker.clone();
         in_hand.spawn(async move {
             if let Err(e) = handle(&worker, &publish, delivery).await {
-                // Unacknowledged: RabbitMQ hands it out again once this connection is gone.
+                // Back on its queue (or, with the connection gone, RabbitMQ requeues it).
                 tracing::warn!(error = %e, "task outcome not recorded; it will be delivered again");
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                let _ = acker.nack(requeue).await;
             }
         });
         while in_hand.try_join_next().is_some() {}
