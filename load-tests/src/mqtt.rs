@@ -318,3 +318,73 @@ async fn acknowledgements(
     queue.lock().unwrap().clear();
     sent.acked_readings.lock().unwrap().extend(acked);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn episodes_take_the_same_share_of_devices_for_the_same_seed() {
+        let s: Scenario = toml::from_str(
+            r#"
+name = "t"
+[traffic]
+devices = 200
+rate_hz = 1.0
+duration = "10s"
+[[episode]]
+at = "1s"
+duration = "2s"
+devices = 0.1
+"#,
+        )
+        .unwrap();
+        let (a, b) = (Plan::new(&s, "r1"), Plan::new(&s, "r2"));
+        assert_eq!(a.episodes[0].len(), 20);
+        assert!(
+            a.episodes[0].windows(2).all(|w| w[0] < w[1]),
+            "sorted, distinct"
+        );
+        assert_eq!(a.episodes, b.episodes);
+        assert_eq!(
+            (a.device(3), a.patient(3)),
+            ("r1-bed-3".into(), "r1-p-3".into())
+        );
+    }
+
+    #[test]
+    fn a_reading_during_an_episode_is_anomalous_and_named() {
+        let s: Scenario = toml::from_str(
+            r#"
+name = "t"
+[traffic]
+devices = 1
+rate_hz = 1.0
+duration = "10s"
+[[episode]]
+at = "2s"
+duration = "2s"
+devices = 1.0
+"#,
+        )
+        .unwrap();
+        let (plan, sent) = (Plan::new(&s, "r"), Sent::default());
+        let mut rng = fastrand::Rng::with_seed(1);
+        let (before, _) = message(&s, &plan, &sent, 0, 1, 1.0, &mut rng, true);
+        let (during, reading) = message(&s, &plan, &sent, 0, 2, 2.5, &mut rng, true);
+        let v: serde_json::Value = serde_json::from_str(&during).unwrap();
+        assert_eq!(v["hr"], 150.0);
+        assert_eq!(v["device_id"], "r-bed-0");
+        assert_eq!(v["correlation_id"], "r-0-2");
+        assert_eq!(
+            v["ts"].as_u64(),
+            Some((plan.start_epoch_us + 2_500_000) / 1000)
+        );
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&before).unwrap()["hr"].as_f64()
+                < Some(130.0)
+        );
+        assert_eq!(reading, Some((0, 2)));
+        assert_eq!(sent.anomalies.lock().unwrap().len(), 1);
+    }
+}

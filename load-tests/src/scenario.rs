@@ -214,3 +214,78 @@ impl Scenario {
         0.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scenario_file_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let scenario = Scenario::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(scenario.duration() > Duration::ZERO, "{}", path.display());
+            names.push(scenario.name);
+        }
+        names.sort();
+        let expected = [
+            "bad-input",
+            "burst",
+            "kafka",
+            "ramp",
+            "reconnect-storm",
+            "smoke",
+            "steady-ward",
+        ];
+        assert_eq!(names, expected);
+    }
+
+    #[test]
+    fn phases_set_the_rate_over_time() {
+        let s: Scenario = toml::from_str(
+            r#"
+name = "t"
+[traffic]
+devices = 10
+rate_hz = 1.0
+[[phase]]
+duration = "10s"
+rate_multiplier = 1.0
+[[phase]]
+duration = "5s"
+rate_multiplier = 4.0
+"#,
+        )
+        .unwrap();
+        assert!(s.problems().is_empty());
+        assert_eq!(s.duration(), Duration::from_secs(15));
+        let at = |secs: f64| s.multiplier_at(Duration::from_secs_f64(secs));
+        assert_eq!(
+            [at(0.0), at(9.99), at(10.0), at(14.9), at(15.0)],
+            [1.0, 1.0, 4.0, 4.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn a_scenario_names_its_problems() {
+        let s: Scenario = toml::from_str(
+            r#"
+name = "t"
+[traffic]
+transport = "kafka"
+devices = 0
+rate_hz = 1.0
+bad_fraction = 2.0
+[[episode]]
+at = "1s"
+duration = "1s"
+devices = 0.5
+hr = 100.0
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.problems().len(), 5, "{:?}", s.problems());
+    }
+}
