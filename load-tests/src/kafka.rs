@@ -65,13 +65,7 @@ async fn send(
         while let Some((delivery, reading)) = confirmations.recv().await {
             if let (Ok(Ok(_)), Some(reading)) = (delivery.await, reading) {
                 acked.push(reading);
-                counter.acked.fetch_add(1, Relaxed);
-                let second = start.elapsed().as_secs() as usize;
-                let mut per_second = counter.per_second.lock().unwrap();
-                if per_second.len() <= second {
-                    per_second.resize(second + 1, 0);
-                }
-                per_second[second] += 1;
+                counter.count_ack(start);
             }
         }
         counter.acked_readings.lock().unwrap().extend(acked);

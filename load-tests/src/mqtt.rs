@@ -76,6 +76,19 @@ pub struct Sent {
     pub per_second: Mutex<Vec<u64>>,
 }
 
+impl Sent {
+    /// One more reading acknowledged, in this second of the run.
+    pub fn count_ack(&self, start: Instant) {
+        self.acked.fetch_add(1, Relaxed);
+        let second = start.elapsed().as_secs() as usize;
+        let mut per_second = self.per_second.lock().unwrap();
+        if per_second.len() <= second {
+            per_second.resize(second + 1, 0);
+        }
+        per_second[second] += 1;
+    }
+}
+
 fn epoch_us(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
 }
@@ -296,13 +309,7 @@ async fn acknowledgements(
                 outstanding.fetch_sub(1, Relaxed);
                 if let Some(reading) = item {
                     acked.push(reading);
-                    sent.acked.fetch_add(1, Relaxed);
-                    let second = start.elapsed().as_secs() as usize;
-                    let mut per_second = sent.per_second.lock().unwrap();
-                    if per_second.len() <= second {
-                        per_second.resize(second + 1, 0);
-                    }
-                    per_second[second] += 1;
+                    sent.count_ack(start);
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
