@@ -3,7 +3,7 @@
 //! fixed by the rate and carries it. A reading counts as acknowledged when the broker
 //! confirms it (acks = all).
 
-use crate::mqtt::{Plan, Sent, message};
+use crate::mqtt::{Due, Plan, Schedule, Sent, message, wait_until_due};
 use crate::scenario::Scenario;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -51,11 +51,8 @@ async fn send(
     sent: &Arc<Sent>,
     producer: &FutureProducer,
 ) {
-    let t = &scenario.traffic;
-    let base_rate = devices.len() as f64 * t.rate_hz;
-    let total = scenario.duration().as_secs_f64();
-    let mut rng = fastrand::Rng::with_seed(t.seed ^ id as u64);
-    let mut seqs = vec![0u64; devices.len()];
+    let mut rng = fastrand::Rng::with_seed(scenario.traffic.seed ^ id as u64);
+    let mut schedule = Schedule::new(devices, scenario, &mut rng);
     let (confirm, mut confirmations) =
         tokio::sync::mpsc::unbounded_channel::<(DeliveryFuture, Option<(u32, u64)>)>();
     let counter = sent.clone();
@@ -70,21 +67,13 @@ async fn send(
         }
         counter.acked_readings.lock().unwrap().extend(acked);
     });
-    let mut due = rng.f64() / base_rate;
-    let mut k = 0usize;
-    while due < total {
-        let multiplier = scenario.multiplier_at(Duration::from_secs_f64(due));
-        if multiplier <= 0.0 {
-            break;
-        }
-        tokio::time::sleep_until((plan.start + Duration::from_secs_f64(due)).into()).await;
-        let late = plan.start.elapsed().as_secs_f64() - due;
-        sent.lag_max_us
-            .fetch_max((late.max(0.0) * 1e6) as u64, Relaxed);
-        let slot = k % devices.len();
-        let d = devices[slot];
-        let seq = seqs[slot];
-        seqs[slot] += 1;
+    while let Some(Due {
+        device: d,
+        seq,
+        due,
+    }) = schedule.next(scenario)
+    {
+        wait_until_due(plan, sent, due).await;
         let (payload, reading) = message(scenario, plan, sent, d, seq, due, &mut rng, true);
         let key = plan.device(d);
         // A full local queue makes the sender wait (and fall behind, which the due times
@@ -108,8 +97,6 @@ async fn send(
             let _ = confirm.send((delivery, reading));
         }
         sent.sent.fetch_add(1, Relaxed);
-        k += 1;
-        due += 1.0 / (base_rate * multiplier);
     }
     drop(confirm);
     let _ = acker.await;

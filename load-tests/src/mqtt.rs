@@ -169,21 +169,17 @@ impl Sender {
 
     async fn run(self, scenario: &Scenario, plan: &Plan, sent: &Arc<Sent>) {
         let t = &scenario.traffic;
-        let base_rate = self.devices.len() as f64 * t.rate_hz;
-        let total = scenario.duration().as_secs_f64();
         let storms: Vec<f64> = t.reconnect_at.iter().map(|s| s.as_secs_f64()).collect();
         let mut next_storm = 0;
         let mut rng = fastrand::Rng::with_seed(t.seed ^ self.id as u64);
-        let mut seqs = vec![0u64; self.devices.len()];
+        let mut schedule = Schedule::new(self.devices.clone(), scenario, &mut rng);
         let mut link = self.connect(plan, scenario, sent, 0);
-        // Devices start spread over their first period.
-        let mut due = rng.f64() / base_rate;
-        let mut k = 0usize;
-        while due < total {
-            let multiplier = scenario.multiplier_at(Duration::from_secs_f64(due));
-            if multiplier <= 0.0 {
-                break;
-            }
+        while let Some(Due {
+            device: d,
+            seq,
+            due,
+        }) = schedule.next(scenario)
+        {
             if storms.get(next_storm).is_some_and(|s| due >= *s) {
                 next_storm += 1;
                 // Every connection drops at once, then each comes back after a random wait.
@@ -193,14 +189,7 @@ impl Sender {
                 sent.reconnects.fetch_add(1, Relaxed);
                 link = self.connect(plan, scenario, sent, sent.reconnects.load(Relaxed));
             }
-            tokio::time::sleep_until((self.start + Duration::from_secs_f64(due)).into()).await;
-            let late = self.start.elapsed().as_secs_f64() - due;
-            sent.lag_max_us
-                .fetch_max((late.max(0.0) * 1e6) as u64, Relaxed);
-            let slot = k % self.devices.len();
-            let d = self.devices[slot];
-            let seq = seqs[slot];
-            seqs[slot] += 1;
+            wait_until_due(plan, sent, due).await;
             let (payload, reading) = message(scenario, plan, sent, d, seq, due, &mut rng, false);
             link.queue.lock().unwrap().push_back(reading);
             link.outstanding.fetch_add(1, Relaxed);
@@ -217,8 +206,6 @@ impl Sender {
                 link.outstanding.fetch_sub(1, Relaxed);
             }
             sent.sent.fetch_add(1, Relaxed);
-            k += 1;
-            due += 1.0 / (base_rate * multiplier);
         }
         // Let the last acknowledgements arrive, then close.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -228,6 +215,67 @@ impl Sender {
         let _ = link.client.disconnect().await;
         let _ = link.events.await;
     }
+}
+
+/// One sender's open-loop schedule: its devices in turn, each message due at a time the
+/// rate (and the phase's multiplier) fixes in advance, whatever happened to the ones before.
+pub struct Schedule {
+    devices: Vec<usize>,
+    seqs: Vec<u64>,
+    base_rate: f64,
+    total: f64,
+    /// Seconds into the run the next message is due.
+    due: f64,
+    k: usize,
+}
+
+/// A message to send: device, its seq, and when it is due (seconds into the run).
+#[derive(Debug, PartialEq)]
+pub struct Due {
+    pub device: usize,
+    pub seq: u64,
+    pub due: f64,
+}
+
+impl Schedule {
+    /// Devices start spread over their first period (the first draw of `rng`).
+    pub fn new(devices: Vec<usize>, scenario: &Scenario, rng: &mut fastrand::Rng) -> Schedule {
+        let base_rate = devices.len() as f64 * scenario.traffic.rate_hz;
+        Schedule {
+            seqs: vec![0; devices.len()],
+            due: rng.f64() / base_rate,
+            base_rate,
+            total: scenario.duration().as_secs_f64(),
+            devices,
+            k: 0,
+        }
+    }
+
+    /// The next message, or `None` once the run is over.
+    pub fn next(&mut self, scenario: &Scenario) -> Option<Due> {
+        let multiplier = scenario.multiplier_at(Duration::from_secs_f64(self.due));
+        if self.due >= self.total || multiplier <= 0.0 {
+            return None;
+        }
+        let slot = self.k % self.devices.len();
+        let next = Due {
+            device: self.devices[slot],
+            seq: self.seqs[slot],
+            due: self.due,
+        };
+        self.seqs[slot] += 1;
+        self.k += 1;
+        self.due += 1.0 / (self.base_rate * multiplier);
+        Some(next)
+    }
+}
+
+/// Sleeps until `due` seconds into the run, and notes how late that was.
+pub async fn wait_until_due(plan: &Plan, sent: &Sent, due: f64) {
+    tokio::time::sleep_until((plan.start + Duration::from_secs_f64(due)).into()).await;
+    let late = plan.start.elapsed().as_secs_f64() - due;
+    sent.lag_max_us
+        .fetch_max((late.max(0.0) * 1e6) as u64, Relaxed);
 }
 
 /// The `seq`-th message of device `d`, due `due` seconds into the run: a reading (hr high
@@ -393,5 +441,43 @@ devices = 1.0
         );
         assert_eq!(reading, Some((0, 2)));
         assert_eq!(sent.anomalies.lock().unwrap().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_takes_its_devices_in_turn_at_the_phase_rate() {
+        let s: Scenario = toml::from_str(
+            r#"
+name = "t"
+[traffic]
+devices = 2
+rate_hz = 1.0
+[[phase]]
+duration = "2s"
+rate_multiplier = 1.0
+[[phase]]
+duration = "1s"
+rate_multiplier = 2.0
+"#,
+        )
+        .unwrap();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let start = fastrand::Rng::with_seed(7).f64() / 2.0;
+        let mut schedule = Schedule::new(vec![4, 9], &s, &mut rng);
+        let all: Vec<Due> = std::iter::from_fn(|| schedule.next(&s)).collect();
+        let devices: Vec<(usize, u64)> = all.iter().map(|d| (d.device, d.seq)).collect();
+        assert_eq!(&devices[..4], [(4, 0), (9, 0), (4, 1), (9, 1)]);
+        // 2 messages/s for 2 s, then 4/s until 3 s (the last one if the first came early).
+        assert_eq!(all.iter().filter(|d| d.due < 2.0).count(), 4);
+        assert_eq!(all.len(), 7 + usize::from(start < 0.25));
+        assert!((all[0].due - start).abs() < 1e-9);
+        assert!((all[1].due - all[0].due - 0.5).abs() < 1e-9);
+        let n = all.len();
+        assert!((all[n - 1].due - all[n - 2].due - 0.25).abs() < 1e-9);
+        assert!(all.last().unwrap().due < 3.0);
     }
 }
