@@ -63,6 +63,12 @@ pub struct KafkaSourceConfig {
     /// A node silent this long leaves the group and its partitions move.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// librdkafka's `fetch.wait.max.ms`: the longest a broker holds a fetch that finds
+    /// nothing new. A real broker answers as soon as records arrive, so this costs no
+    /// latency there; librdkafka's mock cluster always waits the whole time, so a test or
+    /// load run against it sets this to a few milliseconds.
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait: Duration,
 }
 
 impl Default for KafkaSourceConfig {
@@ -78,6 +84,7 @@ impl Default for KafkaSourceConfig {
             revoke_timeout: Duration::from_secs(10),
             assignment_strategy: "cooperative-sticky".into(),
             session_timeout: Duration::from_secs(45),
+            fetch_wait: Duration::from_millis(500),
         }
     }
 }
@@ -97,6 +104,9 @@ impl KafkaSourceConfig {
         }
         if self.session_timeout < Duration::from_secs(1) {
             problems.push("session_timeout must be at least 1s".into());
+        }
+        if self.fetch_wait > Duration::from_secs(300) {
+            problems.push("fetch_wait must be at most 300s".into());
         }
         if self.rebuild_records < 0 {
             problems.push("rebuild_records must not be negative".into());
@@ -628,6 +638,10 @@ impl KafkaSource {
             // consumer: this node drains the queue in milliseconds (4x the throughput).
             .set("queued.max.messages.kbytes", "65536")
             .set("fetch.queue.backoff.ms", "10")
+            .set(
+                "fetch.wait.max.ms",
+                config.fetch_wait.as_millis().to_string(),
+            )
             .set("partition.assignment.strategy", &config.assignment_strategy)
             .set(
                 "session.timeout.ms",
