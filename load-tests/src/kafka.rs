@@ -3,7 +3,7 @@
 //! fixed by the rate and carries it. A reading counts as acknowledged when the broker
 //! confirms it (acks = all).
 
-use crate::mqtt::{Due, Plan, Schedule, Sent, message, wait_until_due};
+use crate::mqtt::{Plan, Schedule, Sent, message, wait_until_due};
 use crate::scenario::Scenario;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -12,6 +12,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 pub const TOPIC: &str = "vitals.raw";
+
+/// Where the readings go: the brokers a scenario names, or a mock cluster the run started.
+pub struct Brokers {
+    pub list: String,
+    pub mock: bool,
+}
 
 pub async fn drive(
     scenario: Arc<Scenario>,
@@ -67,15 +73,10 @@ async fn send(
         }
         counter.acked_readings.lock().unwrap().extend(acked);
     });
-    while let Some(Due {
-        device: d,
-        seq,
-        due,
-    }) = schedule.next(scenario)
-    {
-        wait_until_due(plan, sent, due).await;
-        let (payload, reading) = message(scenario, plan, sent, d, seq, due, &mut rng, true);
-        let key = plan.device(d);
+    while let Some(next) = schedule.next(scenario) {
+        wait_until_due(plan, sent, next.due).await;
+        let (payload, reading) = message(scenario, plan, sent, &next, &mut rng, true);
+        let key = plan.device(next.device);
         // A full local queue makes the sender wait (and fall behind, which the due times
         // record); nothing is dropped.
         let delivery = loop {

@@ -14,6 +14,7 @@
 mod kafka;
 mod mqtt;
 mod observe;
+mod recording;
 mod report;
 mod scenario;
 mod service;
@@ -48,18 +49,46 @@ enum Command {
         #[arg(long)]
         keep_database: bool,
     },
+    /// Record device traffic from an MQTT broker, to replay (`traffic.recording`).
+    Record {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "devices/+/vitals")]
+        topic: String,
+        /// How long to listen (`60s`, `10m`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Run {
-        scenario,
-        vitalstream,
-        out,
-        keep_database,
-    } = Cli::parse().command;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let (scenario, vitalstream, out, keep_database) = match Cli::parse().command {
+        Command::Run {
+            scenario,
+            vitalstream,
+            out,
+            keep_database,
+        } => (scenario, vitalstream, out, keep_database),
+        Command::Record {
+            broker,
+            topic,
+            duration,
+            out,
+        } => {
+            let recording = recording::record(&broker, &topic, duration, &out);
+            let (written, skipped) = runtime.block_on(recording)?;
+            eprintln!(
+                "{written} readings recorded to {} ({skipped} messages were not JSON objects)",
+                out.display()
+            );
+            return Ok(());
+        }
+    };
     let report = runtime.block_on(run(scenario, vitalstream, out, keep_database))?;
     if !report.ok {
         anyhow::bail!("the run lost readings or missed or added alerts");
@@ -92,17 +121,19 @@ async fn run(
     let mut _cluster = None;
     let brokers = match (scenario.traffic.transport, &scenario.traffic.kafka_brokers) {
         (scenario::Transport::Mqtt, _) => None,
-        (scenario::Transport::Kafka, Some(brokers)) => Some(brokers.clone()),
+        (scenario::Transport::Kafka, Some(brokers)) => Some(kafka::Brokers {
+            list: brokers.clone(),
+            mock: false,
+        }),
         (scenario::Transport::Kafka, None) => {
             let cluster = rdkafka::mocking::MockCluster::new(1)?;
             cluster.create_topic(kafka::TOPIC, 4, 1)?;
-            let brokers = cluster.bootstrap_servers();
+            let list = cluster.bootstrap_servers();
             _cluster = Some(cluster);
-            Some(brokers)
+            Some(kafka::Brokers { list, mock: true })
         }
     };
-    let service =
-        service::Service::start(&scenario, &run, &binary, &dir, brokers.as_deref()).await?;
+    let service = service::Service::start(&scenario, &run, &binary, &dir, brokers.as_ref()).await?;
     let observer = observe::Observer::start(&service.base, &service.observer_token()).await?;
     let plan = Arc::new(mqtt::Plan::new(&scenario, &run));
     let sent = Arc::new(mqtt::Sent::default());
@@ -114,7 +145,7 @@ async fn run(
             scenario.clone(),
             plan.clone(),
             sent.clone(),
-            brokers,
+            brokers.list,
         )),
         None => {
             let (scenario, plan, sent) = (scenario.clone(), plan.clone(), sent.clone());
@@ -141,15 +172,17 @@ async fn run(
     let deadline = Instant::now() + scenario.service.settle;
     let stored = loop {
         let stored = service.stored(&run).await?;
-        let expected = sent.anomalies.lock().unwrap().len();
-        let enough = stored.len() as u64 >= sent.acked.load(Relaxed)
-            && (expected == 0 || !observer.seen.lock().unwrap().is_empty());
+        let alerts = {
+            let seen = observer.seen.lock().unwrap();
+            report::Alerts::tally(&plan, &sent, &seen)
+        };
+        let enough = stored.len() as u64 >= sent.acked.load(Relaxed) && alerts.complete();
         if enough || Instant::now() >= deadline {
             break stored;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    // Alerts may trail the rows by a little; give them a moment more.
+    // An alert storm shows as alerts beyond the expected ones: give any a moment to arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let metrics = service.metrics().await.unwrap_or_default();
     let (_, peak_rss_mb) = service.usage();

@@ -27,7 +27,8 @@ pub struct Plan {
 impl Plan {
     pub fn new(scenario: &Scenario, run: &str) -> Plan {
         let mut rng = fastrand::Rng::with_seed(scenario.traffic.seed);
-        let devices = scenario.traffic.devices;
+        let devices =
+            (scenario.recorded.as_ref()).map_or(scenario.traffic.devices, |r| r.devices.len());
         let episodes = (scenario.episodes.iter())
             .map(|e| {
                 let n = ((devices as f64) * e.devices).round() as usize;
@@ -174,13 +175,8 @@ impl Sender {
         let mut rng = fastrand::Rng::with_seed(t.seed ^ self.id as u64);
         let mut schedule = Schedule::new(self.devices.clone(), scenario, &mut rng);
         let mut link = self.connect(plan, scenario, sent, 0);
-        while let Some(Due {
-            device: d,
-            seq,
-            due,
-        }) = schedule.next(scenario)
-        {
-            if storms.get(next_storm).is_some_and(|s| due >= *s) {
+        while let Some(next) = schedule.next(scenario) {
+            if storms.get(next_storm).is_some_and(|s| next.due >= *s) {
                 next_storm += 1;
                 // Every connection drops at once, then each comes back after a random wait.
                 let _ = link.client.disconnect().await;
@@ -189,11 +185,11 @@ impl Sender {
                 sent.reconnects.fetch_add(1, Relaxed);
                 link = self.connect(plan, scenario, sent, sent.reconnects.load(Relaxed));
             }
-            wait_until_due(plan, sent, due).await;
-            let (payload, reading) = message(scenario, plan, sent, d, seq, due, &mut rng, false);
+            wait_until_due(plan, sent, next.due).await;
+            let (payload, reading) = message(scenario, plan, sent, &next, &mut rng, false);
             link.queue.lock().unwrap().push_back(reading);
             link.outstanding.fetch_add(1, Relaxed);
-            let topic = format!("devices/{}/vitals", plan.device(d));
+            let topic = format!("devices/{}/vitals", plan.device(next.device));
             if link
                 .client
                 .publish(topic, QoS::AtLeastOnce, false, payload)
@@ -218,7 +214,8 @@ impl Sender {
 }
 
 /// One sender's open-loop schedule: its devices in turn, each message due at a time the
-/// rate (and the phase's multiplier) fixes in advance, whatever happened to the ones before.
+/// rate (and the phase's multiplier) fixes in advance, whatever happened to the ones before;
+/// or, replaying a recording, its devices' recorded readings when they fell due.
 pub struct Schedule {
     devices: Vec<usize>,
     seqs: Vec<u64>,
@@ -227,20 +224,34 @@ pub struct Schedule {
     /// Seconds into the run the next message is due.
     due: f64,
     k: usize,
+    /// Replaying: this sender's readings of the recording (indices), and each device's slot.
+    recorded: Option<(Vec<usize>, HashMap<usize, usize>)>,
 }
 
-/// A message to send: device, its seq, and when it is due (seconds into the run).
+/// A message to send: device, its seq, when it is due (seconds into the run), and the
+/// recorded reading it replays.
 #[derive(Debug, PartialEq)]
 pub struct Due {
     pub device: usize,
     pub seq: u64,
     pub due: f64,
+    pub line: Option<usize>,
 }
 
 impl Schedule {
     /// Devices start spread over their first period (the first draw of `rng`).
     pub fn new(devices: Vec<usize>, scenario: &Scenario, rng: &mut fastrand::Rng) -> Schedule {
         let base_rate = devices.len() as f64 * scenario.traffic.rate_hz;
+        let recorded = scenario.recorded.as_ref().map(|r| {
+            let slots: HashMap<usize, usize> =
+                devices.iter().enumerate().map(|(i, d)| (*d, i)).collect();
+            let lines = (r.readings.iter().enumerate())
+                .filter(|(_, x)| slots.contains_key(&x.device))
+                .map(|(i, _)| i)
+                .rev()
+                .collect();
+            (lines, slots)
+        });
         Schedule {
             seqs: vec![0; devices.len()],
             due: rng.f64() / base_rate,
@@ -248,11 +259,28 @@ impl Schedule {
             total: scenario.duration().as_secs_f64(),
             devices,
             k: 0,
+            recorded,
         }
     }
 
     /// The next message, or `None` once the run is over.
     pub fn next(&mut self, scenario: &Scenario) -> Option<Due> {
+        if let Some((lines, slots)) = &mut self.recorded {
+            let line = lines.pop()?;
+            let r = &scenario.recorded.as_ref()?.readings[line];
+            let due = r.at / scenario.traffic.speed;
+            if due >= self.total {
+                return None;
+            }
+            let seq = &mut self.seqs[slots[&r.device]];
+            *seq += 1;
+            return Some(Due {
+                device: r.device,
+                seq: *seq - 1,
+                due,
+                line: Some(line),
+            });
+        }
         let multiplier = scenario.multiplier_at(Duration::from_secs_f64(self.due));
         if self.due >= self.total || multiplier <= 0.0 {
             return None;
@@ -262,6 +290,7 @@ impl Schedule {
             device: self.devices[slot],
             seq: self.seqs[slot],
             due: self.due,
+            line: None,
         };
         self.seqs[slot] += 1;
         self.k += 1;
@@ -278,21 +307,24 @@ pub async fn wait_until_due(plan: &Plan, sent: &Sent, due: f64) {
         .fetch_max((late.max(0.0) * 1e6) as u64, Relaxed);
 }
 
-/// The `seq`-th message of device `d`, due `due` seconds into the run: a reading (hr high
-/// while one of its episodes runs) or, now and then, a malformed one. Returns the payload
-/// and, for a reading, its (device, seq). `with_device` names the device in the payload
-/// (Kafka, where no topic does).
-#[allow(clippy::too_many_arguments)]
+/// The message `next` says is due: a reading (generated, hr high while one of its device's
+/// episodes runs; or replayed from the recording) or, now and then, a malformed one.
+/// Returns the payload and, for a reading, its (device, seq). `with_device` names the device
+/// in the payload (Kafka, where no topic does).
 pub fn message(
     scenario: &Scenario,
     plan: &Plan,
     sent: &Sent,
-    d: usize,
-    seq: u64,
-    due: f64,
+    next: &Due,
     rng: &mut fastrand::Rng,
     with_device: bool,
 ) -> (String, Option<(u32, u64)>) {
+    let &Due {
+        device: d,
+        seq,
+        due,
+        line,
+    } = next;
     if rng.f64() < scenario.traffic.bad_fraction {
         sent.bad.fetch_add(1, Relaxed);
         // Each kind the parser must refuse: not JSON, a wrong type, out of range.
@@ -304,32 +336,45 @@ pub fn message(
         return (payload, None);
     }
     let due_us = plan.start_epoch_us + (due * 1e6) as u64;
-    let episode = (scenario.episodes.iter().enumerate()).find(|(e, ep)| {
-        let at = ep.at.as_secs_f64();
-        due >= at
-            && due < at + ep.duration.as_secs_f64()
-            && plan.episodes[*e].binary_search(&d).is_ok()
-    });
-    let hr = match episode {
-        Some((e, ep)) => {
-            (sent.anomalies.lock().unwrap()).insert((d as u32, seq), (e, due_us));
-            ep.hr
-        }
-        None => 70.0 + (seq % 20) as f64,
-    };
     let device = if with_device {
         format!("\"device_id\":\"{}\",", plan.device(d))
     } else {
         String::new()
     };
-    let payload = format!(
-        r#"{{{device}"patient_id":"{}","ts":{},"seq":{seq},"correlation_id":"{}-{d}-{seq}","hr":{hr},"spo2":{},"temp":36.8,"rr":16}}"#,
+    let identity = format!(
+        r#"{device}"patient_id":"{}","ts":{},"seq":{seq},"correlation_id":"{}-{d}-{seq}""#,
         plan.patient(d),
         due_us / 1000,
         plan.run,
-        96 + seq % 3,
     );
-    (payload, Some((d as u32, seq)))
+    let recorded = line.and_then(|i| Some(&scenario.recorded.as_ref()?.readings[i]));
+    let (vitals, episode) = match recorded {
+        Some(r) => {
+            let vitals = serde_json::Value::Object(r.vitals.clone()).to_string();
+            // `{}` or `{"hr":…}`: its fields follow the identity's.
+            let fields = vitals[1..vitals.len() - 1].to_string();
+            (fields, r.episode)
+        }
+        None => {
+            let episode = (scenario.episodes.iter().enumerate()).find(|(e, ep)| {
+                let at = ep.at.as_secs_f64();
+                due >= at
+                    && due < at + ep.duration.as_secs_f64()
+                    && plan.episodes[*e].binary_search(&d).is_ok()
+            });
+            let hr = episode.map_or(70.0 + (seq % 20) as f64, |(_, ep)| ep.hr);
+            let fields = format!(r#""hr":{hr},"spo2":{},"temp":36.8,"rr":16"#, 96 + seq % 3);
+            (fields, episode.map(|(e, _)| e))
+        }
+    };
+    if let Some(e) = episode {
+        (sent.anomalies.lock().unwrap()).insert((d as u32, seq), (e, due_us));
+    }
+    let separator = if vitals.is_empty() { "" } else { "," };
+    (
+        format!("{{{identity}{separator}{vitals}}}"),
+        Some((d as u32, seq)),
+    )
 }
 
 /// Reads a connection's events: each outgoing publish takes the next entry of the queue
@@ -425,8 +470,14 @@ devices = 1.0
         .unwrap();
         let (plan, sent) = (Plan::new(&s, "r"), Sent::default());
         let mut rng = fastrand::Rng::with_seed(1);
-        let (before, _) = message(&s, &plan, &sent, 0, 1, 1.0, &mut rng, true);
-        let (during, reading) = message(&s, &plan, &sent, 0, 2, 2.5, &mut rng, true);
+        let due = |seq, due| Due {
+            device: 0,
+            seq,
+            due,
+            line: None,
+        };
+        let (before, _) = message(&s, &plan, &sent, &due(1, 1.0), &mut rng, true);
+        let (during, reading) = message(&s, &plan, &sent, &due(2, 2.5), &mut rng, true);
         let v: serde_json::Value = serde_json::from_str(&during).unwrap();
         assert_eq!(v["hr"], 150.0);
         assert_eq!(v["device_id"], "r-bed-0");
@@ -479,5 +530,58 @@ rate_multiplier = 2.0
         let n = all.len();
         assert!((all[n - 1].due - all[n - 2].due - 0.25).abs() < 1e-9);
         assert!(all.last().unwrap().due < 3.0);
+    }
+
+    #[test]
+    fn a_recording_is_replayed_at_its_pace_with_the_run_identity() {
+        let mut s: Scenario = toml::from_str(
+            r#"
+name = "t"
+[traffic]
+recording = "unused"
+speed = 2.0
+"#,
+        )
+        .unwrap();
+        let text = [
+            r#"{"at":0.0,"device":"bed-a","reading":{"hr":80,"spo2":97,"seq":9}}"#,
+            r#"{"at":1.0,"device":"bed-b","reading":{"hr":150}}"#,
+            r#"{"at":2.0,"device":"bed-a","reading":{"hr":140,"nibp_sys":120}}"#,
+            r#"{"at":9.0,"device":"bed-a","reading":{"hr":60}}"#,
+        ]
+        .join("\n");
+        s.recorded = Some(Arc::new(crate::recording::Recording::parse(&text).unwrap()));
+        // Played twice as fast: 4.5 s, plus a second to end on.
+        assert_eq!(s.duration(), Duration::from_secs_f64(5.5));
+        let (plan, sent) = (Plan::new(&s, "r"), Sent::default());
+        assert_eq!(plan.devices, 2);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut schedule = Schedule::new(vec![0], &s, &mut rng);
+        let all: Vec<Due> = std::iter::from_fn(|| schedule.next(&s)).collect();
+        let seen: Vec<(usize, u64, f64)> = all.iter().map(|d| (d.device, d.seq, d.due)).collect();
+        assert_eq!(
+            seen,
+            [(0, 0, 0.0), (0, 1, 1.0), (0, 2, 4.5)],
+            "only its devices"
+        );
+        let (payload, reading) = message(&s, &plan, &sent, &all[1], &mut rng, true);
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(v["device_id"], "r-bed-0");
+        assert_eq!(v["seq"], 1);
+        assert_eq!(v["correlation_id"], "r-0-1");
+        assert_eq!(
+            (v["hr"].as_f64(), v["nibp_sys"].as_f64()),
+            (Some(140.0), Some(120.0))
+        );
+        assert_eq!(reading, Some((0, 1)));
+        let first = message(&s, &plan, &sent, &all[0], &mut rng, false).0;
+        let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(v["seq"], 0, "the recorded seq gives way to the run's");
+        assert!(v.get("device_id").is_none());
+        assert_eq!(
+            sent.anomalies.lock().unwrap().keys().collect::<Vec<_>>(),
+            [&(0, 1)],
+            "the high reading expects an alert"
+        );
     }
 }

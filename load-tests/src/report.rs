@@ -68,6 +68,64 @@ pub struct PhaseResult {
     pub achieved_rate: f64,
 }
 
+/// The alerts seen, held against the ones the episodes expect.
+pub struct Alerts {
+    /// (device, episode): an episode expects an alert for a device when at least one of its
+    /// anomalous readings reached the broker.
+    pub expected: HashSet<(u32, usize)>,
+    /// The expected ones seen (the first alert of each).
+    pub matched: HashSet<(u32, usize)>,
+    /// Alerts no episode asked for, or a second alert for one that did.
+    pub extra: usize,
+    /// Reading (its due time) → `alert:critical`, µs, for each matched alert.
+    pub histogram: Histogram<u64>,
+}
+
+impl Alerts {
+    pub fn tally(plan: &Plan, sent: &Sent, seen: &[Seen]) -> Alerts {
+        let acked: HashSet<(u32, u64)> = (sent.acked_readings.lock().unwrap())
+            .iter()
+            .copied()
+            .collect();
+        let anomalies = sent.anomalies.lock().unwrap();
+        let expected = (anomalies.iter())
+            .filter(|(k, _)| acked.contains(k))
+            .map(|((d, _), (e, _))| (*d, *e))
+            .collect();
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
+        let mut matched = HashSet::new();
+        let mut extra = 0;
+        let prefix = format!("{}-", plan.run);
+        for s in seen {
+            let a = &s.alert;
+            let reading = (a["correlation_id"].as_str())
+                .and_then(|c| c.strip_prefix(&prefix))
+                .and_then(|c| c.split_once('-'))
+                .and_then(|(d, seq)| Some((d.parse::<u32>().ok()?, seq.parse::<u64>().ok()?)));
+            let hit = reading.and_then(|r| Some((r, *anomalies.get(&r)?)));
+            match hit {
+                Some(((d, _), (e, due_us)))
+                    if a["rule_id"] == "lt_hr_high" && matched.insert((d, e)) =>
+                {
+                    let _ = histogram.record(s.at_us.saturating_sub(due_us).max(1));
+                }
+                _ => extra += 1,
+            }
+        }
+        Alerts {
+            expected,
+            matched,
+            extra,
+            histogram,
+        }
+    }
+
+    /// Every expected alert has been seen.
+    pub fn complete(&self) -> bool {
+        self.expected.is_subset(&self.matched)
+    }
+}
+
 pub struct Inputs<'a> {
     pub scenario: &'a Scenario,
     pub plan: &'a Plan,
@@ -87,34 +145,12 @@ impl Report {
         let acked: Vec<(u32, u64)> = i.sent.acked_readings.lock().unwrap().clone();
         let stored: HashSet<(u32, u64)> = i.stored.iter().copied().collect();
         let lost: Vec<&(u32, u64)> = acked.iter().filter(|r| !stored.contains(r)).collect();
-        let anomalies = i.sent.anomalies.lock().unwrap();
-        let acked_set: HashSet<&(u32, u64)> = acked.iter().collect();
-        // An episode expects an alert for a device when at least one of its anomalous
-        // readings reached the broker.
-        let expected: HashSet<(u32, usize)> = (anomalies.iter())
-            .filter(|(k, _)| acked_set.contains(k))
-            .map(|((d, _), (e, _))| (*d, *e))
-            .collect();
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
-        let mut matched = HashSet::new();
-        let mut extra = 0;
-        let prefix = format!("{}-", i.plan.run);
-        for s in i.seen {
-            let a = &s.alert;
-            let reading = (a["correlation_id"].as_str())
-                .and_then(|c| c.strip_prefix(&prefix))
-                .and_then(|c| c.split_once('-'))
-                .and_then(|(d, seq)| Some((d.parse::<u32>().ok()?, seq.parse::<u64>().ok()?)));
-            let hit = reading.and_then(|r| Some((r, *anomalies.get(&r)?)));
-            match hit {
-                Some(((d, _), (e, due_us)))
-                    if a["rule_id"] == "lt_hr_high" && matched.insert((d, e)) =>
-                {
-                    let _ = histogram.record(s.at_us.saturating_sub(due_us).max(1));
-                }
-                _ => extra += 1,
-            }
-        }
+        let Alerts {
+            expected,
+            matched,
+            extra,
+            histogram,
+        } = Alerts::tally(i.plan, i.sent, i.seen);
         let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
         let alert_latency_ms = Latency {
             count: histogram.len(),
@@ -125,7 +161,10 @@ impl Report {
             max: histogram.max() as f64 / 1000.0,
         };
         let per_second = i.sent.per_second.lock().unwrap().clone();
-        let base = t.devices as f64 * t.rate_hz;
+        let base = match &i.scenario.recorded {
+            Some(r) => r.readings.len() as f64 / i.scenario.duration().as_secs_f64(),
+            None => t.devices as f64 * t.rate_hz,
+        };
         let mut phases = Vec::new();
         let mut second = 0usize;
         for p in i.scenario.phases() {
@@ -149,7 +188,7 @@ impl Report {
         Report {
             scenario: i.scenario.name.clone(),
             run: i.plan.run.clone(),
-            devices: t.devices,
+            devices: i.plan.devices,
             mode: format!("{:?}", t.mode).to_lowercase(),
             target_rate: base,
             peak_target_rate: i

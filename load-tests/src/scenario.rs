@@ -2,7 +2,10 @@
 //! through which transport, with which anomaly episodes (each expects one alert per device),
 //! bad input and reconnect storms, and the vitalstream it runs against.
 
+use crate::recording::Recording;
 use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -20,6 +23,9 @@ pub struct Scenario {
     pub episodes: Vec<Episode>,
     #[serde(default)]
     pub service: Service,
+    /// `traffic.recording`, loaded.
+    #[serde(skip)]
+    pub recorded: Option<Arc<Recording>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -32,10 +38,21 @@ pub struct Traffic {
     #[serde(default)]
     pub kafka_brokers: Option<String>,
     /// Simulated bedside devices, one patient each.
+    #[serde(default)]
     pub devices: usize,
     /// Readings per second per device.
+    #[serde(default)]
     pub rate_hz: f64,
-    /// How long traffic is sent (the phases, when given, say instead).
+    /// Replay this recording (see [`crate::recording`]; a path relative to the scenario
+    /// file) instead of generating readings: its devices and timing replace `devices`,
+    /// `rate_hz`, phases and episodes.
+    #[serde(default)]
+    pub recording: Option<PathBuf>,
+    /// How much faster than recorded a recording is replayed.
+    #[serde(default = "default_speed")]
+    pub speed: f64,
+    /// How long traffic is sent (the phases, when given, say instead; for a recording, by
+    /// default its length).
     #[serde(default, with = "humantime_serde")]
     pub duration: Option<Duration>,
     #[serde(default)]
@@ -53,6 +70,10 @@ pub struct Traffic {
     pub broker: String,
     #[serde(default = "default_seed")]
     pub seed: u64,
+}
+
+fn default_speed() -> f64 {
+    1.0
 }
 
 fn default_connections() -> usize {
@@ -149,7 +170,7 @@ impl Default for Service {
 impl Scenario {
     pub fn load(path: &std::path::Path) -> anyhow::Result<Scenario> {
         let text = std::fs::read_to_string(path)?;
-        let scenario: Scenario = toml::from_str(&text)?;
+        let mut scenario: Scenario = toml::from_str(&text)?;
         let problems = scenario.problems();
         anyhow::ensure!(
             problems.is_empty(),
@@ -157,17 +178,34 @@ impl Scenario {
             path.display(),
             problems.join("; ")
         );
+        if let Some(recording) = &scenario.traffic.recording {
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            scenario.recorded = Some(Arc::new(Recording::load(&dir.join(recording))?));
+        }
         Ok(scenario)
     }
 
     fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         let t = &self.traffic;
-        if t.devices == 0 || t.rate_hz <= 0.0 || t.connections == 0 {
-            out.push("traffic: devices, rate_hz and connections must be positive".into());
+        if t.connections == 0 {
+            out.push("traffic.connections must be positive".into());
         }
-        if t.duration.is_none() == self.phases.is_empty() {
-            out.push("give traffic.duration or [[phase]]s, not both".into());
+        if t.recording.is_some() {
+            if !self.phases.is_empty() || !self.episodes.is_empty() || t.speed <= 0.0 {
+                out.push(
+                    "a recording brings its own timing and episodes: no [[phase]] or \
+                     [[episode]], and a positive speed"
+                        .into(),
+                );
+            }
+        } else {
+            if t.devices == 0 || t.rate_hz <= 0.0 {
+                out.push("traffic: devices and rate_hz must be positive".into());
+            }
+            if t.duration.is_none() == self.phases.is_empty() {
+                out.push("give traffic.duration or [[phase]]s, not both".into());
+            }
         }
         if t.transport == Transport::Kafka
             && (!t.reconnect_at.is_empty() || t.mode == Mode::Connections)
@@ -187,9 +225,11 @@ impl Scenario {
         out
     }
 
-    /// The phases, the single steady one included.
+    /// The phases, the single steady one included (a recording's, at its own pace).
     pub fn phases(&self) -> Vec<Phase> {
-        match self.traffic.duration {
+        let replay = (self.recorded.as_ref())
+            .map(|r| Duration::from_secs_f64(r.length() / self.traffic.speed + 1.0));
+        match self.traffic.duration.or(replay) {
             Some(duration) => vec![Phase {
                 duration,
                 rate_multiplier: 1.0,

@@ -34,7 +34,7 @@ impl Service {
         run: &str,
         binary: &Path,
         dir: &Path,
-        kafka: Option<&str>,
+        kafka: Option<&crate::kafka::Brokers>,
     ) -> anyhow::Result<Service> {
         let s = &scenario.service;
         let name = format!("vs_load_{}", run.replace('-', "_"));
@@ -55,9 +55,12 @@ impl Service {
         let linger = s.batch_linger.as_millis();
         let source = match kafka {
             Some(brokers) => format!(
-                "type = \"kafka\"\nbrokers = \"{brokers}\"\ngroup_id = \"{run}-vitalstream\"\n\
-                 topics = [\"{}\"]\nbatch_linger = \"{linger}ms\"",
-                crate::kafka::TOPIC
+                "type = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"{run}-vitalstream\"\n\
+                 topics = [\"{}\"]\nbatch_linger = \"{linger}ms\"\nfetch_wait = \"{}\"",
+                brokers.list,
+                crate::kafka::TOPIC,
+                // The mock cluster holds a fetch that finds nothing for the whole wait.
+                if brokers.mock { "5ms" } else { "500ms" },
             ),
             None => format!(
                 "type = \"mqtt\"\nhost = \"{host}\"\nport = {port}\n\
