@@ -30,9 +30,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Readings are written to storage at least this often.
-const STORAGE_LINGER: Duration = Duration::from_secs(1);
-
 /// The sink threads, joined after the engine has drained.
 struct Sinks {
     threads: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -184,7 +181,7 @@ fn spawn(
 }
 
 /// The storage thread: writes readings and alerts as they come, flushes at least once per
-/// [`STORAGE_LINGER`], and closes the store when both inputs have ended. A batch's ack is
+/// the store's `flush_interval`, and closes the store when both inputs have ended. A batch's ack is
 /// done only after the flush that makes it durable; if a write or flush fails, the thread
 /// stops and the acks it holds are dropped undone, so their sources do not acknowledge.
 fn run_storage(
@@ -197,8 +194,9 @@ fn run_storage(
     let mut alerts_open = true;
     let mut last_flush = Instant::now();
     let mut dirty = false;
+    let linger = storage.flush_interval();
     while readings_open || alerts_open {
-        let timeout = crossbeam_channel::after(STORAGE_LINGER);
+        let timeout = crossbeam_channel::after(linger.saturating_sub(last_flush.elapsed()));
         let (no_readings, no_alerts) = (crossbeam_channel::never(), crossbeam_channel::never());
         select! {
             recv(if readings_open { &readings } else { &no_readings }) -> msg => match msg {
@@ -215,7 +213,7 @@ fn run_storage(
             },
             recv(timeout) -> _ => {},
         }
-        if dirty && last_flush.elapsed() >= STORAGE_LINGER {
+        if dirty && last_flush.elapsed() >= linger {
             storage.flush()?;
             ack::all_done(unflushed.drain(..));
             dirty = false;

@@ -42,6 +42,12 @@ pub trait Storage: Send {
     fn write_alerts(&mut self, events: &[AlertEvent]) -> Result<(), StorageError>;
     /// Makes everything written so far durable.
     fn flush(&mut self) -> Result<(), StorageError>;
+    /// How long written data may wait for `flush`. Sources are acknowledged only after it,
+    /// so this is also how long a broker keeps a reading in flight to vitalstream: with
+    /// MQTT's `receive_maximum` it bounds the rate one session can take.
+    fn flush_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
     /// Flushes and releases resources; called once, at shutdown.
     fn close(&mut self) -> Result<(), StorageError>;
 }

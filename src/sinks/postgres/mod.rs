@@ -56,8 +56,11 @@ pub struct PostgresConfig {
     pub url: String,
     /// Connections writing in parallel.
     pub connections: usize,
-    /// A batch is sent once this many readings are waiting (and at least once per second).
+    /// A batch is sent once this many readings are waiting, and everything waiting at least
+    /// every `flush_interval`: a reading's source is acknowledged after that flush.
     pub batch_rows: usize,
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Limit on every database call (also set as the session's `statement_timeout`).
@@ -101,6 +104,7 @@ impl Default for PostgresConfig {
             url: "postgres://postgres@127.0.0.1:5432/vitalstream".into(),
             connections: 4,
             batch_rows: 10_000,
+            flush_interval: Duration::from_millis(50),
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(30),
             retries: 3,
@@ -417,6 +421,9 @@ impl PostgresStorage {
                 PgError::Config("batch_rows and connections must be at least 1".into()).into(),
             );
         }
+        if config.flush_interval.is_zero() {
+            return Err(PgError::Config("flush_interval must be positive".into()).into());
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("postgres")
@@ -695,6 +702,10 @@ impl Storage for PostgresStorage {
         Ok(())
     }
 
+    fn flush_interval(&self) -> Duration {
+        self.shared.config.flush_interval
+    }
+
     /// Returns once everything handed over is in the database or the spool; then gives the
     /// spool up to a second to drain.
     fn flush(&mut self) -> Result<(), StorageError> {
@@ -738,5 +749,21 @@ mod tests {
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("host=h user=u"), "host=h user=u");
+    }
+
+    #[test]
+    fn the_flush_interval_is_the_stores_and_must_be_positive() {
+        let config = PostgresConfig {
+            flush_interval: Duration::ZERO,
+            ..PostgresConfig::default()
+        };
+        let err = PostgresStorage::open(&config).err().expect("refused");
+        assert!(err.to_string().contains("flush_interval"), "{err}");
+        let parsed: PostgresConfig = toml::from_str("flush_interval = \"20ms\"").unwrap();
+        assert_eq!(parsed.flush_interval, Duration::from_millis(20));
+        assert_eq!(
+            PostgresConfig::default().flush_interval,
+            Duration::from_millis(50)
+        );
     }
 }
