@@ -206,12 +206,20 @@ pub fn router(config: &ApiConfig, state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `stop` resolves.
+/// Serves until `stop` resolves. Connections send without delay (`TCP_NODELAY`): with
+/// Nagle's algorithm, an `alert:critical` following another closely waited for the
+/// client's delayed acknowledgement, 40 ms on Linux (the load harness's p90).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(stop)
         .await
