@@ -26,6 +26,10 @@ pub struct Service {
     pub database: String,
     admin: String,
     pub log: PathBuf,
+    /// Over MQTT: the broker (host, port) and vitalstream's client id. Its session is
+    /// persistent, so it is ended after the run, or the broker would queue every later
+    /// run's readings for it.
+    mqtt_session: Option<(String, u16, String)>,
 }
 
 impl Service {
@@ -118,6 +122,10 @@ rate_limit_per_minute = 100000
             database,
             admin,
             log,
+            mqtt_session: kafka.is_none().then(|| {
+                let port = port.parse().unwrap_or(1883);
+                (host.to_string(), port, format!("{run}-vitalstream"))
+            }),
         };
         // Ready: the database answers and the MQTT subscription (or the Kafka assignment)
         // is up.
@@ -251,6 +259,9 @@ rate_limit_per_minute = 100000
             "vitalstream did not stop cleanly (see {})",
             self.log.display()
         );
+        if let Some((host, port, id)) = &self.mqtt_session {
+            end_session(host, *port, id).await;
+        }
         if !keep_database {
             let name = self.database.rsplit('/').next().unwrap_or_default();
             connect(&self.admin)
@@ -259,6 +270,28 @@ rate_limit_per_minute = 100000
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Connects as `id` with a clean session, which ends the broker's stored session of that
+/// id, and leaves.
+async fn end_session(host: &str, port: u16, id: &str) {
+    let mut options = rumqttc::MqttOptions::new(id, host, port);
+    options.set_clean_session(true);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    let _ = client.disconnect().await;
+                }
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    if ended.await.is_err() {
+        eprintln!("warning: vitalstream's MQTT session {id} may still be on the broker");
     }
 }
 
