@@ -66,6 +66,8 @@ pub struct Traffic {
     /// At these times every connection drops and reconnects (a reconnect storm).
     #[serde(default)]
     pub reconnect_at: Vec<humantime_serde::Serde<Duration>>,
+    /// The MQTT broker, host:port; `start` (the default): one the run starts for itself,
+    /// set up as vitalstream's broker should be (see [`crate::broker`]).
     #[serde(default = "default_broker")]
     pub broker: String,
     #[serde(default = "default_seed")]
@@ -81,7 +83,7 @@ fn default_connections() -> usize {
 }
 
 fn default_broker() -> String {
-    "127.0.0.1:1883".into()
+    "start".into()
 }
 
 fn default_seed() -> u64 {
