@@ -101,6 +101,10 @@ fn options(config: &MqttConfig) -> MqttOptions {
         ))
         .set_manual_acks(true)
         .set_receive_maximum(Some(config.receive_maximum));
+    // Acknowledgements and commands go out at once, not held back by Nagle's algorithm.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
     if let Some(user) = &config.username {
         options.set_credentials(user, config.password.clone().unwrap_or_default());
     }
