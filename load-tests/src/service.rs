@@ -41,6 +41,16 @@ impl Service {
         kafka: Option<&crate::kafka::Brokers>,
     ) -> anyhow::Result<Service> {
         let s = &scenario.service;
+        // Over MQTT: the broker, and vitalstream's session there.
+        let mqtt_session = match kafka {
+            Some(_) => None,
+            None => {
+                let (host, port) = (scenario.traffic.broker.rsplit_once(':'))
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                    .context("traffic.broker is host:port")?;
+                Some((host, port, format!("{run}-vitalstream")))
+            }
+        };
         let name = format!("vs_load_{}", run.replace('-', "_"));
         let admin = format!("{}/postgres", s.postgres);
         let client = connect(&admin).await?;
@@ -49,11 +59,6 @@ impl Service {
             .await
             .with_context(|| format!("creating database {name}"))?;
         let database = format!("{}/{name}", s.postgres);
-        let (host, port) = scenario
-            .traffic
-            .broker
-            .rsplit_once(':')
-            .context("traffic.broker is host:port")?;
         let secret = format!("load-{:016x}", fastrand::u64(..));
         std::fs::write(dir.join("pipeline.toml"), PIPELINE)?;
         let linger = s.batch_linger.as_millis();
@@ -66,10 +71,13 @@ impl Service {
                 // The mock cluster holds a fetch that finds nothing for the whole wait.
                 if brokers.mock { "5ms" } else { "500ms" },
             ),
-            None => format!(
-                "type = \"mqtt\"\nhost = \"{host}\"\nport = {port}\n\
-                 client_id = \"{run}-vitalstream\"\nbatch_linger = \"{linger}ms\""
-            ),
+            None => {
+                let (host, port, id) = mqtt_session.as_ref().expect("over MQTT");
+                format!(
+                    "type = \"mqtt\"\nhost = \"{host}\"\nport = {port}\n\
+                     client_id = \"{id}\"\nbatch_linger = \"{linger}ms\""
+                )
+            }
         };
         let config = format!(
             r#"
@@ -122,10 +130,7 @@ rate_limit_per_minute = 100000
             database,
             admin,
             log,
-            mqtt_session: kafka.is_none().then(|| {
-                let port = port.parse().unwrap_or(1883);
-                (host.to_string(), port, format!("{run}-vitalstream"))
-            }),
+            mqtt_session,
         };
         // Ready: the database answers and the MQTT subscription (or the Kafka assignment)
         // is up.
