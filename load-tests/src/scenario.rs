@@ -275,9 +275,11 @@ mod tests {
         let expected = [
             "bad-input",
             "burst",
+            "half-rate",
             "kafka",
             "ramp",
             "reconnect-storm",
+            "replay",
             "smoke",
             "steady-ward",
         ];
