@@ -180,10 +180,11 @@ fn spawn(
         .expect("spawning a sink thread")
 }
 
-/// The storage thread: writes readings and alerts as they come, flushes at least once per
-/// the store's `flush_interval`, and closes the store when both inputs have ended. A batch's ack is
-/// done only after the flush that makes it durable; if a write or flush fails, the thread
-/// stops and the acks it holds are dropped undone, so their sources do not acknowledge.
+/// The storage thread: writes readings and alerts as they come, flushes what it holds at
+/// least once per the store's `flush_interval`, and closes the store when both inputs have
+/// ended. A batch's ack is done only after the flush that makes it durable; if a write or
+/// flush fails, the thread stops and the acks it holds are dropped undone, so their sources
+/// do not acknowledge.
 fn run_storage(
     mut storage: Box<dyn Storage>,
     readings: Receiver<ReadingBatch>,
@@ -196,7 +197,13 @@ fn run_storage(
     let mut dirty = false;
     let linger = storage.flush_interval();
     while readings_open || alerts_open {
-        let timeout = crossbeam_channel::after(linger.saturating_sub(last_flush.elapsed()));
+        // Holding something: until its flush is due. Idle: a whole interval.
+        let wait = if dirty {
+            linger.saturating_sub(last_flush.elapsed())
+        } else {
+            linger
+        };
+        let timeout = crossbeam_channel::after(wait);
         let (no_readings, no_alerts) = (crossbeam_channel::never(), crossbeam_channel::never());
         select! {
             recv(if readings_open { &readings } else { &no_readings }) -> msg => match msg {
