@@ -180,20 +180,21 @@ async fn run(
     eprintln!();
 
     // Settle: every acknowledged reading stored and every expected alert seen, or time out.
+    // Acknowledged readings are checked by name: the count alone can be made up by readings
+    // sent during a reconnect whose acknowledgements never came.
+    let acked: HashSet<(u32, u64)> = (sent.acked_readings.lock().unwrap())
+        .iter()
+        .copied()
+        .collect();
     let deadline = Instant::now() + scenario.service.settle;
     let stored = loop {
         let stored = service.stored(&run).await?;
         let alerts = {
             let seen = observer.seen.lock().unwrap();
-            report::Alerts::tally(&plan, &sent, &seen)
+            report::Alerts::tally(&plan, &sent, &acked, &seen)
         };
-        // Every acknowledged reading, by name: the count alone can be made up by readings
-        // sent during a reconnect whose acknowledgements never came.
-        let unstored = {
-            let stored: HashSet<&(u32, u64)> = stored.iter().collect();
-            let acked = sent.acked_readings.lock().unwrap();
-            acked.iter().filter(|r| !stored.contains(r)).count()
-        };
+        let stored_acked = stored.iter().filter(|r| acked.contains(*r)).count();
+        let unstored = acked.len() - stored_acked;
         let enough = unstored == 0 && alerts.complete();
         if enough || Instant::now() >= deadline {
             break stored;

@@ -82,11 +82,8 @@ pub struct Alerts {
 }
 
 impl Alerts {
-    pub fn tally(plan: &Plan, sent: &Sent, seen: &[Seen]) -> Alerts {
-        let acked: HashSet<(u32, u64)> = (sent.acked_readings.lock().unwrap())
-            .iter()
-            .copied()
-            .collect();
+    /// `acked`: the readings the broker acknowledged.
+    pub fn tally(plan: &Plan, sent: &Sent, acked: &HashSet<(u32, u64)>, seen: &[Seen]) -> Alerts {
         let anomalies = sent.anomalies.lock().unwrap();
         let expected = (anomalies.iter())
             .filter(|(k, _)| acked.contains(k))
@@ -145,12 +142,13 @@ impl Report {
         let acked: Vec<(u32, u64)> = i.sent.acked_readings.lock().unwrap().clone();
         let stored: HashSet<(u32, u64)> = i.stored.iter().copied().collect();
         let lost: Vec<&(u32, u64)> = acked.iter().filter(|r| !stored.contains(r)).collect();
+        let acked_set: HashSet<(u32, u64)> = acked.iter().copied().collect();
         let Alerts {
             expected,
             matched,
             extra,
             histogram,
-        } = Alerts::tally(i.plan, i.sent, i.seen);
+        } = Alerts::tally(i.plan, i.sent, &acked_set, i.seen);
         let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
         let alert_latency_ms = Latency {
             count: histogram.len(),

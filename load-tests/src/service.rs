@@ -65,11 +65,15 @@ impl Service {
         let source = match kafka {
             Some(brokers) => format!(
                 "type = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"{run}-vitalstream\"\n\
-                 topics = [\"{}\"]\nbatch_linger = \"{linger}ms\"\nfetch_wait = \"{}\"",
+                 topics = [\"{}\"]\nbatch_linger = \"{linger}ms\"\n{}",
                 brokers.list,
                 crate::kafka::TOPIC,
                 // The mock cluster holds a fetch that finds nothing for the whole wait.
-                if brokers.mock { "5ms" } else { "500ms" },
+                if brokers.mock {
+                    "fetch_wait = \"5ms\""
+                } else {
+                    ""
+                },
             ),
             None => {
                 let (host, port, id) = mqtt_session.as_ref().expect("over MQTT");
