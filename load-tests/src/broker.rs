@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub struct Broker {
     /// host:port
     pub address: String,
+    pub pid: u32,
     _child: tokio::process::Child,
 }
 
@@ -61,6 +62,7 @@ impl Broker {
         }
         Ok(Broker {
             address: format!("127.0.0.1:{port}"),
+            pid: child.id().unwrap_or_default(),
             _child: child,
         })
     }

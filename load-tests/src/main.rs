@@ -148,7 +148,19 @@ async fn run(
     let observer = observe::Observer::start(&service.base, &service.observer_token()).await?;
     let plan = Arc::new(mqtt::Plan::new(&scenario, &run));
     let sent = Arc::new(mqtt::Sent::default());
-    let (cpu_before, _) = service.usage();
+    // CPU over the sending time: vitalstream's, and the broker's and the harness's, which
+    // share the machine with it.
+    let broker_pid = _broker.as_ref().map(|b: &broker::Broker| b.pid);
+    let cpu = || {
+        let (vitalstream, _) = service.usage();
+        let (harness, _) = service::usage(std::process::id());
+        (
+            vitalstream,
+            harness,
+            broker_pid.map(|p| service::usage(p).0),
+        )
+    };
+    let cpu_before = cpu();
 
     let started = Instant::now();
     let mut driving = match brokers {
@@ -176,7 +188,7 @@ async fn run(
         }
     }
     let send_seconds = started.elapsed().as_secs_f64().min(total + 1.0);
-    let (cpu_after, _) = service.usage();
+    let cpu_after = cpu();
     eprintln!();
 
     // Settle: every acknowledged reading stored and every expected alert seen, or time out.
@@ -217,7 +229,9 @@ async fn run(
         stored: &stored,
         metrics: &metrics,
         send_seconds,
-        cpu_seconds: cpu_after - cpu_before,
+        cpu_seconds: cpu_after.0 - cpu_before.0,
+        harness_cpu_seconds: cpu_after.1 - cpu_before.1,
+        broker_cpu_seconds: cpu_after.2.zip(cpu_before.2).map(|(a, b)| a - b),
         peak_rss_mb,
     });
     println!("{}", report.table());

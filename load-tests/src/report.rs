@@ -44,10 +44,22 @@ pub struct Report {
     pub extra_alerts: usize,
     /// Reading (its due time) → `alert:critical` at the socket.io client, ms.
     pub alert_latency_ms: Latency,
+    /// Its two parts, split at the alert's `raised_at` (whole ms on vitalstream's clock, so
+    /// each part is off by up to 1 ms): due → raised (sender, broker, vitalstream's engine)
+    /// and raised → socket.io client (the push).
+    pub raise_latency_ms: Latency,
+    pub push_latency_ms: Latency,
+    /// vitalstream's own receipt → raise, from its /metrics (every alert of the run), ms:
+    /// p50, p99, max. Due → raised less this is the sender and the broker.
+    pub engine_latency_ms: [f64; 3],
     pub cpu_seconds: f64,
     /// Of one core, over the sending time.
     pub cpu_percent: f64,
     pub peak_rss_mb: f64,
+    /// Of one core, over the sending time: the load generator (this process), and the
+    /// broker when the run started its own.
+    pub harness_cpu_percent: f64,
+    pub broker_cpu_percent: Option<f64>,
     /// No reading lost, no alert missed or extra.
     pub ok: bool,
 }
@@ -60,6 +72,21 @@ pub struct Latency {
     pub p99: f64,
     pub p999: f64,
     pub max: f64,
+}
+
+impl Latency {
+    /// Percentiles in ms of a histogram in µs.
+    fn of(h: &Histogram<u64>) -> Latency {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            p50: ms(0.50),
+            p90: ms(0.90),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -79,6 +106,9 @@ pub struct Alerts {
     pub extra: usize,
     /// Reading (its due time) → `alert:critical`, µs, for each matched alert.
     pub histogram: Histogram<u64>,
+    /// Due → `raised_at`, and `raised_at` → seen, µs.
+    pub to_raise: Histogram<u64>,
+    pub to_client: Histogram<u64>,
 }
 
 impl Alerts {
@@ -89,7 +119,8 @@ impl Alerts {
             .filter(|(k, _)| acked.contains(k))
             .map(|((d, _), (e, _))| (*d, *e))
             .collect();
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
+        let new = || Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
+        let (mut histogram, mut to_raise, mut to_client) = (new(), new(), new());
         let mut matched = HashSet::new();
         let mut extra = 0;
         let prefix = format!("{}-", plan.run);
@@ -105,6 +136,10 @@ impl Alerts {
                     if a["rule_id"] == "lt_hr_high" && matched.insert((d, e)) =>
                 {
                     let _ = histogram.record(s.at_us.saturating_sub(due_us).max(1));
+                    if let Some(raised_us) = a["raised_at"].as_u64().map(|ms| ms * 1000) {
+                        let _ = to_raise.record(raised_us.saturating_sub(due_us).max(1));
+                        let _ = to_client.record(s.at_us.saturating_sub(raised_us).max(1));
+                    }
                 }
                 _ => extra += 1,
             }
@@ -114,6 +149,8 @@ impl Alerts {
             matched,
             extra,
             histogram,
+            to_raise,
+            to_client,
         }
     }
 
@@ -132,6 +169,8 @@ pub struct Inputs<'a> {
     pub metrics: &'a HashMap<String, f64>,
     pub send_seconds: f64,
     pub cpu_seconds: f64,
+    pub harness_cpu_seconds: f64,
+    pub broker_cpu_seconds: Option<f64>,
     pub peak_rss_mb: f64,
 }
 
@@ -148,16 +187,9 @@ impl Report {
             matched,
             extra,
             histogram,
+            to_raise,
+            to_client,
         } = Alerts::tally(i.plan, i.sent, &acked_set, i.seen);
-        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-        let alert_latency_ms = Latency {
-            count: histogram.len(),
-            p50: ms(0.50),
-            p90: ms(0.90),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: histogram.max() as f64 / 1000.0,
-        };
         let per_second = i.sent.per_second.lock().unwrap().clone();
         let base = match &i.scenario.recorded {
             Some(r) => r.readings.len() as f64 / i.scenario.duration().as_secs_f64(),
@@ -216,10 +248,21 @@ impl Report {
             alerts_seen: i.seen.len(),
             missed_alerts: missed,
             extra_alerts: extra,
-            alert_latency_ms,
+            alert_latency_ms: Latency::of(&histogram),
+            raise_latency_ms: Latency::of(&to_raise),
+            push_latency_ms: Latency::of(&to_client),
+            engine_latency_ms: ["0.5", "0.99", "1"].map(|q| {
+                1000.0
+                    * metric(&format!(
+                        "vitalstream_alert_latency_seconds{{quantile=\"{q}\"}}"
+                    ))
+            }),
             cpu_seconds: i.cpu_seconds,
             cpu_percent: 100.0 * i.cpu_seconds / i.send_seconds.max(1e-9),
             peak_rss_mb: i.peak_rss_mb,
+            harness_cpu_percent: 100.0 * i.harness_cpu_seconds / i.send_seconds.max(1e-9),
+            broker_cpu_percent: (i.broker_cpu_seconds)
+                .map(|c| 100.0 * c / i.send_seconds.max(1e-9)),
             ok: lost.is_empty() && missed == 0 && extra == 0,
         }
     }
@@ -268,6 +311,27 @@ impl Report {
                     l.p50, l.p90, l.p99, l.p999, l.max, l.count
                 ),
             ),
+            (
+                "  due → raised",
+                format!(
+                    "p50 {:.1} ms, p99 {:.1}, max {:.1}",
+                    self.raise_latency_ms.p50, self.raise_latency_ms.p99, self.raise_latency_ms.max
+                ),
+            ),
+            (
+                "  of which receipt → raised",
+                format!(
+                    "p50 {:.1} ms, p99 {:.1}, max {:.1} (vitalstream's /metrics)",
+                    self.engine_latency_ms[0], self.engine_latency_ms[1], self.engine_latency_ms[2]
+                ),
+            ),
+            (
+                "  raised → client",
+                format!(
+                    "p50 {:.1} ms, p99 {:.1}, max {:.1}",
+                    self.push_latency_ms.p50, self.push_latency_ms.p99, self.push_latency_ms.max
+                ),
+            ),
             ("max send lag", format!("{:.1} ms", self.max_send_lag_ms)),
             ("reconnects", self.reconnects.to_string()),
             (
@@ -275,6 +339,15 @@ impl Report {
                 format!(
                     "{:.1} s ({:.0}% of a core)",
                     self.cpu_seconds, self.cpu_percent
+                ),
+            ),
+            (
+                "harness / broker CPU",
+                format!(
+                    "{:.0}% / {} of a core",
+                    self.harness_cpu_percent,
+                    self.broker_cpu_percent
+                        .map_or("-".into(), |b| format!("{b:.0}%"))
                 ),
             ),
             (
@@ -406,4 +479,44 @@ fn bar_chart(title: &str, bars: &[(&str, f64)]) -> String {
         "<svg width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" role=\"img\"><title>{title}</title>\
          <text x=\"{PAD}\" y=\"20\">{title}</text>{body}</svg>"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alerts_are_matched_to_their_readings_and_their_latency_split_at_the_raise() {
+        let scenario: Scenario = toml::from_str(
+            "name = \"t\"\n[traffic]\ndevices = 10\nrate_hz = 1.0\n\
+             [[episode]]\nat = \"1s\"\nduration = \"1s\"\ndevices = 0.5\n",
+        )
+        .unwrap();
+        let plan = Plan::new(&scenario, "lt1");
+        let sent = Sent::default();
+        let due_us = 1_700_000_000_000_000;
+        (sent.anomalies.lock().unwrap()).insert((3, 7), (0, due_us));
+        (sent.anomalies.lock().unwrap()).insert((4, 9), (0, due_us));
+        let acked = HashSet::from([(3, 7), (4, 9)]);
+        let alert = |device_seq: &str, at_us: u64| Seen {
+            at_us,
+            alert: serde_json::json!({
+                "rule_id": "lt_hr_high",
+                "correlation_id": format!("lt1-{device_seq}"),
+                "raised_at": due_us / 1000 + 4,
+            }),
+        };
+        // Device 3's alert: raised 4 ms after its reading was due, seen 2 ms after that;
+        // then a second one for the same episode, which is extra. Device 4's never came.
+        let seen = [alert("3-7", due_us + 6_000), alert("3-7", due_us + 9_000)];
+        let a = Alerts::tally(&plan, &sent, &acked, &seen);
+        assert_eq!(a.expected.len(), 2);
+        assert_eq!(a.matched, HashSet::from([(3, 0)]));
+        assert_eq!(a.extra, 1);
+        assert!(!a.complete());
+        let ms = |h: &Histogram<u64>| (h.len(), h.max() / 1000);
+        assert_eq!(ms(&a.histogram), (1, 6));
+        assert_eq!(ms(&a.to_raise), (1, 4));
+        assert_eq!(ms(&a.to_client), (1, 2));
+    }
 }

@@ -196,7 +196,8 @@ rate_limit_per_minute = 100000
         .expect("a token")
     }
 
-    /// The counters of `/metrics` (labelled series summed by name).
+    /// The counters of `/metrics` (labelled series summed by name; a summary's quantiles
+    /// also under their whole series, `name{quantile="0.99"}`).
     pub async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
         let (_, text) = self.get("/metrics").await?;
         let mut out = HashMap::new();
@@ -207,34 +208,17 @@ rate_limit_per_minute = 100000
             let name = series.split('{').next().unwrap_or(series);
             if let Ok(v) = value.parse::<f64>() {
                 *out.entry(name.to_string()).or_default() += v;
+                if series.contains("quantile=") {
+                    out.insert(series.to_string(), v);
+                }
             }
         }
         Ok(out)
     }
 
-    /// CPU seconds used and peak resident memory (MiB) so far, from /proc.
+    /// CPU seconds used and peak resident memory (MiB) so far.
     pub fn usage(&self) -> (f64, f64) {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        // Fields after the command name (which may hold spaces): utime is the 12th, stime
-        // the 13th, in clock ticks (100 per second on Linux).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        let cpu = (ticks(11) + ticks(12)) / 100.0;
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        let peak_kb = (status.lines())
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        (cpu, peak_kb / 1024.0)
+        usage(self.pid)
     }
 
     /// (device index, seq) of every stored reading of the run.
@@ -310,4 +294,28 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
         .with_context(|| format!("connecting to {url}"))?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// A process's CPU seconds used and peak resident memory (MiB) so far, from /proc.
+pub fn usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid)).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime
+    // the 13th, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid)).unwrap_or_default();
+    let peak_kb = (status.lines())
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu, peak_kb / 1024.0)
 }
