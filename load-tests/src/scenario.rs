@@ -277,6 +277,7 @@ mod tests {
             "burst",
             "half-rate",
             "kafka",
+            "quarter-rate",
             "ramp",
             "reconnect-storm",
             "replay",
