@@ -43,6 +43,7 @@ fn engine(c: &mut Criterion) {
                     let (alerts_tx, alerts_rx) = crossbeam_channel::unbounded();
                     let outputs = Outputs {
                         alerts: alerts_tx,
+                        live: None,
                         readings: None,
                         rejects: None,
                         latest: None,

@@ -96,6 +96,7 @@ fn main() {
         crossbeam_channel::bounded::<vitalstream::engine::ReadingBatch>(64);
     let outputs = Outputs {
         alerts: alerts_tx,
+        live: None,
         readings: Some(readings_tx),
         rejects: None,
         latest: None,

@@ -154,6 +154,7 @@ fn vitalstream(total: usize) -> Duration {
     std::thread::spawn(move || for _ in alerts {});
     let outputs = Outputs {
         alerts: alerts_tx,
+        live: None,
         readings: None,
         rejects: None,
         latest: None,

@@ -174,6 +174,9 @@ pub struct AlertBook {
     /// (rule, device) → the alert that device's condition holds.
     holders: DashMap<(Arc<str>, Id), AlertKey>,
     out: Sender<AlertEvent>,
+    /// The live push (socket.io, the page): each transition goes onto it from the thread
+    /// that made it, ahead of `out`, without waiting for the alert sink's thread to wake.
+    live: Option<crate::api::AlertBus>,
     metrics: Arc<Metrics>,
 }
 
@@ -185,8 +188,15 @@ impl AlertBook {
             by_id: DashMap::new(),
             holders: DashMap::new(),
             out,
+            live: None,
             metrics,
         }
+    }
+
+    /// Also puts every transition on `live` as it happens.
+    pub fn with_live(mut self, live: Option<crate::api::AlertBus>) -> Self {
+        self.live = live;
+        self
     }
 
     fn emit(&self, event: Transition, alert: &Alert) {
@@ -202,6 +212,10 @@ impl AlertBook {
             at: now_millis(),
             alert: alert.clone(),
         };
+        // People first. No receiver (no client connected) is not an error.
+        if let Some(live) = &self.live {
+            let _ = live.send(Arc::new(event.clone()));
+        }
         if self.out.send(event).is_err() {
             tracing::error!(alert_id = %alert.alert_id, "alert output is closed; transition not delivered");
         }
@@ -535,6 +549,23 @@ mod tests {
                 Transition::Resolved
             ]
         );
+    }
+
+    #[test]
+    fn the_live_bus_gets_every_transition_the_output_gets() {
+        let (book, rx, rule) = setup();
+        let (bus, mut live) = tokio::sync::broadcast::channel(16);
+        let book = book.with_live(Some(bus));
+        book.signal(signal(&rule, "d1", Some("p1"), Edge::Raise));
+        book.signal(signal(&rule, "d1", Some("p1"), Edge::Clear));
+        let pushed: Vec<_> = std::iter::from_fn(|| live.try_recv().ok())
+            .map(|e| (e.event, e.alert.alert_id.clone()))
+            .collect();
+        let written: Vec<_> = (rx.try_iter())
+            .map(|e| (e.event, e.alert.alert_id.clone()))
+            .collect();
+        assert_eq!(pushed.len(), 2);
+        assert_eq!(pushed, written);
     }
 
     #[test]

@@ -78,16 +78,12 @@ fn start_sinks(
         .transpose()
         .context("opening the alert log")?;
     let to_storage = storage.is_some().then_some(stored_alerts_tx);
+    // The live push is not here: the engine puts each transition on the bus itself (see
+    // `Outputs::live`), a thread wake-up sooner.
     threads.push(spawn("alert-sink", move || {
         for event in &alert_rx {
             let mut batch = vec![event];
             batch.extend(alert_rx.try_iter().take(1023));
-            // People first: the live push goes out before anything is written.
-            if let Some(bus) = &bus {
-                for e in &batch {
-                    let _ = bus.send(Arc::new(e.clone()));
-                }
-            }
             if let Some(events) = &events {
                 for e in &batch {
                     if let Err(err) = events.alert(e) {
@@ -163,6 +159,7 @@ fn start_sinks(
     };
     let outputs = Outputs {
         alerts: alert_tx,
+        live: bus,
         readings,
         rejects,
         latest: None,

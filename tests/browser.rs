@@ -21,6 +21,7 @@ fn a_live_alert_appears_on_the_page_and_its_button_acknowledges_it() {
     let (alerts_tx, alerts) = crossbeam_channel::unbounded();
     let outputs = Outputs {
         alerts: alerts_tx,
+        live: None,
         readings: None,
         rejects: None,
         latest: Some(Default::default()),

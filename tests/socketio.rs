@@ -25,7 +25,7 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
     let token = token(&state, "nurse-7", Role::Clinician, Some(&["p1"]));
     let server = Server::start(&config, state);
     let addr = server.addr;
-    // What the service's alert sink does: every transition onto the bus.
+    // What the engine does when given the bus (`Outputs::live`): every transition onto it.
     let alerts = h.alerts.clone();
     let (seen_tx, seen) = crossbeam_channel::unbounded();
     let relay = {
@@ -230,6 +230,7 @@ fn a_patients_room_gets_its_latest_vitals() {
     let (alerts_tx, _alerts) = crossbeam_channel::unbounded();
     let outputs = vitalstream::engine::Outputs {
         alerts: alerts_tx,
+        live: None,
         readings: None,
         rejects: None,
         latest: Some(Default::default()),

@@ -150,6 +150,9 @@ impl EngineConfig {
 pub struct Outputs {
     /// Alert transitions; never dropped (a full queue blocks).
     pub alerts: Sender<AlertEvent>,
+    /// The live push's bus, if anyone listens (the API): every transition goes onto it
+    /// straight from the engine, ahead of `alerts`.
+    pub live: Option<crate::api::AlertBus>,
     /// Accepted readings for storage, if any storage is configured.
     pub readings: Option<Sender<ReadingBatch>>,
     /// Rejected frames for the dead-letter output.
@@ -335,7 +338,8 @@ impl Engine {
             metrics.rule(&rule.id);
         }
         let rules = Arc::new(ArcSwap::from_pointee(rules));
-        let book = Arc::new(AlertBook::new(outputs.alerts, metrics.clone()));
+        let book =
+            Arc::new(AlertBook::new(outputs.alerts, metrics.clone()).with_live(outputs.live));
         let assignments = Arc::new(Assignments::default());
         let workers = config.parse_worker_count();
         let shards = config.shard_count();

@@ -75,6 +75,7 @@ impl Harness {
         let (rejects_tx, rejects) = unbounded();
         let outputs = Outputs {
             alerts: alerts_tx,
+            live: None,
             readings: Some(readings_tx),
             rejects: Some(rejects_tx),
             latest: None,
