@@ -9,7 +9,6 @@ use common::{HR_RULE, Harness, WAIT, reading, rules};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use vitalstream::alerts::{AlertState, Transition};
 use vitalstream::api::auth::Role;
 use vitalstream::api::{ApiConfig, ApiState};
@@ -17,26 +16,16 @@ use vitalstream::model::now_millis;
 
 #[test]
 fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them() {
-    let mut h = Harness::start(&common::config(), rules(HR_RULE));
-    let config = ApiConfig::default();
     let (bus, _) = tokio::sync::broadcast::channel(1024);
-    let state = ApiState::with_bus(&config, h.engine.control(), None, Some(bus.clone()));
+    let mut h = Harness::with_live(&common::config(), rules(HR_RULE), bus.clone());
+    let config = ApiConfig::default();
+    let state = ApiState::with_bus(&config, h.engine.control(), None, Some(bus));
     let service = token(&state, "reports", Role::Service, None);
     let token = token(&state, "nurse-7", Role::Clinician, Some(&["p1"]));
     let server = Server::start(&config, state);
     let addr = server.addr;
-    // What the engine does when given the bus (`Outputs::live`): every transition onto it.
-    let alerts = h.alerts.clone();
-    let (seen_tx, seen) = crossbeam_channel::unbounded();
-    let relay = {
-        let bus = bus.clone();
-        std::thread::spawn(move || {
-            for e in alerts {
-                let _ = bus.send(Arc::new(e.clone()));
-                let _ = seen_tx.send(e);
-            }
-        })
-    };
+    // The engine puts every transition on the bus; the same ones come out on `h.alerts`.
+    let seen = h.alerts.clone();
 
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/socketio");
     let mut node = Command::new("node")
@@ -162,15 +151,15 @@ fn the_official_client_gets_its_patients_critical_alerts_and_acknowledges_them()
     drop(source);
     server.stop();
     h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
-    // The relay ends when the last alert sender is gone; it holds nothing the test needs.
-    drop(relay);
 }
 
 /// Two instances sharing rooms through the Redis on 127.0.0.1:6379: a client connected to
 /// the first gets an alert that the second raised.
 #[test]
 fn an_alert_raised_on_one_instance_reaches_a_client_of_another_through_redis() {
-    let mut h = Harness::start(&common::config(), rules(HR_RULE));
+    // Instance 2's bus, where the engine raises the alert.
+    let (bus, _) = tokio::sync::broadcast::channel(1024);
+    let mut h = Harness::with_live(&common::config(), rules(HR_RULE), bus.clone());
     let config = ApiConfig {
         redis_url: Some("redis://127.0.0.1:6379".into()),
         ..ApiConfig::default()
@@ -179,16 +168,9 @@ fn an_alert_raised_on_one_instance_reaches_a_client_of_another_through_redis() {
     let (quiet, _) = tokio::sync::broadcast::channel(16);
     let one = ApiState::with_bus(&config, h.engine.control(), None, Some(quiet));
     // Instance 2: where the alert is raised.
-    let (bus, _) = tokio::sync::broadcast::channel(1024);
-    let two = ApiState::with_bus(&config, h.engine.control(), None, Some(bus.clone()));
+    let two = ApiState::with_bus(&config, h.engine.control(), None, Some(bus));
     let token = token(&one, "nurse-remote", Role::Clinician, Some(&["p-redis"]));
     let servers = [Server::start(&config, one), Server::start(&config, two)];
-    let alerts = h.alerts.clone();
-    std::thread::spawn(move || {
-        for e in alerts {
-            let _ = bus.send(Arc::new(e));
-        }
-    });
 
     let mut node = Command::new("node")
         .arg("listen.mjs")

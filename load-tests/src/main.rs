@@ -226,6 +226,7 @@ async fn run(
         plan: &plan,
         sent: &sent,
         seen: &seen,
+        acked: &acked,
         stored: &stored,
         metrics: &metrics,
         send_seconds,

@@ -165,6 +165,8 @@ pub struct Inputs<'a> {
     pub plan: &'a Plan,
     pub sent: &'a Sent,
     pub seen: &'a [Seen],
+    /// The readings the broker acknowledged.
+    pub acked: &'a HashSet<(u32, u64)>,
     pub stored: &'a [(u32, u64)],
     pub metrics: &'a HashMap<String, f64>,
     pub send_seconds: f64,
@@ -178,10 +180,9 @@ impl Report {
     pub fn build(i: Inputs) -> Report {
         use std::sync::atomic::Ordering::Relaxed;
         let t = &i.scenario.traffic;
-        let acked: Vec<(u32, u64)> = i.sent.acked_readings.lock().unwrap().clone();
         let stored: HashSet<(u32, u64)> = i.stored.iter().copied().collect();
-        let lost: Vec<&(u32, u64)> = acked.iter().filter(|r| !stored.contains(r)).collect();
-        let acked_set: HashSet<(u32, u64)> = acked.iter().copied().collect();
+        let mut lost: Vec<&(u32, u64)> = (i.acked.iter()).filter(|r| !stored.contains(r)).collect();
+        lost.sort_unstable();
         let Alerts {
             expected,
             matched,
@@ -189,7 +190,7 @@ impl Report {
             histogram,
             to_raise,
             to_client,
-        } = Alerts::tally(i.plan, i.sent, &acked_set, i.seen);
+        } = Alerts::tally(i.plan, i.sent, i.acked, i.seen);
         let per_second = i.sent.per_second.lock().unwrap().clone();
         let base = match &i.scenario.recorded {
             Some(r) => r.readings.len() as f64 / i.scenario.duration().as_secs_f64(),

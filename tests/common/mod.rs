@@ -12,6 +12,7 @@ pub mod server;
 use crossbeam_channel::{Receiver, bounded, unbounded};
 use std::time::Duration;
 use vitalstream::alerts::{AlertEvent, Transition};
+use vitalstream::api::AlertBus;
 use vitalstream::engine::{EndOfInput, Engine, EngineConfig, Outputs, ReadingBatch, RejectBatch};
 use vitalstream::model::{ClockMode, now_micros};
 use vitalstream::rules::{RuleSet, parse_pipeline};
@@ -61,21 +62,32 @@ pub struct Harness {
 
 impl Harness {
     pub fn start(config: &EngineConfig, rules: RuleSet) -> Harness {
-        Self::with_storage(config, rules, None)
+        Self::with_storage(config, rules, None, None)
     }
 
     /// Like `start`, but storage accepts only `capacity` batches until someone reads them.
     pub fn with_slow_storage(config: &EngineConfig, rules: RuleSet, capacity: usize) -> Harness {
-        Self::with_storage(config, rules, Some(capacity))
+        Self::with_storage(config, rules, Some(capacity), None)
     }
 
-    fn with_storage(config: &EngineConfig, rules: RuleSet, capacity: Option<usize>) -> Harness {
+    /// Like `start`, with the engine pushing every alert transition onto `live` as the
+    /// service does for socket.io.
+    pub fn with_live(config: &EngineConfig, rules: RuleSet, live: AlertBus) -> Harness {
+        Self::with_storage(config, rules, None, Some(live))
+    }
+
+    fn with_storage(
+        config: &EngineConfig,
+        rules: RuleSet,
+        capacity: Option<usize>,
+        live: Option<AlertBus>,
+    ) -> Harness {
         let (alerts_tx, alerts) = unbounded();
         let (readings_tx, readings) = capacity.map_or_else(unbounded, bounded);
         let (rejects_tx, rejects) = unbounded();
         let outputs = Outputs {
             alerts: alerts_tx,
-            live: None,
+            live,
             readings: Some(readings_tx),
             rejects: Some(rejects_tx),
             latest: None,
