@@ -30,16 +30,77 @@ pub struct PatientVitals {
     /// shard: the patient's other device) does not overwrite a newer value.
     #[serde(skip)]
     vital_ts: [Millis; 6],
+    /// Wall time of the last publication that changed it, ms.
+    #[serde(skip)]
+    updated_ms: Millis,
 }
 
-/// Every patient's latest vitals, readable from any thread.
+/// How many patients are kept, and for how long after their last reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatestLimits {
+    /// Patients kept at most; a new patient past this is counted, not kept.
+    pub max_patients: usize,
+    /// A patient with no reading for this long (wall time) is dropped.
+    pub ttl: Millis,
+}
+
+impl Default for LatestLimits {
+    fn default() -> Self {
+        LatestLimits {
+            max_patients: 100_000,
+            ttl: 24 * 3_600_000,
+        }
+    }
+}
+
+/// How often publication also drops patients past their time to live.
+const SWEEP_EVERY_MS: Millis = 60_000;
+
+/// Every patient's latest vitals, readable from any thread. Bounded: at most
+/// `max_patients`, each dropped `ttl` after its last reading.
 #[derive(Default)]
 pub struct Latest {
     map: DashMap<Id, PatientVitals>,
     version: AtomicU64,
+    limits: std::sync::OnceLock<LatestLimits>,
+    last_sweep: std::sync::atomic::AtomicI64,
+    /// New patients not kept because the map was full.
+    untracked: AtomicU64,
 }
 
 impl Latest {
+    /// Sets the bounds (once; the defaults otherwise).
+    pub fn set_limits(&self, limits: LatestLimits) {
+        let _ = self.limits.set(limits);
+    }
+
+    /// New patients not kept because the map was full.
+    pub fn untracked(&self) -> u64 {
+        self.untracked.load(Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Drops patients with no reading for `ttl`, at most once a minute.
+    fn sweep(&self, now_ms: Millis) {
+        let last = self.last_sweep.load(Relaxed);
+        if now_ms - last < SWEEP_EVERY_MS
+            || self
+                .last_sweep
+                .compare_exchange(last, now_ms, Relaxed, Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let cutoff = now_ms - self.limits.get().copied().unwrap_or_default().ttl;
+        self.map.retain(|_, v| v.updated_ms >= cutoff);
+    }
     pub fn get(&self, patient: &str) -> Option<PatientVitals> {
         self.map.get(patient).map(|e| e.value().clone())
     }
@@ -65,12 +126,23 @@ impl Latest {
             .collect()
     }
 
-    fn publish(&self, pending: &mut FxHashMap<Id, Pending>) {
+    fn publish(&self, pending: &mut FxHashMap<Id, Pending>, now_ms: Millis) {
+        self.sweep(now_ms);
         if pending.is_empty() {
             return;
         }
         let version = self.version.fetch_add(1, Relaxed) + 1;
+        let max = self.limits.get().copied().unwrap_or_default().max_patients;
         for (patient, p) in pending.drain() {
+            if self.map.len() >= max && !self.map.contains_key(&patient) {
+                if self.untracked.fetch_add(1, Relaxed) == 0 {
+                    tracing::error!(
+                        max_patients = max,
+                        "latest vitals full: new patients are not shown until others expire"
+                    );
+                }
+                continue;
+            }
             let mut entry = self
                 .map
                 .entry(patient.clone())
@@ -86,8 +158,10 @@ impl Latest {
                     rr: None,
                     version,
                     vital_ts: [Millis::MIN; 6],
+                    updated_ms: now_ms,
                 });
             let e = entry.value_mut();
+            e.updated_ms = now_ms;
             if p.ts >= e.ts {
                 e.ts = p.ts;
                 e.device_id = p.device_id;
@@ -163,7 +237,7 @@ impl Gatherer {
     /// Publishes when a second has passed since the last time.
     pub(crate) fn maybe_publish(&mut self, now_ms: Millis) {
         if now_ms - self.last_publish >= 1000 {
-            self.shared.publish(&mut self.pending);
+            self.shared.publish(&mut self.pending, now_ms);
             self.last_publish = now_ms;
         }
     }
@@ -232,5 +306,29 @@ mod tests {
             (got.spo2, got.rr, got.ts, got.device_id.as_str()),
             (Some(91.0), Some(14.0), 2_000, "oximeter")
         );
+    }
+
+    #[test]
+    fn patients_are_bounded_and_expire() {
+        let shared = Arc::new(Latest::default());
+        shared.set_limits(LatestLimits {
+            max_patients: 2,
+            ttl: 120_000,
+        });
+        let mut g = Gatherer::new(shared.clone());
+        for p in ["p1", "p2", "p3"] {
+            g.add(&p.into(), &sample("d", 1_000, &[(Vital::Hr, 80.0)]));
+        }
+        g.maybe_publish(100_000);
+        assert_eq!((shared.len(), shared.untracked()), (2, 1));
+        // Two minutes without a reading: gone, at the next sweep (at most a minute later).
+        g.add(&"p9".into(), &sample("d", 1_000, &[(Vital::Hr, 80.0)]));
+        g.maybe_publish(230_000);
+        let left: Vec<String> = shared
+            .all()
+            .into_iter()
+            .map(|p| p.patient_id.to_string())
+            .collect();
+        assert_eq!(left, vec!["p9".to_string()]);
     }
 }

@@ -44,6 +44,7 @@ pub mod config;
 pub mod devices;
 pub mod engine;
 pub mod latest;
+pub mod link;
 pub mod metrics;
 pub mod model;
 pub mod parse;

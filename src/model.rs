@@ -136,6 +136,9 @@ pub struct FrameBatch {
     /// The source ends with this batch (a Kafka partition left): its clock no longer holds
     /// the watermark back.
     pub last: bool,
+    /// The source speaks for devices present now (MQTT): each accepted reading marks its
+    /// device as heard in the device registry.
+    pub presence: bool,
 }
 
 /// One frame inside a [`FrameBatch`].
@@ -173,6 +176,7 @@ impl FrameBatch {
             frames: Vec::new(),
             forget: Vec::new(),
             last: false,
+            presence: false,
         }
     }
 
@@ -276,6 +280,8 @@ pub enum RejectReason {
     MissingTs,
     BadTs,
     FutureTs,
+    /// Older than `engine.max_age` behind its source's clock.
+    TooOld,
     BadSeq,
     BadType(Vital),
     OutOfRange(Vital),
@@ -305,13 +311,14 @@ impl RejectReason {
             RejectReason::TooLarge,
             RejectReason::BadDeviceAlert,
             RejectReason::BadStatus,
+            RejectReason::TooOld,
         ];
         all.extend(Vital::ALL.map(RejectReason::BadType));
         all.extend(Vital::ALL.map(RejectReason::OutOfRange));
         all
     }
 
-    pub const COUNT: usize = 14 + 12;
+    pub const COUNT: usize = 15 + 12;
 
     /// A dense index for counter arrays.
     pub fn index(self) -> usize {
@@ -330,8 +337,9 @@ impl RejectReason {
             RejectReason::TooLarge => 11,
             RejectReason::BadDeviceAlert => 12,
             RejectReason::BadStatus => 13,
-            RejectReason::BadType(v) => 14 + v.index(),
-            RejectReason::OutOfRange(v) => 20 + v.index(),
+            RejectReason::TooOld => 14,
+            RejectReason::BadType(v) => 15 + v.index(),
+            RejectReason::OutOfRange(v) => 21 + v.index(),
         }
     }
 }
@@ -348,6 +356,7 @@ impl std::fmt::Display for RejectReason {
             RejectReason::MissingTs => "missing_ts",
             RejectReason::BadTs => "bad_ts",
             RejectReason::FutureTs => "future_ts",
+            RejectReason::TooOld => "too_old",
             RejectReason::BadSeq => "bad_seq",
             RejectReason::NoVitals => "no_vitals",
             RejectReason::TooLarge => "too_large",

@@ -19,7 +19,7 @@ use crate::sinks::events::EventPublisher;
 use crate::sinks::parquet::ParquetStorage;
 use crate::sinks::postgres::PostgresStorage;
 use crate::sinks::postgres::query::Db;
-use crate::sources::{SourceHandle, mqtt, replay, simulator};
+use crate::sources::{SourceHandle, SourceNames, mqtt, replay, simulator};
 use anyhow::Context;
 use crossbeam_channel::{Receiver, bounded, select};
 use serde::Serialize;
@@ -60,7 +60,7 @@ fn start_sinks(
     dead_letter: Option<&DeadLetterConfig>,
     storage: Option<Box<dyn Storage>>,
     bus: Option<api::AlertBus>,
-    kafka: Option<(Arc<EventPublisher>, Vec<String>)>,
+    kafka: Option<(Arc<EventPublisher>, Arc<SourceNames>)>,
     notifications: Option<&crate::tasks::notifier::NotificationsConfig>,
 ) -> anyhow::Result<(Outputs, Sinks)> {
     let events = kafka.as_ref().map(|k| k.0.clone());
@@ -138,9 +138,8 @@ fn start_sinks(
                     for r in &batch.rejects {
                         dlq.write(r).context("writing the dead-letter output")?;
                         if let Some((events, names)) = &kafka {
-                            let source = names
-                                .get(r.source as usize)
-                                .map_or("unknown", String::as_str);
+                            let source = names.get(r.source);
+                            let source = source.as_deref().unwrap_or("unknown");
                             if let Err(err) = events.dead_letter(r, source) {
                                 tracing::error!(error = %err, "dead letter not queued for Kafka");
                             }
@@ -289,7 +288,7 @@ fn start_api(
     config: &Config,
     control: Control,
     bus: api::AlertBus,
-    mqtt: Option<(mqtt::Commands, Arc<AtomicBool>)>,
+    mqtt: Option<(mqtt::Commands, Arc<crate::link::Link>)>,
     kafka_up: Option<Arc<AtomicBool>>,
 ) -> anyhow::Result<ApiServer> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -384,19 +383,13 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         .api
         .enabled
         .then(|| tokio::sync::broadcast::channel(16_384).0);
+    // Each source's name, by engine source id (a Kafka source has one per partition), for
+    // the dead letters on Kafka.
+    let names = Arc::new(SourceNames::default());
     let kafka = match &config.kafka {
         Some(k) => {
             let events = EventPublisher::new(k).context("creating the Kafka producer")?;
-            let names = config
-                .sources
-                .iter()
-                .map(|s| match s {
-                    SourceConfig::Simulator(_) => "simulator".to_string(),
-                    SourceConfig::Mqtt(_) => "mqtt".to_string(),
-                    SourceConfig::Kafka(_) => "kafka".to_string(),
-                })
-                .collect();
-            Some((Arc::new(events), names))
+            Some((Arc::new(events), names.clone()))
         }
         None => None,
     };
@@ -428,11 +421,14 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
         .sources
         .iter()
         .filter_map(|s| match s {
-            SourceConfig::Mqtt(c) => Some(mqtt::MqttSource::new(c)),
+            SourceConfig::Mqtt(c) => Some(mqtt::MqttSource::with_frame_limit(
+                c,
+                config.engine.max_frame_bytes,
+            )),
             _ => None,
         })
         .collect();
-    let commands = mqtt_sources.first().map(|m| (m.commands(), m.connected()));
+    let commands = mqtt_sources.first().map(|m| (m.commands(), m.link()));
     // Kafka consumers too, so that `/ready` can report them.
     let mut kafka_sources = Vec::new();
     for source in &config.sources {
@@ -488,8 +484,8 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     for source in &config.sources {
         match source {
             SourceConfig::Simulator(sim) => {
-                let (sim, handle, stop) =
-                    (sim.clone(), engine.source(ClockMode::Live), stop.clone());
+                let handle = engine.source(ClockMode::Live).named(&names, "simulator");
+                let (sim, stop) = (sim.clone(), stop.clone());
                 sources.push(spawn_source("simulator", move || {
                     let stats = simulator::run(&sim, handle, &stop);
                     tracing::info!(
@@ -501,7 +497,8 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
             }
             SourceConfig::Kafka(_) => {
                 let source = kafka_sources.remove(0);
-                let (handle, stop) = (engine.source(ClockMode::Live), stop.clone());
+                let handle = engine.source(ClockMode::Live).named(&names, "kafka");
+                let stop = stop.clone();
                 sources.push(spawn_source("kafka", move || {
                     let stats = source.run(handle, &stop);
                     tracing::info!(
@@ -516,7 +513,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
             }
             SourceConfig::Mqtt(_) => {
                 let source = mqtt_sources.remove(0);
-                let handle = engine.source(ClockMode::Live);
+                let handle = engine.source(ClockMode::Live).named(&names, "mqtt");
                 let (devices, stop) = (engine.device_context(), stop.clone());
                 sources.push(spawn_source("mqtt", move || {
                     source.run(handle, &devices, &stop);
@@ -644,7 +641,8 @@ fn run_ingest(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot
         let stop = stop.clone();
         match source {
             SourceConfig::Mqtt(c) => {
-                let (source, devices) = (mqtt::MqttSource::new(c), devices.clone());
+                let source = mqtt::MqttSource::with_frame_limit(c, config.engine.max_frame_bytes);
+                let devices = devices.clone();
                 sources.push(spawn_source("mqtt", move || {
                     source.run(handle, &devices, &stop);
                 }));

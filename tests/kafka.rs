@@ -304,26 +304,7 @@ fn offsets_are_committed_only_behind_durable_readings() {
     assert!(String::from_utf8_lossy(&dlq[0].payload).contains("\"fast\""));
     assert_eq!(alert.alert.trigger.device_id.as_str(), "bed-0");
 
-    let committed = || -> i64 {
-        let probe: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", k.t("rule-nodes"))
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&k.t("vitals.raw"), 0);
-        tpl.add_partition(&k.t("vitals.raw"), 1);
-        let got = probe
-            .committed_offsets(tpl, Duration::from_secs(5))
-            .unwrap();
-        got.elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            })
-            .sum()
-    };
+    let committed = || -> i64 { committed(&k, "rule-nodes", 2).iter().sum() };
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(committed(), 0, "nothing durable, nothing committed");
     for b in held {
@@ -535,6 +516,180 @@ fn rebalance_between_two_rule_nodes(strategy: &str) {
     got.extend(edges(&b_alerts));
     got.sort();
     assert_eq!(got, expected, "A and B together, against one engine");
+}
+
+/// The number of records committed for each partition of this test's `vitals.raw`, as the
+/// group `group` would start from them (nothing committed counts 0).
+fn committed(k: &TestKafka, group: &str, partitions: i32) -> Vec<i64> {
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &k.brokers)
+        .set("group.id", k.t(group))
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(&k.t("vitals.raw"), p);
+    }
+    let got = probe
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .unwrap();
+    got.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .collect()
+}
+
+/// A second rule node joins while the first one's asynchronous commits are refused (as a
+/// rebalance makes the broker refuse them: "Specified group generation id is not valid").
+/// What became durable before the rebalance is committed by the revoke all the same, so the
+/// new owner re-reads it only as warm-up: the alarm that holds across the handover goes on
+/// under the same id, raised once; every reading is stored once.
+///
+/// Cooperative only: with an eager protocol the revoke commits while the members rejoin,
+/// which a broker accepts (`PreparingRebalance`) but librdkafka's mock refuses.
+#[test]
+fn a_revoke_commits_what_became_durable_while_async_commits_failed() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    common::logs();
+    let strategy = "cooperative-sticky";
+    // Refusing commits needs the mock cluster, whatever VITALSTREAM_TEST_KAFKA says.
+    let k = TestKafka::mock();
+    k.create_topic("vitals.raw", 2);
+    let t0 = now_millis() - 100_000;
+    // One bed per partition, each with high heart rate from second 10 on, before and after
+    // the rebalance: whichever partition moves, an ongoing alarm moves with it.
+    let ward = |from: i64, to: i64| -> Vec<(i32, String)> {
+        let mut out = Vec::new();
+        for s in from..to {
+            for bed in 0..2 {
+                let hr = if s >= 10 { 150 } else { 70 };
+                let line = format!(
+                    r#"{{"device_id":"bed-{bed}","ts":{},"seq":{s},"hr":{hr}}}"#,
+                    t0 + s * 1000
+                );
+                out.push((bed, line));
+            }
+        }
+        out
+    };
+    let topic = k.t("vitals.raw");
+    let produce_to = |lines: &[(i32, String)]| {
+        let p = producer(&k.brokers);
+        for (partition, line) in lines {
+            let key = format!("bed-{partition}");
+            let record = BaseRecord::to(&topic)
+                .partition(*partition)
+                .key(&key)
+                .payload(line);
+            p.send(record).map_err(|(e, _)| e).unwrap();
+        }
+        p.flush(Duration::from_secs(10)).unwrap();
+    };
+    let (before, after) = (ward(0, 30), ward(30, 40));
+    let (per_partition, more) = (before.len() as i64 / 2, after.len() as i64 / 2);
+
+    k.cluster().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 1000],
+    );
+    let a = Node::start("a", &k, HR_RULE, strategy);
+    produce_to(&before);
+    wait_for("node A to store the first half minute", || {
+        a.stored() == before.len()
+    });
+    // A's commits have gone out by now, and were refused.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        committed(&k, "rule-nodes", 2),
+        [0, 0],
+        "the asynchronous commits failed"
+    );
+    k.cluster()
+        .clear_request_errors(RDKafkaApiKey::OffsetCommit);
+
+    let b = Node::start("b", &k, HR_RULE, strategy);
+    wait_for("node B to be assigned a partition", || b.frames() > 0);
+    produce_to(&after);
+    let total = before.len() + after.len();
+    wait_for("both nodes to store everything", || {
+        a.stored() + b.stored() >= total
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stored = a.stored() + b.stored();
+    let on_b = b.h.engine.book.active();
+    let (a_stats, a_alerts) = a.finish();
+    let (b_stats, b_alerts) = b.finish();
+    assert!(a_stats.rebalances >= 2, "A saw B join: {a_stats:?}");
+    // The partition that moved was committed up to all A had made durable before B was
+    // given it: B re-read those records as warm-up only (a probe of the committed offset
+    // could not tell, as B commits the same offsets once it has read them again).
+    assert_eq!(
+        b_stats.warmup_records, per_partition as u64,
+        "B started from the offset after all A had made durable: {b_stats:?}"
+    );
+    assert_eq!(stored, total, "every reading stored once");
+    let raised: Vec<(String, String)> = a_alerts
+        .iter()
+        .chain(&b_alerts)
+        .filter(|e| e.event == Transition::Raised)
+        .map(|e| (e.alert.subject.to_string(), e.alert.alert_id.clone()))
+        .collect();
+    let mut subjects: Vec<&str> = raised.iter().map(|(s, _)| s.as_str()).collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        ["bed-0", "bed-1"],
+        "each alarm raised once: {raised:?}"
+    );
+    // B took the moved bed's alarm over: the same alert, not a new one.
+    assert!(!on_b.is_empty(), "B holds the alarm of the bed that moved");
+    for alert in &on_b {
+        assert!(
+            raised.contains(&(alert.subject.to_string(), alert.alert_id.clone())),
+            "{} on B is the alarm A raised: {raised:?}",
+            alert.alert_id
+        );
+    }
+    // At shutdown each node commits all it made durable.
+    assert_eq!(
+        committed(&k, "rule-nodes", 2),
+        [per_partition + more, per_partition + more],
+        "every durable record committed"
+    );
+}
+
+/// A node that stops commits synchronously all it made durable, also what its refused
+/// asynchronous commits carried.
+#[test]
+fn the_shutdown_commits_what_async_commits_failed_to() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    common::logs();
+    let k = TestKafka::mock();
+    k.create_topic("vitals.raw", 2);
+    k.cluster().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 1000],
+    );
+    let node = Node::start("a", &k, HR_RULE, "cooperative-sticky");
+    let lines = ward(now_millis() - 100_000, 0, 10);
+    produce(&k, &lines);
+    wait_for("the node to store everything", || {
+        node.stored() == lines.len()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(committed(&k, "rule-nodes", 2), [0, 0], "commits refused");
+    k.cluster()
+        .clear_request_errors(RDKafkaApiKey::OffsetCommit);
+    node.finish();
+    let committed = committed(&k, "rule-nodes", 2);
+    assert_eq!(
+        committed.iter().sum::<i64>(),
+        lines.len() as i64,
+        "every durable record committed: {committed:?}"
+    );
 }
 
 /// An engine that stays full (its storage stalled) makes the source pause its partitions,
@@ -781,7 +936,7 @@ dlq_topic = "{dlq}"
     };
 
     let t0 = now_millis() - 20_000;
-    let mut lines: Vec<(String, String)> = (0..60)
+    let lines: Vec<(String, String)> = (0..60)
         .map(|s| {
             let device = format!("bed-{}", s % 3);
             let hr = if s == 31 { 150 } else { 70 };
@@ -792,8 +947,16 @@ dlq_topic = "{dlq}"
             (device, line)
         })
         .collect();
-    lines.push(("bed-0".into(), r#"{"device_id":"bed-0","ts":"#.into()));
     produce(&k, &lines);
+    // A bad record on the last partition: read by a source the Kafka source opened for that
+    // partition, yet dead-lettered in the name of the configured source.
+    let p = producer(&k.brokers);
+    let bad = BaseRecord::to(&events.raw_topic)
+        .partition(2)
+        .key("bed-0")
+        .payload(r#"{"device_id":"bed-0","ts":"#);
+    p.send(bad).map_err(|(e, _)| e).unwrap();
+    p.flush(Duration::from_secs(10)).unwrap();
 
     let raised = consume(&k.brokers, &events.alert_topic, 1);
     let envelope: Value = serde_json::from_slice(&raised[0].payload).unwrap();
@@ -802,6 +965,8 @@ dlq_topic = "{dlq}"
     let dlq = consume(&k.brokers, &events.dlq_topic, 1);
     assert_eq!(dlq[0].headers["dlq-reason"], "invalid_json");
     assert_eq!(dlq[0].headers["dlq-kafka-topic"], events.raw_topic);
+    assert_eq!(dlq[0].headers["dlq-kafka-partition"], "2");
+    assert_eq!(dlq[0].headers["dlq-source"], "kafka");
     let stored = || common::parquet_rows(&data, "readings-");
     // Parquet files are completed as the node stops.
     std::thread::sleep(Duration::from_millis(500));

@@ -83,7 +83,7 @@ pub struct Inner {
     /// Device commands go out through the MQTT source, when there is one.
     pub commands: Option<crate::sources::mqtt::Commands>,
     /// The MQTT source's connection state, for readiness.
-    pub mqtt_up: Option<Arc<std::sync::atomic::AtomicBool>>,
+    pub mqtt_up: Option<Arc<crate::link::Link>>,
     /// The Kafka source's state (brokers answer, partitions assigned), for readiness.
     pub kafka_up: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The Redis that socket.io rooms are shared through, for readiness.
@@ -143,7 +143,7 @@ impl ApiState {
     pub fn with_mqtt(
         self,
         commands: Option<crate::sources::mqtt::Commands>,
-        up: Option<Arc<std::sync::atomic::AtomicBool>>,
+        up: Option<Arc<crate::link::Link>>,
     ) -> ApiState {
         let mut inner = Arc::try_unwrap(self.0)
             .unwrap_or_else(|_| panic!("with_mqtt is called before the state is shared"));

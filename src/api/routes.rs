@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::fmt::Write;
 use std::time::Duration;
@@ -88,12 +88,21 @@ async fn readiness(state: &ApiState) -> (bool, serde_json::Value) {
             json!(result.err().unwrap_or_else(|| "ok".into())),
         );
     }
-    for (name, up) in [("mqtt", &state.mqtt_up), ("kafka", &state.kafka_up)] {
-        if let Some(up) = up {
-            let ok = up.load(std::sync::atomic::Ordering::Relaxed);
-            ready &= ok;
-            checks.insert(name.into(), json!(if ok { "ok" } else { "not connected" }));
-        }
+    if let Some(link) = &state.mqtt_up {
+        let status = link.status();
+        ready &= status.is_ok();
+        checks.insert(
+            "mqtt".into(),
+            json!(status.err().unwrap_or_else(|| "ok".into())),
+        );
+    }
+    if let Some(up) = &state.kafka_up {
+        let ok = up.load(std::sync::atomic::Ordering::Relaxed);
+        ready &= ok;
+        checks.insert(
+            "kafka".into(),
+            json!(if ok { "ok" } else { "not connected" }),
+        );
     }
     if let Some(url) = &state.redis_url {
         let ping = async {
@@ -214,6 +223,13 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         out,
         "# HELP vitalstream_active_alerts Alerts pending, firing or acknowledged.\n# TYPE vitalstream_active_alerts gauge\nvitalstream_active_alerts {}",
         state.engine.book.active().len()
+    );
+    let devices = &state.engine.devices;
+    let _ = writeln!(
+        out,
+        "# HELP vitalstream_devices Devices in the registry.\n# TYPE vitalstream_devices gauge\nvitalstream_devices {}\n# HELP vitalstream_devices_untracked_total New devices not tracked because the registry was full (engine.max_devices).\n# TYPE vitalstream_devices_untracked_total counter\nvitalstream_devices_untracked_total {}",
+        devices.len(),
+        devices.untracked()
     );
     let l = &snap.alert_latency_us;
     let _ = writeln!(
@@ -566,7 +582,59 @@ fn parse_sample(text: &str) -> Result<Vec<crate::model::Sample>> {
     Ok(readings)
 }
 
-async fn list_devices(auth: Auth, State(state): State<ApiState>) -> Result {
+/// `?limit=&after=` on a list endpoint: at most `limit` items (500 by default, at most
+/// 1,000) whose id sorts after `after`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+const PAGE_DEFAULT: usize = 500;
+const PAGE_MAX: usize = 1000;
+
+impl Page {
+    /// One page of `items` (sorted by the id `key` gives). The data is the page's items;
+    /// `X-Total-Count` says how many there are in all, and `X-Next-After`, when more
+    /// follow, the `after` of the next page.
+    fn answer<T: Serialize>(
+        &self,
+        items: Vec<T>,
+        key: impl Fn(&T) -> &str,
+        what: &str,
+    ) -> Result<Response> {
+        let limit = self.limit.unwrap_or(PAGE_DEFAULT);
+        if !(1..=PAGE_MAX).contains(&limit) {
+            return Err(ApiError::invalid(format!("limit must be 1 to {PAGE_MAX}")));
+        }
+        let total = items.len();
+        let start = match &self.after {
+            Some(after) => items.partition_point(|i| key(i) <= after.as_str()),
+            None => 0,
+        };
+        let mut page: Vec<T> = items.into_iter().skip(start).take(limit + 1).collect();
+        let next = (page.len() > limit).then(|| {
+            page.truncate(limit);
+            page.last().map(|i| key(i).to_string())
+        });
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("x-total-count", total.into());
+        if let Some(Some(next)) = next
+            && let Ok(v) = axum::http::HeaderValue::from_str(&next)
+        {
+            headers.insert("x-next-after", v);
+        }
+        let message = format!("{} of {total} {what}", page.len());
+        Ok((headers, Reply::ok(message, page)).into_response())
+    }
+}
+
+async fn list_devices(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Query(page): Query<Page>,
+) -> Result<Response> {
     auth.require(&[Role::Admin, Role::Clinician, Role::Service, Role::Analyst])?;
     let devices: Vec<_> = state
         .engine
@@ -583,7 +651,11 @@ async fn list_devices(auth: Auth, State(state): State<ApiState>) -> Result {
                     "changed_at": s.changed_at, "patient_id": patient })
         })
         .collect();
-    Ok(Reply::ok(format!("{} devices", devices.len()), devices))
+    page.answer(
+        devices,
+        |d| d["device_id"].as_str().unwrap_or(""),
+        "devices",
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -780,13 +852,18 @@ fn latest(state: &ApiState) -> Result<&crate::latest::Latest> {
 }
 
 /// Patients with their latest vitals (those the token covers).
-async fn list_patients(auth: Auth, State(state): State<ApiState>) -> Result {
-    let all: Vec<_> = latest(&state)?
+async fn list_patients(
+    auth: Auth,
+    State(state): State<ApiState>,
+    Query(page): Query<Page>,
+) -> Result<Response> {
+    let mut all: Vec<_> = latest(&state)?
         .all()
         .into_iter()
         .filter(|p| auth.0.may_see(Some(&p.patient_id)))
         .collect();
-    Ok(Reply::ok(format!("{} patients", all.len()), all))
+    all.sort_by(|a, b| a.patient_id.cmp(&b.patient_id));
+    page.answer(all, |p| &p.patient_id, "patients")
 }
 
 async fn patient_latest(

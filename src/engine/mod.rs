@@ -22,7 +22,7 @@ use crate::alerts::{AlertBook, AlertEvent};
 use crate::devices::DeviceRegistry;
 use crate::latest::Latest;
 use crate::metrics::Metrics;
-use crate::model::{ClockMode, FrameBatch, Id, Rejected, Sample, SourceId};
+use crate::model::{ClockMode, FrameBatch, Id, Millis, Rejected, Sample, SourceId};
 use crate::parse::{ParseOptions, Parser};
 use crate::rules::RuleSet;
 use crate::sources::{DeviceContext, SourceHandle};
@@ -57,8 +57,21 @@ pub struct EngineConfig {
     /// Readings further than this ahead of their source's clock are rejected (`future_ts`).
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// Readings older than this behind their source's clock are rejected (`too_old`): a
+    /// device clock reset to 1970 or 2001 cannot reach storage (or make a partition for
+    /// every day it names).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
     /// Frames larger than this are rejected (`too_large`) unparsed.
     pub max_frame_bytes: usize,
+    /// The device registry keeps at most this many devices, and the latest vitals this many
+    /// patients; a new one past it is counted (`devices_untracked`) and logged, its readings
+    /// still evaluated and stored.
+    pub max_devices: usize,
+    /// A device offline this long is forgotten by the registry, and a patient with no
+    /// reading this long by the latest vitals.
+    #[serde(with = "humantime_serde")]
+    pub forget_devices_after: Duration,
     /// SQL rules: wall time one window's evaluation may take before the rule is stopped
     /// and disabled.
     #[serde(with = "humantime_serde")]
@@ -85,7 +98,10 @@ impl Default for EngineConfig {
             idle_timeout: Duration::from_secs(30),
             state_ttl: Duration::from_secs(600),
             max_clock_skew: Duration::from_secs(300),
+            max_age: Duration::from_secs(7 * 86_400),
             max_frame_bytes: 1 << 20,
+            max_devices: 100_000,
+            forget_devices_after: Duration::from_secs(86_400),
             sql_timeout: Duration::from_secs(2),
             sql_memory_mb: 64,
             sql_recent: Duration::ZERO,
@@ -135,6 +151,12 @@ impl EngineConfig {
         }
         if self.state_ttl < self.idle_timeout {
             out.push("engine.state_ttl must be at least engine.idle_timeout".into());
+        }
+        if self.max_age <= self.allowed_lateness {
+            out.push("engine.max_age must be longer than engine.allowed_lateness".into());
+        }
+        if self.max_devices == 0 {
+            out.push("engine.max_devices must be at least 1".into());
         }
         if self.max_frame_bytes < 64 {
             out.push("engine.max_frame_bytes must be at least 64".into());
@@ -334,6 +356,12 @@ impl QueueDepths {
 impl Engine {
     pub fn start(config: &EngineConfig, rules: RuleSet, outputs: Outputs) -> Engine {
         let metrics = Arc::new(Metrics::default());
+        if let Some(latest) = &outputs.latest {
+            latest.set_limits(crate::latest::LatestLimits {
+                max_patients: config.max_devices,
+                ttl: config.forget_devices_after.as_millis() as Millis,
+            });
+        }
         for rule in &rules.rules {
             metrics.rule(&rule.id);
         }
@@ -408,8 +436,25 @@ impl Engine {
         drop(sql_tx);
         let _ = queues.shards.set(shard_rxs);
 
-        let router =
-            route::Router::new(config, shard_txs, outputs.rejects.clone(), metrics.clone());
+        let devices = Arc::new(DeviceRegistry::with_limits(
+            crate::devices::RegistryLimits {
+                max_devices: config.max_devices,
+                forget_after: config.forget_devices_after.as_millis() as Millis,
+            },
+        ));
+        let presence = DeviceContext {
+            book: book.clone(),
+            registry: devices.clone(),
+            metrics: metrics.clone(),
+            dead_letter: outputs.rejects.clone(),
+        };
+        let router = route::Router::new(
+            config,
+            shard_txs,
+            outputs.rejects.clone(),
+            metrics.clone(),
+            presence,
+        );
         threads.push(spawn("router", move || router.run(parsed_rx)));
 
         Engine {
@@ -420,7 +465,7 @@ impl Engine {
             book,
             metrics,
             assignments,
-            devices: Arc::new(DeviceRegistry::default()),
+            devices,
             latest: outputs.latest.clone(),
             sql: sql_shared,
             dead_letter: outputs.rejects.clone(),
@@ -437,10 +482,12 @@ impl Engine {
             mode,
             next_seq: 0,
             ids: self.next_source.clone(),
+            names: None,
             tx: self
                 .input
                 .clone()
                 .expect("sources are added before the engine is joined"),
+            presence: false,
         }
     }
 

@@ -8,6 +8,7 @@ use crate::ack::Ack;
 use crate::engine::EngineConfig;
 use crate::metrics::Metrics;
 use crate::model::{ClockMode, Id, Millis, RejectReason, Rejected, Sample, SourceId, now_millis};
+use crate::sources::DeviceContext;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -18,11 +19,21 @@ use std::time::{Duration, Instant};
 /// How often shards hear the time when no data flows (idle windows, state eviction).
 const TICK: Duration = Duration::from_millis(500);
 
+/// A replay's clock starts from the median event time of its first this many readings, so
+/// one line with a wrong clock at the start cannot drag it (see [`SourceClock::anchor`]).
+const ANCHOR_READINGS: usize = 64;
+
+/// A replay holds its first batches at most this long to find its clock (input trickling
+/// in from stdin).
+const ANCHOR_WAIT: Duration = Duration::from_secs(1);
+
 /// What a source's clock says about a reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     /// Too far ahead of the source's clock: rejected as `future_ts`.
     Future,
+    /// Further behind the source's clock than `max_age`: rejected as `too_old`.
+    TooOld,
     /// Accepted; `late` when it arrived behind the source's watermark.
     Accepted { late: bool },
 }
@@ -33,6 +44,12 @@ struct SourceClock {
     pending: BTreeMap<u64, ParsedBatch>,
     /// Latest event time accepted.
     max_ts: Option<Millis>,
+    /// A replay's starting clock: the median event time of its first readings (never beyond
+    /// the wall clock). Until it is known, the replay's first batches are held.
+    anchor: Option<Millis>,
+    /// Batches held while the anchor is found, in order.
+    held: Vec<ParsedBatch>,
+    held_since: Option<Instant>,
     last_batch: Instant,
     /// Replay pacing: (first event time, wall instant it was replayed at).
     pace_origin: Option<(Millis, Instant)>,
@@ -44,6 +61,9 @@ impl SourceClock {
             next_seq: 0,
             pending: BTreeMap::new(),
             max_ts: None,
+            anchor: None,
+            held: Vec::new(),
+            held_since: None,
             last_batch: Instant::now(),
             pace_origin: None,
         }
@@ -51,7 +71,9 @@ impl SourceClock {
 
     /// Judges one reading at event time `ts`, in source order, and advances the clock.
     /// A live source's clock is the receive time; a replay's is the newest event time
-    /// accepted so far. Neither may run past the wall clock plus `skew`.
+    /// accepted so far, starting from its anchor. Neither may run past the wall clock plus
+    /// `skew`; a reading more than `max_age` behind the clock is too old.
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &mut self,
         ts: Millis,
@@ -60,14 +82,22 @@ impl SourceClock {
         wall: Millis,
         skew: Millis,
         lateness: Millis,
+        max_age: Millis,
     ) -> Verdict {
-        let limit = match (mode, self.max_ts) {
+        let clock = match mode {
+            ClockMode::Live => Some(received_ms),
+            ClockMode::Replay { .. } => self.max_ts.max(self.anchor).map(|c| c.min(wall)),
+        };
+        let limit = match (mode, clock) {
             (ClockMode::Live, _) => received_ms.max(wall) + skew,
-            (ClockMode::Replay { .. }, Some(max)) => (max + skew).min(wall + skew),
+            (ClockMode::Replay { .. }, Some(clock)) => clock + skew,
             (ClockMode::Replay { .. }, None) => wall + skew,
         };
         if ts > limit {
             return Verdict::Future;
+        }
+        if clock.is_some_and(|clock| ts < clock.saturating_sub(max_age)) {
+            return Verdict::TooOld;
         }
         let late = self.max_ts.is_some_and(|max| ts < max - lateness);
         self.max_ts = Some(self.max_ts.map_or(ts, |max| max.max(ts)));
@@ -83,6 +113,10 @@ pub(super) struct Router {
     skew: Millis,
     idle: Duration,
     sources: HashMap<SourceId, SourceClock>,
+    max_age: Millis,
+    /// The device registry: accepted readings of a source that tracks presence mark their
+    /// device as heard.
+    presence: DeviceContext,
     /// Outgoing batches, one per shard, reused.
     out: Vec<Vec<Sample>>,
 }
@@ -100,6 +134,7 @@ impl Router {
         shards: Vec<Sender<ShardMsg>>,
         rejects: Option<Sender<RejectBatch>>,
         metrics: Arc<Metrics>,
+        presence: DeviceContext,
     ) -> Router {
         let n = shards.len();
         Router {
@@ -109,6 +144,8 @@ impl Router {
             lateness: config.allowed_lateness.as_millis() as Millis,
             skew: config.max_clock_skew.as_millis() as Millis,
             idle: config.idle_timeout,
+            max_age: config.max_age.as_millis() as Millis,
+            presence,
             sources: HashMap::new(),
             out: (0..n).map(|_| Vec::new()).collect(),
         }
@@ -124,7 +161,7 @@ impl Router {
                     clock.pending.insert(batch.seq, batch);
                     while let Some(batch) = self.next_in_order(source) {
                         let last = batch.raw.last;
-                        if !self.route(batch) {
+                        if !self.take(batch) {
                             return;
                         }
                         if last {
@@ -134,10 +171,23 @@ impl Router {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every source has ended: what replays still hold goes on.
+                    let holding: Vec<SourceId> = (self.sources.iter())
+                        .filter(|(_, c)| !c.held.is_empty())
+                        .map(|(&id, _)| id)
+                        .collect();
+                    if !holding.into_iter().all(|source| self.release(source)) {
+                        return;
+                    }
+                    break;
+                }
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
+                if !self.release_overdue() {
+                    return;
+                }
                 let (now_ms, watermark) = (now_millis(), self.watermark());
                 let tick = || ShardMsg::Tick { now_ms, watermark };
                 if self.shards.iter().any(|s| s.send(tick()).is_err()) {
@@ -163,6 +213,52 @@ impl Router {
         Some(batch)
     }
 
+    /// Takes the next batch of a source, in order. A replay's first batches are held until
+    /// its first [`ANCHOR_READINGS`] readings (or its end, or [`ANCHOR_WAIT`]) set its clock.
+    fn take(&mut self, batch: ParsedBatch) -> bool {
+        let source = batch.source;
+        let clock = self.sources.get_mut(&source).expect("source clock exists");
+        if !matches!(batch.mode, ClockMode::Replay { .. }) || clock.anchor.is_some() {
+            return self.route(batch);
+        }
+        let last = batch.raw.last;
+        clock.held_since.get_or_insert_with(Instant::now);
+        clock.held.push(batch);
+        let readings: usize = clock.held.iter().map(|b| b.samples.len()).sum();
+        if readings >= ANCHOR_READINGS || last {
+            return self.release(source);
+        }
+        true
+    }
+
+    /// Sets a replay's anchor from the readings it holds and routes them.
+    fn release(&mut self, source: SourceId) -> bool {
+        let Some(clock) = self.sources.get_mut(&source) else {
+            return true;
+        };
+        let mut times: Vec<Millis> = clock
+            .held
+            .iter()
+            .flat_map(|b| b.samples.iter().map(|s| s.ts))
+            .collect();
+        if !times.is_empty() {
+            let middle = times.len() / 2;
+            clock.anchor = Some(*times.select_nth_unstable(middle).1);
+        }
+        clock.held_since = None;
+        let held = std::mem::take(&mut clock.held);
+        held.into_iter().all(|batch| self.route(batch))
+    }
+
+    /// Releases replays whose first batches have waited [`ANCHOR_WAIT`].
+    fn release_overdue(&mut self) -> bool {
+        let overdue: Vec<SourceId> = (self.sources.iter())
+            .filter(|(_, c)| c.held_since.is_some_and(|t| t.elapsed() >= ANCHOR_WAIT))
+            .map(|(&id, _)| id)
+            .collect();
+        overdue.into_iter().all(|source| self.release(source))
+    }
+
     /// The engine's watermark: the slowest source that is still sending decides.
     fn watermark(&self) -> Millis {
         let of = |c: &SourceClock| c.max_ts.map_or(Millis::MIN, |m| m - self.lateness);
@@ -186,6 +282,7 @@ impl Router {
             .get_mut(&batch.source)
             .expect("source clock exists");
         let mut rejected = Vec::new();
+        let (mut future, mut too_old) = (0u64, 0u64);
         let mut accepted = 0u64;
         for (mut sample, frame) in batch.samples.drain(..).zip(&batch.sample_frames) {
             let received_ms = sample.received_us.div_euclid(1000);
@@ -196,12 +293,20 @@ impl Router {
                 wall,
                 self.skew,
                 self.lateness,
+                self.max_age,
             ) {
-                Verdict::Future => {
+                verdict @ (Verdict::Future | Verdict::TooOld) => {
+                    let reason = if verdict == Verdict::Future {
+                        future += 1;
+                        RejectReason::FutureTs
+                    } else {
+                        too_old += 1;
+                        RejectReason::TooOld
+                    };
                     let frame = &batch.raw.frames[*frame as usize];
                     rejected.push(Rejected {
                         source: batch.source,
-                        reason: RejectReason::FutureTs,
+                        reason,
                         received_us: frame.received_us,
                         payload: batch.raw.payload(frame).to_vec(),
                         origin: frame.origin.clone(),
@@ -219,6 +324,9 @@ impl Router {
             }
             // A warm-up reading was accepted once already, by the node that owned it.
             accepted += u64::from(!sample.warmup);
+            if batch.raw.presence && !sample.warmup {
+                self.presence.heard(&sample.device_id, received_ms);
+            }
             let shard = if shards == 1 {
                 0
             } else {
@@ -227,8 +335,8 @@ impl Router {
             self.out[shard].push(sample);
         }
         self.metrics.accepted.fetch_add(accepted, Relaxed);
-        self.metrics
-            .reject(RejectReason::FutureTs, rejected.len() as u64);
+        self.metrics.reject(RejectReason::FutureTs, future);
+        self.metrics.reject(RejectReason::TooOld, too_old);
         dead_letter(&self.rejects, rejected, &batch.ack);
         let watermark = self.watermark();
         let now_ms = now_millis();
@@ -271,8 +379,43 @@ mod tests {
     const T0: Millis = 1_767_225_600_000;
     const REPLAY: ClockMode = ClockMode::Replay { speed: 0.0 };
 
+    const WEEK: Millis = 7 * 86_400_000;
+
     fn admit(clock: &mut SourceClock, mode: ClockMode, ts: Millis, wall: Millis) -> Verdict {
-        clock.admit(ts, mode, wall, wall, 300_000, 5_000)
+        clock.admit(ts, mode, wall, wall, 300_000, 5_000, WEEK)
+    }
+
+    #[test]
+    fn readings_older_than_max_age_are_too_old() {
+        let now = T0;
+        let mut c = SourceClock::new();
+        assert_eq!(
+            admit(&mut c, ClockMode::Live, 0, now),
+            Verdict::TooOld,
+            "1970"
+        );
+        assert_eq!(
+            admit(&mut c, ClockMode::Live, now - WEEK - 1, now),
+            Verdict::TooOld
+        );
+        assert_eq!(
+            admit(&mut c, ClockMode::Live, now - WEEK, now),
+            Verdict::Accepted { late: false },
+            "exactly max_age old"
+        );
+        // A replay judges age against its own clock, so an old recording replays.
+        let mut r = SourceClock::new();
+        r.anchor = Some(T0 - 10 * WEEK);
+        let wall = T0;
+        assert_eq!(
+            admit(&mut r, REPLAY, T0 - 10 * WEEK, wall),
+            Verdict::Accepted { late: false }
+        );
+        assert_eq!(admit(&mut r, REPLAY, 1, wall), Verdict::TooOld);
+        assert_eq!(
+            admit(&mut r, REPLAY, T0 - 10 * WEEK + 1_000, wall),
+            Verdict::Accepted { late: false }
+        );
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! At-least-once: offsets are committed only up to the last record whose reading is durable
 //! (in storage or the spool), per partition, in order. Each batch carries an [`Ack`]; when it
 //! completes, the batch is marked done, and the done prefix of the batches in flight is
-//! committed. A batch whose ack fails (never durable) is never committed past: after a
-//! restart, Kafka delivers it again and storage skips what it already has.
+//! durable and committed. A batch whose ack fails (never durable) is never committed past:
+//! after a restart, Kafka delivers it again and storage skips what it already has. What is
+//! durable stays to be committed until a synchronous commit confirms it (an asynchronous
+//! commit may fail unseen, as during a rebalance): each commit carries it again, and a
+//! revoke and the shutdown commit it synchronously.
 //!
 //! Backpressure: when the engine is full, the source pauses its partitions (librdkafka stops
 //! fetching) and resumes them once the engine takes the batch; nothing piles up in between.
@@ -141,12 +144,25 @@ type Partition = (Arc<str>, i32);
 /// The highest offset of each partition a batch carries.
 type Offsets = BTreeMap<Partition, i64>;
 
-/// Batches in flight, oldest first, and the commits their completion allows.
+/// Batches in flight, oldest first, and per partition how far its records are durable and
+/// how far that is known to be committed.
+///
+/// The two differ because an asynchronous commit may fail — a rebalance makes the broker
+/// refuse commits of the generation before ("Specified group generation id is not valid")
+/// — and its outcome is not reported (rust-rdkafka gives librdkafka no callback for a
+/// manual commit). So what is durable stays here until a synchronous commit confirms it:
+/// every commit carries it again, and a revoke or the shutdown commits it synchronously.
+#[derive(Default)]
 struct InFlight {
     batches: VecDeque<(u64, Offsets, Option<bool>)>,
     next: u64,
     /// Once a batch failed, nothing after it may be committed.
     blocked: bool,
+    /// Per partition, the highest offset whose record, and every one before it here, is
+    /// durable: what may be committed.
+    durable: Offsets,
+    /// Per partition, the highest offset a commit is known to have committed.
+    committed: Offsets,
 }
 
 impl InFlight {
@@ -163,25 +179,47 @@ impl InFlight {
         }
         self.batches.retain(|(_, offsets, _)| !offsets.is_empty());
         self.blocked = self.batches.iter().any(|b| b.2 == Some(false));
+        self.durable.retain(|p, _| !gone.contains(p));
+        self.committed.retain(|p, _| !gone.contains(p));
     }
 
-    /// Records a completion; returns the offsets that may now be committed.
-    fn complete(&mut self, id: u64, ok: bool) -> Offsets {
+    /// Records a completion; returns true when more is durable than before.
+    fn complete(&mut self, id: u64, ok: bool) -> bool {
         if let Some(b) = self.batches.iter_mut().find(|b| b.0 == id) {
             b.2 = Some(ok);
         }
-        let mut commit = Offsets::new();
+        let mut advanced = false;
         while !self.blocked {
             match self.batches.front() {
                 Some((_, _, Some(true))) => {
                     let (_, offsets, _) = self.batches.pop_front().expect("front exists");
-                    commit.extend(offsets);
+                    for (partition, offset) in offsets {
+                        let durable = self.durable.entry(partition).or_insert(-1);
+                        advanced |= offset > *durable;
+                        *durable = offset.max(*durable);
+                    }
                 }
                 Some((_, _, Some(false))) => self.blocked = true,
                 _ => break,
             }
         }
-        commit
+        advanced
+    }
+
+    /// What is durable but not known to be committed, per partition.
+    fn uncommitted(&self) -> Offsets {
+        (self.durable.iter())
+            .filter(|(p, o)| self.committed.get(*p).is_none_or(|c| c < *o))
+            .map(|(p, o)| (p.clone(), *o))
+            .collect()
+    }
+
+    /// A commit of `offsets` succeeded.
+    fn confirm(&mut self, offsets: &Offsets) {
+        for (partition, offset) in offsets {
+            let committed = self.committed.entry(partition.clone()).or_insert(-1);
+            *committed = (*offset).max(*committed);
+        }
     }
 }
 
@@ -383,39 +421,73 @@ impl Pipeline {
         }
     }
 
-    /// Commits what the completed acks allow.
-    fn commit_done(&mut self, consumer: &BaseConsumer<Context>) {
-        let mut commit = Offsets::new();
-        for (id, ok) in self.done_rx.try_iter() {
-            if !ok {
-                self.stats.failed_batches += 1;
-                tracing::error!(
-                    batch = id,
-                    "a Kafka batch was not stored; offsets are not committed past it"
-                );
-            }
-            commit.extend(self.in_flight.complete(id, ok));
+    /// Records a completed batch.
+    fn completed(&mut self, id: u64, ok: bool) -> bool {
+        if !ok {
+            self.stats.failed_batches += 1;
+            tracing::error!(
+                batch = id,
+                "a Kafka batch was not stored; offsets are not committed past it"
+            );
         }
-        self.commit(consumer, &commit, CommitMode::Async);
+        self.in_flight.complete(id, ok)
     }
 
-    fn commit(&mut self, consumer: &BaseConsumer<Context>, offsets: &Offsets, mode: CommitMode) {
+    /// Commits, asynchronously, what the completed acks allow: whenever more is durable,
+    /// everything durable not known to be committed (so it also covers an earlier commit
+    /// that failed).
+    fn commit_done(&mut self, consumer: &BaseConsumer<Context>) {
+        let mut advanced = false;
+        while let Ok((id, ok)) = self.done_rx.try_recv() {
+            advanced |= self.completed(id, ok);
+        }
+        if advanced {
+            self.commit(consumer, CommitMode::Async);
+        }
+    }
+
+    /// Waits (up to `revoke_timeout`) until every batch handed to the engine has completed.
+    fn settle(&mut self) {
+        let deadline = Instant::now() + self.config.revoke_timeout;
+        while !self.in_flight.is_settled() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok((id, ok)) = self.done_rx.recv_timeout(left) else {
+                tracing::warn!(
+                    batches = self.in_flight.batches.len(),
+                    "Kafka: readings not durable in time; whoever reads the partitions next reads them again"
+                );
+                return;
+            };
+            self.completed(id, ok);
+        }
+    }
+
+    /// Commits everything durable that is not known to be committed. A synchronous commit
+    /// that succeeds confirms it; an asynchronous one may yet fail, so what it carries is
+    /// carried again by the next commit.
+    fn commit(&mut self, consumer: &BaseConsumer<Context>, mode: CommitMode) {
+        let offsets = self.in_flight.uncommitted();
         if offsets.is_empty() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in offsets {
+        for ((topic, partition), offset) in &offsets {
             let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
         }
         match consumer.commit(&tpl, mode) {
-            Ok(()) => self.stats.commits += 1,
+            Ok(()) => {
+                self.stats.commits += 1;
+                if matches!(mode, CommitMode::Sync) {
+                    self.in_flight.confirm(&offsets);
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "Kafka commit failed; the next one covers it"),
         }
     }
 
     /// Partitions are leaving: hands everything read to the engine, waits (up to
-    /// `revoke_timeout`) until it is durable, commits it, and has the engine drop the state
-    /// of the partitions' devices.
+    /// `revoke_timeout`) until it is durable, commits all that is durable, and has the
+    /// engine drop the state of the partitions' devices.
     fn revoke(&mut self, consumer: &BaseConsumer<Context>, leaving: &TopicPartitionList) {
         self.seal_due(true);
         while let Some((partition, batch)) = self.held.pop_front() {
@@ -423,21 +495,10 @@ impl Pipeline {
                 self.closed |= !lane.handle.send(batch);
             }
         }
-        let deadline = Instant::now() + self.config.revoke_timeout;
-        let mut commit = Offsets::new();
-        while !self.in_flight.is_settled() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok((id, ok)) = self.done_rx.recv_timeout(left) else {
-                tracing::warn!(
-                    batches = self.in_flight.batches.len(),
-                    "rebalance: readings not durable in time; the next owner reads them again"
-                );
-                break;
-            };
-            self.stats.failed_batches += !ok as u64;
-            commit.extend(self.in_flight.complete(id, ok));
-        }
-        self.commit(consumer, &commit, CommitMode::Sync);
+        self.settle();
+        // Everything durable, also what became durable before the rebalance but whose
+        // asynchronous commit failed (as commits do while the group rebalances).
+        self.commit(consumer, CommitMode::Sync);
         let mut gone = HashSet::default();
         for e in leaving.elements() {
             let partition = (self.topic(e.topic()), e.partition());
@@ -679,11 +740,7 @@ impl KafkaSource {
             lanes: HashMap::default(),
             held: VecDeque::new(),
             paused: false,
-            in_flight: InFlight {
-                batches: VecDeque::new(),
-                next: 0,
-                blocked: false,
-            },
+            in_flight: InFlight::default(),
             done_tx,
             done_rx,
             topics: Vec::new(),
@@ -749,9 +806,14 @@ impl KafkaSource {
             p.seal_due(false);
             p.commit_done(consumer);
         }
-        // Commits of batches that finish after this are left to the next run (redelivery).
+        // What the engine holds becomes durable (up to `revoke_timeout`) and is committed;
+        // what does not, is read again by whoever reads the partitions next.
         let pipeline = self.consumer.context().pipeline().take();
-        pipeline.map(|p| p.stats).unwrap_or_default()
+        pipeline.map_or_else(KafkaStats::default, |mut p| {
+            p.settle();
+            p.commit(consumer, CommitMode::Sync);
+            p.stats
+        })
     }
 }
 
@@ -763,28 +825,61 @@ mod tests {
         [(("t".into(), p), o)].into()
     }
 
+    fn in_flight(batches: &[(i32, i64)]) -> InFlight {
+        let mut f = InFlight::default();
+        for &(p, o) in batches {
+            f.batches.push_back((f.next, offsets(p, o), None));
+            f.next += 1;
+        }
+        f
+    }
+
     #[test]
-    fn only_the_done_prefix_is_committed_and_a_failure_blocks_what_follows() {
-        let mut f = InFlight {
-            batches: VecDeque::new(),
-            next: 3,
-            blocked: false,
-        };
-        f.batches.push_back((0, offsets(0, 10), None));
-        f.batches.push_back((1, offsets(0, 20), None));
-        f.batches.push_back((2, offsets(1, 5), None));
-        assert!(f.complete(1, true).is_empty(), "batch 0 is not done yet");
-        assert_eq!(f.complete(0, true), offsets(0, 20));
+    fn only_the_done_prefix_is_durable_and_a_failure_blocks_what_follows() {
+        let mut f = in_flight(&[(0, 10), (0, 20), (1, 5)]);
+        assert!(!f.complete(1, true), "batch 0 is not done yet");
+        assert!(f.complete(0, true));
+        assert_eq!(f.uncommitted(), offsets(0, 20));
         f.batches.push_back((3, offsets(1, 9), None));
-        assert!(f.complete(2, false).is_empty());
-        assert!(
-            f.complete(3, true).is_empty(),
-            "nothing after a failed batch"
-        );
+        assert!(!f.complete(2, false));
+        assert!(!f.complete(3, true), "nothing after a failed batch");
+        assert_eq!(f.uncommitted(), offsets(0, 20));
         // Partition 1 moves to another node: the failed batch no longer blocks partition 0.
         f.drop_partitions(&[("t".into(), 1)].into_iter().collect());
         assert!(!f.blocked);
         f.batches.push_back((4, offsets(0, 30), None));
-        assert_eq!(f.complete(4, true), offsets(0, 30));
+        assert!(f.complete(4, true));
+        assert_eq!(f.uncommitted(), offsets(0, 30));
+    }
+
+    /// The reported double alert: durable offsets whose asynchronous commit failed were
+    /// forgotten, so the revoke committed only what completed while it waited, and the next
+    /// owner evaluated the rest again.
+    #[test]
+    fn what_is_durable_stays_to_commit_until_a_commit_confirms_it() {
+        let mut f = in_flight(&[(0, 10), (1, 5)]);
+        assert!(f.complete(0, true) && f.complete(1, true));
+        let mut both = offsets(0, 10);
+        both.extend(offsets(1, 5));
+        // Committed asynchronously, and refused (the group is rebalancing): nothing is
+        // confirmed, so the next commit carries both partitions again.
+        assert_eq!(f.uncommitted(), both);
+        f.batches.push_back((2, offsets(0, 12), None));
+        assert!(f.complete(2, true));
+        both.extend(offsets(0, 12));
+        assert_eq!(f.uncommitted(), both, "partition 1's offset is not lost");
+        // Partition 1 leaves with nothing left in flight: the revoke still commits what
+        // became durable before it.
+        assert!(f.is_settled());
+        f.confirm(&both);
+        assert!(f.uncommitted().is_empty());
+        f.drop_partitions(&[("t".into(), 1)].into_iter().collect());
+        assert_eq!(f.durable, offsets(0, 12));
+        // A confirmation of an older commit arriving late takes nothing back.
+        f.confirm(&offsets(0, 10));
+        assert!(f.uncommitted().is_empty());
+        f.batches.push_back((3, offsets(0, 15), None));
+        assert!(f.complete(3, true));
+        assert_eq!(f.uncommitted(), offsets(0, 15));
     }
 }

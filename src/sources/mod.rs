@@ -7,6 +7,7 @@
 
 pub mod kafka;
 pub mod mqtt;
+mod presence;
 pub mod replay;
 pub mod simulator;
 
@@ -16,8 +17,9 @@ use crate::engine::RejectBatch;
 use crate::metrics::Metrics;
 use crate::model::{ClockMode, FrameBatch, RejectReason, Rejected, SourceId};
 use crossbeam_channel::Sender;
-use std::sync::Arc;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 
 /// What a source that speaks for devices — their status and technical alerts, not only
 /// readings — needs from the engine.
@@ -47,6 +49,26 @@ impl DeviceContext {
     }
 }
 
+/// The name of the configured source each engine source belongs to, by [`SourceId`], for
+/// what carries only the id (a dead letter). One configured source may be many engine
+/// sources: a Kafka source gives each partition its own ([`SourceHandle::another`]).
+/// Bounded by the id space.
+#[derive(Debug, Default)]
+pub struct SourceNames(RwLock<HashMap<SourceId, Arc<str>>>);
+
+impl SourceNames {
+    /// The name of source `id`, if it was given one.
+    pub fn get(&self, id: SourceId) -> Option<Arc<str>> {
+        let names = self.0.read().unwrap_or_else(|e| e.into_inner());
+        names.get(&id).cloned()
+    }
+
+    fn insert(&self, id: SourceId, name: Arc<str>) {
+        let mut names = self.0.write().unwrap_or_else(|e| e.into_inner());
+        names.insert(id, name);
+    }
+}
+
 /// The engine's input, for one source: stamps each batch with the source and its order.
 #[derive(Debug)]
 pub struct SourceHandle {
@@ -56,6 +78,10 @@ pub struct SourceHandle {
     pub(crate) tx: Sender<FrameBatch>,
     /// The engine's source ids, for [`SourceHandle::another`].
     pub(crate) ids: Arc<AtomicU16>,
+    /// Where this source's name, and that of every source made from it, is registered.
+    pub(crate) names: Option<Arc<SourceNames>>,
+    /// Accepted readings mark their device as heard (see [`FrameBatch::presence`]).
+    pub(crate) presence: bool,
 }
 
 impl SourceHandle {
@@ -68,6 +94,8 @@ impl SourceHandle {
             next_seq: 0,
             tx,
             ids: Arc::new(AtomicU16::new(id + 1)),
+            names: None,
+            presence: false,
         }
     }
 
@@ -75,21 +103,46 @@ impl SourceHandle {
         self.id
     }
 
-    /// A new source of the same kind, with its own clock and watermark: a Kafka partition
-    /// is read at its own pace, so each gets one (the engine's watermark is the slowest).
+    /// Registers this source under `name` in `names`, and with it every source made from
+    /// it by [`SourceHandle::another`].
+    pub fn named(mut self, names: &Arc<SourceNames>, name: &str) -> SourceHandle {
+        names.insert(self.id, name.into());
+        self.names = Some(names.clone());
+        self
+    }
+
+    /// A new source of the same kind and name, with its own clock and watermark: a Kafka
+    /// partition is read at its own pace, so each gets one (the engine's watermark is the
+    /// slowest).
     pub fn another(&self) -> SourceHandle {
+        let id = self.ids.fetch_add(1, Relaxed);
+        if let Some(names) = &self.names
+            && let Some(name) = names.get(self.id)
+        {
+            names.insert(id, name);
+        }
         SourceHandle {
-            id: self.ids.fetch_add(1, Relaxed),
+            id,
             mode: self.mode,
             next_seq: 0,
             tx: self.tx.clone(),
             ids: self.ids.clone(),
+            names: self.names.clone(),
+            presence: self.presence,
         }
+    }
+
+    /// From now on this source speaks for devices that are present: the engine marks the
+    /// device of each reading it accepts as heard in the device registry.
+    pub fn track_presence(&mut self) {
+        self.presence = true;
     }
 
     /// An empty batch for this source.
     pub fn batch(&self) -> FrameBatch {
-        FrameBatch::new(self.id, self.mode)
+        let mut batch = FrameBatch::new(self.id, self.mode);
+        batch.presence = self.presence;
+        batch
     }
 
     /// Hands a batch to the engine; blocks while the engine is full (backpressure).
@@ -138,4 +191,32 @@ pub enum Offer {
     Full(FrameBatch),
     /// The engine has shut down.
     Closed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_source_made_from_a_named_one_has_its_name() {
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let names = Arc::new(SourceNames::default());
+        let mqtt = SourceHandle::to_channel(tx.clone(), 0, ClockMode::Live).named(&names, "mqtt");
+        let kafka = SourceHandle {
+            ids: mqtt.ids.clone(),
+            ..SourceHandle::to_channel(tx.clone(), 1, ClockMode::Live)
+        }
+        .named(&names, "kafka");
+        mqtt.ids.store(2, Relaxed);
+        let partitions: Vec<SourceHandle> = (0..3).map(|_| kafka.another()).collect();
+        assert_eq!(names.get(mqtt.id()).as_deref(), Some("mqtt"));
+        assert_eq!(names.get(kafka.id()).as_deref(), Some("kafka"));
+        for p in &partitions {
+            assert!(p.id() >= 2);
+            assert_eq!(names.get(p.id()).as_deref(), Some("kafka"));
+            assert_eq!(names.get(p.another().id()).as_deref(), Some("kafka"));
+        }
+        let unnamed = SourceHandle::to_channel(tx, 9, ClockMode::Live);
+        assert_eq!(names.get(unnamed.another().id()), None);
+    }
 }

@@ -129,6 +129,8 @@ mod tests {
             next_seq: 0,
             tx,
             ids: Default::default(),
+            names: None,
+            presence: false,
         };
         let stats = run(input, handle, false).unwrap();
         let lines: Vec<Vec<u8>> = rx

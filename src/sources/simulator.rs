@@ -341,6 +341,8 @@ mod tests {
             next_seq: 0,
             tx,
             ids: Default::default(),
+            names: None,
+            presence: false,
         };
         (handle, rx)
     }

@@ -31,15 +31,26 @@ impl TestKafka {
                     mock: None,
                 }
             }
-            _ => {
-                let mock = MockCluster::new(1).unwrap();
-                TestKafka {
-                    brokers: mock.bootstrap_servers(),
-                    prefix: String::new(),
-                    mock: Some(mock),
-                }
-            }
+            _ => TestKafka::mock(),
         }
+    }
+
+    /// librdkafka's mock cluster whatever `VITALSTREAM_TEST_KAFKA` says: for a test that
+    /// makes the brokers fail (see [`TestKafka::cluster`]).
+    pub fn mock() -> TestKafka {
+        let mock = MockCluster::new(1).unwrap();
+        TestKafka {
+            brokers: mock.bootstrap_servers(),
+            prefix: String::new(),
+            mock: Some(mock),
+        }
+    }
+
+    /// The mock cluster, to inject errors; only for a [`TestKafka::mock`].
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        self.mock
+            .as_ref()
+            .expect("a mock cluster (TestKafka::mock)")
     }
 
     /// This test's name for a topic or group.

@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod kafka;
+pub mod mqtt_client;
 pub mod pg;
 pub mod reference;
 pub mod server;

@@ -36,6 +36,14 @@ pub struct MqttConfig {
     /// A device silent this long is marked offline and raises a technical alert ("60s").
     #[serde(with = "humantime_serde")]
     pub offline_after: Duration,
+    /// This many devices or more going silent in one check are a mass disconnect: one
+    /// aggregated technical alarm instead of one per device.
+    pub offline_storm: usize,
+    /// Longest wait for the broker to accept a connection (TCP and CONNACK, whole seconds;
+    /// a broker with a large session backlog can take a while), before backing off and
+    /// trying again ("10s").
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// First and longest wait between reconnection attempts; the wait doubles, with jitter.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -58,6 +66,8 @@ impl Default for MqttConfig {
             batch_size: 2048,
             batch_linger: Duration::from_millis(2),
             offline_after: Duration::from_secs(60),
+            offline_storm: 20,
+            connect_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
         }
@@ -87,6 +97,12 @@ impl MqttConfig {
         }
         if self.offline_after.is_zero() {
             out.push("mqtt.offline_after must be positive".into());
+        }
+        if self.offline_storm < 2 {
+            out.push("mqtt.offline_storm must be at least 2".into());
+        }
+        if self.connect_timeout < Duration::from_secs(1) {
+            out.push("mqtt.connect_timeout must be at least 1s".into());
         }
         if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
             out.push("mqtt.reconnect_min must be positive and at most mqtt.reconnect_max".into());

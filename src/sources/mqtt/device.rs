@@ -1,13 +1,12 @@
 //! What devices say about themselves: status (`devices/{id}/status`) and technical alerts
 //! (`devices/{id}/alerts`). Both enter the same alert lifecycle as rule alerts.
 
-use crate::alerts::{Cause, Signal, Trigger};
 use crate::devices::Change;
-use crate::model::{CorrelationId, Id, RejectReason, now_micros, now_millis};
+use crate::model::{CorrelationId, RejectReason, now_micros, now_millis};
 use crate::parse::valid_id;
 use crate::rules::Priority;
-use crate::rules::threshold::Edge;
 use crate::sources::DeviceContext;
+use crate::sources::presence::device_cause;
 use serde::Deserialize;
 
 /// A technical alert a device raises or clears about itself.
@@ -39,65 +38,6 @@ fn valid_code(code: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-/// The cause of a device's technical alert: `device.<code>`.
-fn cause(code: &str, priority: Priority, message: &str) -> Cause {
-    Cause {
-        id: format!("device.{code}").into(),
-        priority,
-        message: message.into(),
-    }
-}
-
-/// Raises or clears a device's technical alert.
-fn technical(
-    ctx: &DeviceContext,
-    device: &Id,
-    patient: Option<Id>,
-    cause: Cause,
-    active: bool,
-    correlation_id: CorrelationId,
-) {
-    ctx.book.signal(Signal {
-        cause,
-        patient_id: patient,
-        edge: if active { Edge::Raise } else { Edge::Clear },
-        trigger: Trigger {
-            device_id: device.clone(),
-            value: f64::NAN,
-            window: None,
-            correlation_id,
-            event_ts: now_millis(),
-        },
-        received_us: now_micros(),
-        quiet: false,
-    });
-}
-
-/// The technical alert a device raises by going offline.
-fn offline(ctx: &DeviceContext, device: &Id, active: bool, why: &str) {
-    let correlation = CorrelationId::Given(device.clone());
-    let cause = cause("offline", Priority::Medium, why);
-    technical(ctx, device, None, cause, active, correlation);
-}
-
-/// Any message from a device shows it is there.
-pub(super) fn heard(ctx: &DeviceContext, device: &str) {
-    if ctx.registry.seen(device, now_millis()) == Change::CameOnline
-        && let Some(device) = valid_id(device)
-    {
-        offline(ctx, &device, false, "Device back online");
-    }
-}
-
-/// Devices silent past `offline_after` go offline and raise a technical alert.
-pub(super) fn expire_silent(ctx: &DeviceContext, offline_after_ms: i64) {
-    let now = now_millis();
-    for device in ctx.registry.expire(now - offline_after_ms, now) {
-        tracing::warn!(device = %device, "device silent: marked offline");
-        offline(ctx, &device, true, "Device offline: no data");
-    }
-}
-
 /// `devices/{id}/status`: `online` or `offline`, as a plain string or `{"status": …}`.
 pub(super) fn status(ctx: &DeviceContext, source: u16, device: &str, payload: &[u8]) {
     let received_us = now_micros();
@@ -122,9 +62,9 @@ pub(super) fn status(ctx: &DeviceContext, source: u16, device: &str, payload: &[
     match ctx.registry.announce(&device, online, now_millis()) {
         Change::WentOffline => {
             tracing::warn!(device = %device, "device reported offline");
-            offline(ctx, &device, true, "Device reported offline");
+            ctx.offline(&device, true, "Device reported offline");
         }
-        Change::CameOnline => offline(ctx, &device, false, "Device back online"),
+        Change::CameOnline => ctx.offline(&device, false, "Device back online"),
         Change::Unchanged => {}
     }
 }
@@ -149,12 +89,16 @@ pub(super) fn alert(ctx: &DeviceContext, source: u16, device: &str, payload: &[u
         Some(Some(p)) => Some(p),
         None => None,
     };
-    heard(ctx, &device);
+    // A known device's message shows it is there; an unknown one does not enter the
+    // registry (only an accepted reading does that).
+    if ctx.registry.get(&device).is_some() {
+        ctx.heard(&device, now_millis());
+    }
     let correlation = match alert.correlation_id.as_deref().and_then(valid_id) {
         Some(id) => CorrelationId::Given(id),
         None => CorrelationId::Given(format!("{device}-{}", alert.code).into()),
     };
     let message = alert.message.as_deref().unwrap_or(&alert.code);
-    let cause = cause(&alert.code, alert.priority, message);
-    technical(ctx, &device, patient, cause, alert.active, correlation);
+    let cause = device_cause(&alert.code, alert.priority, message);
+    ctx.technical(&device, patient, cause, alert.active, correlation);
 }

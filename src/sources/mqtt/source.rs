@@ -5,15 +5,18 @@ use super::config::MqttConfig;
 use super::device;
 use super::topic::{TopicKind, parse_topic};
 use crate::ack::Ack;
+use crate::link::Link;
 use crate::model::{FrameBatch, Id, now_micros};
 use crate::parse::valid_id;
 use crate::sources::DeviceContext;
 use crate::sources::SourceHandle;
 use crossbeam_channel::{Receiver, Sender};
+use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
-use rumqttc::v5::{Client, Connection, Event, MqttOptions, RecvTimeoutError};
+use rumqttc::v5::{Client, Connection, Event, MqttOptions};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -91,7 +94,19 @@ impl Pending {
     }
 }
 
-fn options(config: &MqttConfig) -> MqttOptions {
+/// Room for the topic, properties and header of a PUBLISH beyond its payload.
+const PACKET_HEADROOM: usize = 64 << 10;
+
+/// The largest packet this client takes from the broker, advertised in CONNECT (MQTT 5
+/// Maximum Packet Size). Payloads up to twice the engine's frame limit still arrive, so
+/// oversized readings are dead-lettered as `too_large` and acknowledged; a larger packet the
+/// broker must not send at all (MQTT 5 §3.1.2.11.4: it discards it and behaves as if it had
+/// delivered it — Mosquitto logs each). Either way no single message can stop the source.
+pub fn max_packet_bytes(max_frame_bytes: usize) -> u32 {
+    (max_frame_bytes.saturating_mul(2) + PACKET_HEADROOM).min(u32::MAX as usize) as u32
+}
+
+fn options(config: &MqttConfig, max_frame_bytes: usize) -> MqttOptions {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
     options
         .set_keep_alive(config.keep_alive)
@@ -100,15 +115,68 @@ fn options(config: &MqttConfig) -> MqttOptions {
             config.session_expiry.as_secs().min(u32::MAX as u64) as u32
         ))
         .set_manual_acks(true)
-        .set_receive_maximum(Some(config.receive_maximum));
+        .set_receive_maximum(Some(config.receive_maximum))
+        .set_max_packet_size(Some(max_packet_bytes(max_frame_bytes)))
+        // Connecting — the TCP handshake and CONNACK, which a broker with a large session
+        // backlog may be slow to send — has its own deadline, apart from batching.
+        .set_connection_timeout(config.connect_timeout.as_secs().max(1));
     // Acknowledgements and commands go out at once, not held back by Nagle's algorithm.
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(true);
+    network.set_connection_timeout(config.connect_timeout.as_secs().max(1));
     options.set_network_options(network);
     if let Some(user) = &config.username {
         options.set_credentials(user, config.password.clone().unwrap_or_default());
     }
     options
+}
+
+/// What the connection thread passes to the source loop.
+enum Wire {
+    Message(Publish),
+    Connected { session_present: bool },
+    Down(String),
+}
+
+/// The connection thread: polls the client's event loop without ever cutting a poll short
+/// (a poll cut short in the middle of connecting starts the connection over, forever, when
+/// the broker has a large backlog to send), and passes messages and connection changes on.
+/// A failed connection waits (exponential backoff with jitter) before the next attempt.
+/// Ends once `stop` is set and the client has disconnected, or when the source loop is gone.
+fn pump(mut connection: Connection, tx: Sender<Wire>, stop: Arc<AtomicBool>, config: MqttConfig) {
+    let mut backoff = config.reconnect_min;
+    loop {
+        let wire = match connection.recv() {
+            Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => Wire::Message(publish),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                backoff = config.reconnect_min;
+                Wire::Connected {
+                    session_present: ack.session_present,
+                }
+            }
+            Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => return,
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => {
+                if tx.send(Wire::Down(e.to_string())).is_err() {
+                    return;
+                }
+                let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+                let wait = Instant::now() + (backoff + jitter).min(config.reconnect_max);
+                while Instant::now() < wait {
+                    if stop.load(Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20).min(wait - Instant::now()));
+                }
+                backoff = (backoff * 2).min(config.reconnect_max);
+                continue;
+            }
+            Err(_) => return, // every client handle is gone
+        };
+        if tx.send(wire).is_err() {
+            return;
+        }
+    }
 }
 
 /// Acknowledges, in order, the messages whose readings are durable. A message the client
@@ -166,24 +234,34 @@ pub struct MqttSource {
     config: MqttConfig,
     client: Client,
     connection: Connection,
-    /// Whether the broker connection is up, for readiness checks.
-    up: std::sync::Arc<AtomicBool>,
+    /// Whether the broker connection is up (and why not), for readiness checks.
+    link: Arc<Link>,
 }
 
 impl MqttSource {
+    /// A source whose readings the engine takes up to `engine.max_frame_bytes` (the default
+    /// 1 MiB here; see [`MqttSource::with_frame_limit`]).
     pub fn new(config: &MqttConfig) -> MqttSource {
-        let (client, connection) = Client::new(options(config), 1024);
+        Self::with_frame_limit(
+            config,
+            crate::engine::EngineConfig::default().max_frame_bytes,
+        )
+    }
+
+    /// A source for an engine that takes frames up to `max_frame_bytes`.
+    pub fn with_frame_limit(config: &MqttConfig, max_frame_bytes: usize) -> MqttSource {
+        let (client, connection) = Client::new(options(config, max_frame_bytes), 1024);
         MqttSource {
             config: config.clone(),
             client,
             connection,
-            up: Default::default(),
+            link: Default::default(),
         }
     }
 
-    /// True while the broker connection is up.
-    pub fn connected(&self) -> std::sync::Arc<AtomicBool> {
-        self.up.clone()
+    /// The broker connection's state.
+    pub fn link(&self) -> Arc<Link> {
+        self.link.clone()
     }
 
     /// A handle for sending commands to devices.
@@ -196,41 +274,71 @@ impl MqttSource {
     /// Reads from the broker until `stop` is set or the engine stops: readings go to the
     /// engine, status and technical alerts to the device registry and the alert book.
     /// Reconnects with exponential backoff and jitter; says once when the broker is
-    /// unreachable and when it is back.
+    /// unreachable (and why) and when it is back.
     pub fn run(
-        mut self,
+        self,
         mut handle: SourceHandle,
         devices: &DeviceContext,
         stop: &AtomicBool,
     ) -> MqttStats {
-        let config = &self.config;
-        let client = &self.client;
+        let MqttSource {
+            config,
+            client,
+            connection,
+            link,
+        } = self;
+        let config = &config;
+        let client = &client;
+        handle.track_presence();
         let (durable_tx, durable_rx) = crossbeam_channel::unbounded::<Vec<Publish>>();
+        // receive_maximum bounds what the broker sends ahead of acknowledgements; this
+        // queue only decouples the connection from batching.
+        let (wire_tx, wire_rx) = crossbeam_channel::bounded::<Wire>(1024);
+        let pump_stop = Arc::new(AtomicBool::new(false));
+        let pump_thread = {
+            let (stop, config) = (pump_stop.clone(), config.clone());
+            std::thread::Builder::new()
+                .name("mqtt-connection".into())
+                .spawn(move || pump(connection, wire_tx, stop, config))
+                .expect("spawning the MQTT connection thread")
+        };
         let mut waiting = VecDeque::new();
         let mut pending = Pending::new(&handle);
         let mut stats = MqttStats::default();
-        let mut backoff = config.reconnect_min;
         let mut down_since: Option<Instant> = None;
+        let mut connected_once = false;
         let mut last_expiry = Instant::now();
         let offline_after_ms = config.offline_after.as_millis() as i64;
+        let source_name: Id = valid_id(&config.client_id).unwrap_or_else(|| "mqtt".into());
         let filters = config.filters();
         tracing::info!(host = %config.host, port = config.port, client_id = %config.client_id, ?filters, "MQTT source starting");
         while !stop.load(Relaxed) {
             stats.acknowledged += acknowledge(client, &durable_rx, &mut waiting);
-            match self
-                .connection
-                .recv_timeout(pending.wait(config.batch_linger))
-            {
-                Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => {
+            // Idle, wake for acknowledgements and the once-a-second offline check.
+            let wait = if pending.batch.is_empty() {
+                Duration::from_millis(250)
+            } else {
+                pending.wait(config.batch_linger)
+            };
+            let wire = crossbeam_channel::select! {
+                recv(wire_rx) -> wire => match wire {
+                    Ok(wire) => Some(wire),
+                    Err(_) => break, // the connection thread ended
+                },
+                recv(durable_rx) -> durable => {
+                    waiting.extend(durable.into_iter().flatten());
+                    None
+                }
+                default(wait) => None,
+            };
+            match wire {
+                Some(Wire::Message(publish)) => {
                     stats.messages += 1;
                     let topic = std::str::from_utf8(&publish.topic)
                         .ok()
                         .and_then(parse_topic);
                     match topic {
-                        Some((device, TopicKind::Vitals)) => {
-                            device::heard(devices, device);
-                            pending.push(device.into(), publish);
-                        }
+                        Some((device, TopicKind::Vitals)) => pending.push(device.into(), publish),
                         Some((device, kind @ (TopicKind::Status | TopicKind::Alerts))) => {
                             if kind == TopicKind::Status {
                                 device::status(devices, handle.id(), device, &publish.payload);
@@ -245,52 +353,45 @@ impl MqttSource {
                         _ => pending.push(Id::default(), publish),
                     }
                 }
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    self.up.store(true, Relaxed);
+                Some(Wire::Connected { session_present }) => {
+                    link.up();
                     match down_since.take() {
-                        Some(since) => {
+                        Some(since) if connected_once => {
                             stats.reconnects += 1;
-                            tracing::info!(down_for = ?since.elapsed(), session_present = ack.session_present, "MQTT broker is back");
+                            tracing::info!(down_for = ?since.elapsed(), session_present, "MQTT broker is back");
                         }
-                        None => {
-                            tracing::info!(session_present = ack.session_present, "MQTT connected")
-                        }
+                        _ => tracing::info!(session_present, "MQTT connected"),
                     }
-                    backoff = config.reconnect_min;
+                    connected_once = true;
                     for filter in &filters {
                         if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
                             tracing::error!("MQTT subscribe to {filter} failed: {e}");
                         }
                     }
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    self.up.store(false, Relaxed);
+                Some(Wire::Down(why)) => {
+                    link.down(format!("{}:{}: {why}", config.host, config.port));
                     if down_since.is_none() {
                         tracing::warn!(
-                            "MQTT broker {}:{} unreachable: {e}; retrying",
+                            "MQTT broker {}:{} unreachable: {why}; retrying with backoff",
                             config.host,
                             config.port
                         );
                         down_since = Some(Instant::now());
                     }
-                    // What was read before the outage goes on to the engine; then wait.
+                    // What was read before the outage goes on to the engine.
                     if !pending.flush(&mut handle, &durable_tx) {
                         break;
                     }
-                    let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
-                    std::thread::sleep((backoff + jitter).min(config.reconnect_max));
-                    backoff = (backoff * 2).min(config.reconnect_max);
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                None => {}
             }
             if pending.due(config) && !pending.flush(&mut handle, &durable_tx) {
                 break;
             }
             if last_expiry.elapsed() >= Duration::from_secs(1) {
                 last_expiry = Instant::now();
-                device::expire_silent(devices, offline_after_ms);
+                devices.expire_silent(offline_after_ms, config.offline_storm, &source_name);
             }
         }
         pending.flush(&mut handle, &durable_tx);
@@ -298,8 +399,21 @@ impl MqttSource {
         // Messages not yet durable stay unacknowledged: the broker keeps them for the
         // session and delivers them again when this client comes back.
         stats.acknowledged += acknowledge(client, &durable_rx, &mut waiting);
+        link.down("stopped");
+        pump_stop.store(true, Relaxed);
         let _ = client.try_disconnect();
-        let _ = self.connection.recv_timeout(Duration::from_millis(200));
+        // The connection thread ends once the DISCONNECT is out (or at once while the broker
+        // is away); what it still passes on is not acknowledged, so the broker keeps it.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !pump_thread.is_finished() && Instant::now() < deadline {
+            let _ = wire_rx.recv_timeout(Duration::from_millis(20));
+        }
+        drop(wire_rx);
+        if pump_thread.is_finished() {
+            let _ = pump_thread.join();
+        } else {
+            tracing::warn!("the MQTT connection did not close within 2 s");
+        }
         tracing::info!(
             messages = stats.messages,
             acknowledged = stats.acknowledged,

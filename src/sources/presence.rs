@@ -1,0 +1,135 @@
+//! Which devices are present: the device registry, fed by accepted readings, and the
+//! technical alarms for devices that go silent.
+//!
+//! A device enters the registry only when the engine accepts one of its readings (a
+//! malformed id or payload never does), the registry is bounded, and a mass disconnect —
+//! many devices going silent in one sweep, as when a network segment or the broker fails —
+//! raises one aggregated technical alarm instead of one per device.
+
+use super::DeviceContext;
+use crate::alerts::{Cause, Signal, Trigger};
+use crate::devices::Change;
+use crate::model::{CorrelationId, Id, now_micros, now_millis};
+use crate::rules::Priority;
+use crate::rules::threshold::Edge;
+
+/// The rule id of the aggregated alarm for a mass disconnect.
+pub const MASS_OFFLINE: &str = "source.devices_offline";
+
+/// The cause of a device's technical alert: `device.<code>`.
+pub(crate) fn device_cause(code: &str, priority: Priority, message: &str) -> Cause {
+    Cause {
+        id: format!("device.{code}").into(),
+        priority,
+        message: message.into(),
+    }
+}
+
+impl DeviceContext {
+    /// Raises or clears a technical alert about `device`.
+    pub(crate) fn technical(
+        &self,
+        device: &Id,
+        patient: Option<Id>,
+        cause: Cause,
+        active: bool,
+        correlation_id: CorrelationId,
+    ) {
+        self.book.signal(Signal {
+            cause,
+            patient_id: patient,
+            edge: if active { Edge::Raise } else { Edge::Clear },
+            trigger: Trigger {
+                device_id: device.clone(),
+                value: f64::NAN,
+                window: None,
+                correlation_id,
+                event_ts: now_millis(),
+            },
+            received_us: now_micros(),
+            quiet: false,
+        });
+    }
+
+    /// The technical alert a device raises by going offline.
+    pub(crate) fn offline(&self, device: &Id, active: bool, why: &str) {
+        let correlation = CorrelationId::Given(device.clone());
+        let cause = device_cause("offline", Priority::Medium, why);
+        self.technical(device, None, cause, active, correlation);
+    }
+
+    /// The engine accepted a reading of `device` (a valid id): it is present.
+    pub fn heard(&self, device: &Id, now: crate::model::Millis) {
+        if self.registry.seen(device, now) == Change::CameOnline {
+            // Clears its own offline alarm if it had one (a device of a mass disconnect has
+            // none), and the aggregated one when it was the last of those to return.
+            self.offline(device, false, "Device back online");
+            self.mass_offline_changed();
+        }
+    }
+
+    /// Devices silent past `offline_after_ms` go offline. Up to `storm - 1` of them in one
+    /// sweep raise an alarm each; `storm` or more (or any while a mass disconnect is still
+    /// open) are one aggregated alarm on `source` that clears when the last of them is back
+    /// (or forgotten).
+    pub fn expire_silent(&self, offline_after_ms: i64, storm: usize, source: &Id) {
+        let now = now_millis();
+        let sweep = self.registry.expire(now - offline_after_ms, now);
+        if sweep.forgotten > 0 {
+            tracing::info!(
+                forgotten = sweep.forgotten,
+                "devices offline for long forgotten"
+            );
+            self.mass_offline_changed();
+        }
+        let gone = sweep.offline;
+        if gone.is_empty() {
+            return;
+        }
+        if gone.len() < storm && self.registry.mass_offline() == 0 {
+            for device in &gone {
+                tracing::warn!(device = %device, "device silent: marked offline");
+                self.offline(device, true, "Device offline: no data");
+            }
+            return;
+        }
+        self.registry.mark_mass_offline(&gone);
+        let examples: Vec<&str> = gone.iter().take(5).map(|d| &**d).collect();
+        tracing::warn!(
+            devices = gone.len(),
+            still_offline = self.registry.mass_offline(),
+            ?examples,
+            "many devices went silent at once: one aggregated technical alarm"
+        );
+        let message = format!(
+            "{} devices went silent at once (e.g. {}): network or broker fault?",
+            gone.len(),
+            examples.join(", ")
+        );
+        let cause = Cause {
+            id: MASS_OFFLINE.into(),
+            priority: Priority::Medium,
+            message: message.into(),
+        };
+        let correlation = CorrelationId::Given(source.clone());
+        self.technical(source, None, cause, true, correlation);
+        self.registry.set_mass_alarm(Some(source.clone()));
+    }
+
+    /// Clears the aggregated alarm once no device of the mass disconnect is still offline.
+    fn mass_offline_changed(&self) {
+        if self.registry.mass_offline() > 0 {
+            return;
+        }
+        if let Some(source) = self.registry.set_mass_alarm(None) {
+            tracing::info!("every device of the mass disconnect is back or forgotten");
+            let cause = Cause {
+                id: MASS_OFFLINE.into(),
+                priority: Priority::Medium,
+                message: "Devices back online".into(),
+            };
+            let correlation = CorrelationId::Given(source.clone());
+            self.technical(&source, None, cause, false, correlation);
+        }
+    }
+}
