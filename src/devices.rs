@@ -56,10 +56,22 @@ pub struct RegistryLimits {
 impl Default for RegistryLimits {
     fn default() -> Self {
         RegistryLimits {
-            max_devices: 100_000,
+            max_devices: 20_000,
             forget_after: 24 * 3_600_000,
         }
     }
+}
+
+/// The state of offline alarms, behind one lock ([`DeviceRegistry::outages`]).
+#[derive(Debug, Default)]
+pub struct Outages {
+    /// Sources whose aggregated mass-disconnect alarm is active.
+    pub mass_alarms: std::collections::BTreeSet<Id>,
+    /// When devices were last folded into a mass disconnect, ms.
+    pub last_fold: Option<Millis>,
+    /// Devices that said they are offline since the last sweep: the sweep alarms them,
+    /// with the silent ones, so a mass of last wills is one alarm too.
+    pub reported: Vec<Id>,
 }
 
 /// What one sweep of [`DeviceRegistry::expire`] found.
@@ -82,8 +94,9 @@ pub struct DeviceRegistry {
     devices: DashMap<Id, DeviceStatus>,
     /// Devices of a mass disconnect that are still offline (and still known).
     mass: DashMap<Id, ()>,
-    /// The source whose aggregated mass-disconnect alarm is active, if one is.
-    mass_alarm: std::sync::Mutex<Option<Id>>,
+    /// Offline alarms in the making; taken by whoever raises or clears one, so a sweep and a
+    /// device coming back are never interleaved.
+    outages: std::sync::Mutex<Outages>,
     limits: std::sync::OnceLock<RegistryLimits>,
     /// New devices not tracked because the registry was full.
     untracked: std::sync::atomic::AtomicU64,
@@ -229,18 +242,21 @@ impl DeviceRegistry {
     }
 
     /// These devices went offline in one mass disconnect: one aggregated alarm stands for
-    /// them until [`DeviceRegistry::mass_offline`] is zero.
+    /// them until [`DeviceRegistry::mass_offline`] is zero. A device already back online is
+    /// left out (checked under its entry's lock, so it cannot come back in between).
     pub fn mark_mass_offline(&self, devices: &[Id]) {
         for device in devices {
-            self.mass.insert(device.clone(), ());
+            if let Some(status) = self.devices.get(device)
+                && !status.online
+            {
+                self.mass.insert(device.clone(), ());
+            }
         }
     }
 
-    /// Records (or, with `None`, takes) the source whose mass-disconnect alarm is active;
-    /// returns the one recorded before.
-    pub fn set_mass_alarm(&self, source: Option<Id>) -> Option<Id> {
-        let mut alarm = self.mass_alarm.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::replace(&mut *alarm, source)
+    /// The offline alarms' state; hold it while raising or clearing one.
+    pub fn outages(&self) -> std::sync::MutexGuard<'_, Outages> {
+        self.outages.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How many devices of a mass disconnect are still offline and known.

@@ -47,7 +47,7 @@ pub struct LatestLimits {
 impl Default for LatestLimits {
     fn default() -> Self {
         LatestLimits {
-            max_patients: 100_000,
+            max_patients: 20_000,
             ttl: 24 * 3_600_000,
         }
     }

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub stored: AtomicU64,
     /// Device states evicted after their TTL.
     pub evicted: AtomicU64,
+    /// Readings stored but not evaluated: their shard held `engine.max_devices` devices.
+    pub unevaluated: AtomicU64,
     /// Alert lifecycle events emitted.
     pub alert_events: AtomicU64,
     rules: DashMap<Arc<str>, Arc<RuleCounters>>,
@@ -51,6 +53,7 @@ impl Default for Metrics {
             duplicates: AtomicU64::new(0),
             stored: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            unevaluated: AtomicU64::new(0),
             alert_events: AtomicU64::new(0),
             rules: DashMap::new(),
             latency_us: Mutex::new(

@@ -331,9 +331,29 @@ fn a_flood_of_device_ids_is_bounded_and_raises_one_aggregated_alarm() {
     let registry = h.engine.devices.clone();
     assert_eq!(registry.len(), 300, "bounded by engine.max_devices");
     assert!(registry.untracked() >= (IDS + 1 - 300) as u64);
+    // The shards hold at most their share (with a quarter's slack): the rest of the
+    // readings are stored but not evaluated, and one high-priority technical alarm per
+    // full shard says so.
+    let per_shard = engine.shard_device_limit();
+    let book = h.engine.book.clone();
+    wait_for("the device-limit alarm", || {
+        (book.active().into_iter()).any(|a| &*a.rule_id == "engine.device_limit")
+    });
+    // Counted once a second per shard: wait until every shard has counted.
+    let metrics = h.engine.metrics.clone();
+    let unevaluated = || metrics.unevaluated.load(Ordering::Relaxed) as usize;
+    let at_least = IDS + 1 - per_shard * engine.shard_count();
+    wait_for("every unevaluated reading counted", || {
+        unevaluated() >= at_least
+    });
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(
+        unevaluated() <= IDS + 1 - 300,
+        "{} unevaluated, {per_shard} per shard",
+        unevaluated()
+    );
 
     // All of them go silent at once: one aggregated technical alarm, no storm.
-    let book = h.engine.book.clone();
     // (The probe device went silent on its own before the flood: its alarm is its own.)
     let probe = format!("{run}-probe");
     let technical = |rule: &str| {
@@ -386,4 +406,113 @@ fn one_wrong_clock_at_the_start_of_a_replay_does_not_poison_it() {
     assert_eq!(m.rejected_by_reason.get("too_old"), Some(&1));
     assert_eq!(m.rejected_by_reason.get("future_ts"), None);
     assert_eq!(stored, 1_000);
+}
+
+#[test]
+fn offline_alarms_from_last_wills_are_aggregated_and_every_way_back_clears_them() {
+    let broker = Broker::start("");
+    let run = unique("vs-wills");
+    let mut h = Harness::start(&config(), rules(HR_RULE));
+    let store = Store::start(&h);
+    let source = mqtt::MqttSource::new(&MqttConfig {
+        offline_after: Duration::from_secs(3),
+        ..source_config(&run, broker.port)
+    });
+    let (stop, reader) = spawn_source(&mut h, source);
+    await_subscription(&h, &run, broker.port);
+    let ward: Vec<String> = (0..25).map(|i| format!("{run}-{i}")).collect();
+    let steady = format!("{run}-steady");
+    let reading = |d: &str| (format!("devices/{d}/vitals"), br#"{"hr":70}"#.to_vec());
+    let status = |d: &str, s: &str| (format!("devices/{d}/status"), s.as_bytes().to_vec());
+    let publish = |messages: Vec<(String, Vec<u8>)>| {
+        publish_acked(broker.port, &format!("{run}-pub"), messages, 100)
+    };
+    publish(ward.iter().chain([&steady]).map(|d| reading(d)).collect());
+    wait_for("the ward's readings", || store.count() > ward.len());
+
+    // A network fault: every device's last will says offline. One aggregated alarm.
+    publish(ward.iter().map(|d| status(d, "offline")).collect());
+    let book = h.engine.book.clone();
+    let probe = format!("{run}-probe");
+    let active = |rule: &str| -> Vec<String> {
+        (book.active().into_iter())
+            .filter(|a| &*a.rule_id == rule && a.subject.as_str() != probe.as_str())
+            .map(|a| a.subject.to_string())
+            .collect()
+    };
+    wait_for("the aggregated alarm", || {
+        active("source.devices_offline").len() == 1
+    });
+    assert!(active("device.offline").is_empty(), "no alarm per device");
+
+    // Past the fold window, one more device going offline is its own alarm, although the
+    // aggregated one is still open.
+    for _ in 0..8 {
+        publish(vec![reading(&steady)]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    publish(vec![status(&steady, "offline")]);
+    wait_for("the steady device's own alarm", || {
+        active("device.offline") == vec![steady.clone()]
+    });
+
+    // The ward comes back by status messages alone: the aggregated alarm clears. (The probe
+    // reading of the subscription went silent too, perhaps in the same sweep: it reads
+    // again.)
+    let mut back: Vec<(String, Vec<u8>)> = ward.iter().map(|d| status(d, "online")).collect();
+    back.push(reading(&probe));
+    publish(back);
+    wait_for("the aggregated alarm to clear", || {
+        active("source.devices_offline").is_empty()
+    });
+    assert_eq!(active("device.offline"), vec![steady.clone()]);
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    h.finish();
+}
+
+#[test]
+fn a_broker_that_lost_the_session_gets_the_subscription_again_before_ready() {
+    // No persistence: a restarted broker has forgotten vitalstream's session and
+    // subscription, and numbers its messages from 1 again.
+    let mut broker = Broker::start("max_queued_messages 0\n");
+    let run = unique("vs-lost");
+    let mut h = Harness::start(&config(), rules(HR_RULE));
+    let store = Store::start(&h);
+    let source = mqtt::MqttSource::new(&source_config(&run, broker.port));
+    let link = source.link();
+    let (stop, reader) = spawn_source(&mut h, source);
+    await_subscription(&h, &run, broker.port);
+    assert!(link.is_up());
+    // Readings in flight when the broker goes.
+    let device = format!("{run}-d");
+    let first: Vec<(String, Vec<u8>)> = (0..2_000)
+        .map(|i| (format!("devices/{device}/vitals"), padded(&device, i, 80)))
+        .collect();
+    publish_acked(broker.port, &format!("{run}-pub"), first, 500);
+    broker.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    wait_for("/ready to say the broker is away", || !link.is_up());
+    broker.resume();
+    wait_for("subscribed again", || link.is_up());
+    // Everything published from now on arrives, exactly once.
+    let after = format!("{run}-after");
+    let second: Vec<(String, Vec<u8>)> = (0..2_000)
+        .map(|i| (format!("devices/{after}/vitals"), padded(&after, i, 80)))
+        .collect();
+    publish_acked(broker.port, &format!("{run}-pub2"), second, 500);
+    wait_for("every reading after the restart", || {
+        (store.stored.lock().unwrap().iter())
+            .filter(|(d, _)| d == &after)
+            .count()
+            >= 2_000
+    });
+    let seqs: HashSet<Option<u64>> = (store.stored.lock().unwrap().iter())
+        .filter(|(d, _)| d == &after)
+        .map(|(_, s)| *s)
+        .collect();
+    assert_eq!(seqs.len(), 2_000);
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    h.finish();
 }

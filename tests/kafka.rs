@@ -374,15 +374,33 @@ struct Node {
 
 impl Node {
     fn start(name: &str, k: &TestKafka, rules_toml: &str, strategy: &str) -> Node {
+        Node::with_storage(name, k, rules_toml, strategy, true)
+    }
+
+    /// A rule node whose storage takes readings but never makes them durable (it stays
+    /// stalled while the node runs): nothing it reads live may be committed.
+    fn stalled(name: &str, k: &TestKafka, rules_toml: &str, strategy: &str) -> Node {
+        Node::with_storage(name, k, rules_toml, strategy, false)
+    }
+
+    fn with_storage(
+        name: &str,
+        k: &TestKafka,
+        rules_toml: &str,
+        strategy: &str,
+        durable: bool,
+    ) -> Node {
         let mut h = Harness::start(&common::config(), rules(rules_toml));
         let stored = Arc::new(AtomicUsize::new(0));
         {
             let (readings, stored) = (h.readings.clone(), stored.clone());
             std::thread::spawn(move || {
+                let mut stalled = Vec::new();
                 for b in readings {
                     stored.fetch_add(b.readings.len(), Relaxed);
-                    if let Some(ack) = b.ack {
-                        ack.done();
+                    match b.ack {
+                        Some(ack) if durable => ack.done(),
+                        ack => stalled.extend(ack),
                     }
                 }
             });
@@ -393,6 +411,14 @@ impl Node {
             session_timeout: Duration::from_secs(3),
             assignment_strategy: strategy.into(),
             ..source_config(k, "rule-nodes", 64)
+        };
+        // A stalled node's revokes and shutdown wait only this long for what never comes.
+        let config = match durable {
+            true => config,
+            false => KafkaSourceConfig {
+                revoke_timeout: Duration::from_secs(1),
+                ..config
+            },
         };
         let (stop, source) = start_source(name, &mut h, &config);
         Node {
@@ -624,8 +650,7 @@ fn a_revoke_commits_what_became_durable_while_async_commits_failed() {
     let (b_stats, b_alerts) = b.finish();
     assert!(a_stats.rebalances >= 2, "A saw B join: {a_stats:?}");
     // The partition that moved was committed up to all A had made durable before B was
-    // given it: B re-read those records as warm-up only (a probe of the committed offset
-    // could not tell, as B commits the same offsets once it has read them again).
+    // given it: B re-read those records as warm-up only (and never commits them).
     assert_eq!(
         b_stats.warmup_records, per_partition as u64,
         "B started from the offset after all A had made durable: {b_stats:?}"
@@ -659,6 +684,171 @@ fn a_revoke_commits_what_became_durable_while_async_commits_failed() {
         [per_partition + more, per_partition + more],
         "every durable record committed"
     );
+}
+
+/// Watches the offsets group `group` has committed for this test's `vitals.raw`, every few
+/// milliseconds, until `finish`: the lowest seen per partition (nothing committed counts 0).
+struct CommitWatch {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<i64>>,
+}
+
+impl CommitWatch {
+    fn start(k: &TestKafka, group: &str, partitions: i32) -> CommitWatch {
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &k.brokers)
+            .set("group.id", k.t(group))
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&k.t("vitals.raw"), p);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut lowest = vec![i64::MAX; partitions as usize];
+                loop {
+                    let last = stop.load(Relaxed);
+                    let got = probe.committed_offsets(tpl.clone(), Duration::from_secs(5));
+                    for e in got.expect("the coordinator answers").elements() {
+                        let offset = match e.offset() {
+                            Offset::Offset(o) => o,
+                            _ => 0,
+                        };
+                        let low = &mut lowest[e.partition() as usize];
+                        *low = offset.min(*low);
+                    }
+                    if last {
+                        return lowest;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        CommitWatch { stop, thread }
+    }
+
+    fn finish(self) -> Vec<i64> {
+        self.stop.store(true, Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The reported doubled alerts: a node given partitions re-reads records before their
+/// committed offsets (warm-up) to rebuild state. Warm-up records must never be committed:
+/// committing them moves the group's offset back, and whoever is given the partition next
+/// (after a rebalance or a crash) treats records already evaluated as new, and raises their
+/// alerts again.
+///
+/// Node A evaluates a hundred readings per partition, with an episode of high heart rate,
+/// and commits them all. Node B takes both partitions over, rebuilds from all of those
+/// (warm-up), and reads ten more each, which its stalled storage never makes durable. Just
+/// after B's warm-up, node C joins and takes one partition from B. The group's committed
+/// offsets never go below A's, C goes on from A's offset, and the episode's alarms are
+/// raised once each, by A.
+#[test]
+fn warm_up_never_moves_committed_offsets_back_nor_doubles_alerts() {
+    common::logs();
+    let strategy = "cooperative-sticky";
+    let k = TestKafka::start();
+    k.create_topic("vitals.raw", 2);
+    let t0 = now_millis() - 200_000;
+    // One bed per partition, heart rate high for seconds 70..80. A hundred records per
+    // partition: not a multiple of the batch size (64), so B's warm-up ends mid-batch.
+    let ward = |from: i64, to: i64| -> Vec<(i32, String)> {
+        let mut out = Vec::new();
+        for s in from..to {
+            for bed in 0..2 {
+                let hr = if (70..80).contains(&s) { 150 } else { 70 };
+                let line = format!(
+                    r#"{{"device_id":"bed-{bed}","ts":{},"seq":{s},"hr":{hr}}}"#,
+                    t0 + s * 1000
+                );
+                out.push((bed, line));
+            }
+        }
+        out
+    };
+    let topic = k.t("vitals.raw");
+    let produce_to = |lines: &[(i32, String)]| {
+        let p = producer(&k.brokers);
+        for (partition, line) in lines {
+            let key = format!("bed-{partition}");
+            let record = BaseRecord::to(&topic)
+                .partition(*partition)
+                .key(&key)
+                .payload(line);
+            p.send(record).map_err(|(e, _)| e).unwrap();
+        }
+        p.flush(Duration::from_secs(10)).unwrap();
+    };
+    let (n, more) = (100, 10);
+    let (before, after) = (ward(0, n), ward(n, n + more));
+
+    let a = Node::start("a", &k, HR_RULE, strategy);
+    produce_to(&before);
+    wait_for("node A to store the first hundred seconds", || {
+        a.stored() == before.len()
+    });
+    let (_, a_alerts) = a.finish();
+    assert_eq!(
+        committed(&k, "rule-nodes", 2),
+        [n, n],
+        "A committed all it read"
+    );
+
+    let watch = CommitWatch::start(&k, "rule-nodes", 2);
+    produce_to(&after);
+    let b = Node::stalled("b", &k, HR_RULE, strategy);
+    wait_for("node B to rebuild and read on", || {
+        b.stored() == after.len()
+    });
+    // B's commits, if any, have gone out by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let c = Node::start("c", &k, HR_RULE, strategy);
+    wait_for("node C to be given a partition and read it", || {
+        c.stored() >= more as usize
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let on_c = c.stored();
+    let (b_stats, b_alerts) = b.finish();
+    let (c_stats, c_alerts) = c.finish();
+    let lowest = watch.finish();
+
+    assert!(
+        lowest.iter().all(|&o| o >= n),
+        "the group's committed offsets went back below A's {n}: lowest {lowest:?}"
+    );
+    assert_eq!(
+        b_stats.warmup_records,
+        2 * n as u64,
+        "B rebuilt: {b_stats:?}"
+    );
+    assert_eq!(
+        (c_stats.warmup_records, on_c),
+        (n as u64, more as usize),
+        "C rebuilt from what A evaluated and went on from A's offset: {c_stats:?}"
+    );
+    let raised = |events: &[AlertEvent]| -> Vec<String> {
+        let mut subjects: Vec<String> = (events.iter())
+            .filter(|e| e.event == Transition::Raised)
+            .map(|e| e.alert.subject.to_string())
+            .collect();
+        subjects.sort();
+        subjects
+    };
+    assert_eq!(raised(&a_alerts), ["bed-0", "bed-1"], "A raised the alarms");
+    assert_eq!(
+        (raised(&b_alerts), raised(&c_alerts)),
+        (vec![], vec![]),
+        "no alarm raised twice"
+    );
+    // C committed what it made durable; B nothing (its storage never confirmed).
+    let mut end = committed(&k, "rule-nodes", 2);
+    end.sort();
+    assert_eq!(end, [n, n + more], "committed at the end");
 }
 
 /// A node that stops commits synchronously all it made durable, also what its refused

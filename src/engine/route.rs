@@ -84,19 +84,21 @@ impl SourceClock {
         lateness: Millis,
         max_age: Millis,
     ) -> Verdict {
-        let clock = match mode {
-            ClockMode::Live => Some(received_ms),
-            ClockMode::Replay { .. } => self.max_ts.max(self.anchor).map(|c| c.min(wall)),
-        };
-        let limit = match (mode, clock) {
-            (ClockMode::Live, _) => received_ms.max(wall) + skew,
-            (ClockMode::Replay { .. }, Some(clock)) => clock + skew,
-            (ClockMode::Replay { .. }, None) => wall + skew,
+        // Future: ahead of a live source's receive time, or of a replay's clock (its newest
+        // event time, from its anchor), by more than `skew`; never beyond the wall clock.
+        // Too old: behind the receive time, or the replay's anchor, by more than max_age.
+        let (floor, limit) = match mode {
+            ClockMode::Live => (Some(received_ms), received_ms.max(wall) + skew),
+            ClockMode::Replay { .. } => {
+                let anchor = self.anchor.map(|a| a.min(wall));
+                let clock = self.max_ts.max(anchor).map(|c| c.min(wall));
+                (anchor, clock.map_or(wall, |c| c) + skew)
+            }
         };
         if ts > limit {
             return Verdict::Future;
         }
-        if clock.is_some_and(|clock| ts < clock.saturating_sub(max_age)) {
+        if floor.is_some_and(|floor| ts < floor.saturating_sub(max_age)) {
             return Verdict::TooOld;
         }
         let late = self.max_ts.is_some_and(|max| ts < max - lateness);
@@ -236,14 +238,21 @@ impl Router {
         let Some(clock) = self.sources.get_mut(&source) else {
             return true;
         };
-        let mut times: Vec<Millis> = clock
-            .held
-            .iter()
+        let mut times: Vec<Millis> = (clock.held.iter())
             .flat_map(|b| b.samples.iter().map(|s| s.ts))
+            .take(ANCHOR_READINGS)
             .collect();
         if !times.is_empty() {
             let middle = times.len() / 2;
-            clock.anchor = Some(*times.select_nth_unstable(middle).1);
+            let anchor = *times.select_nth_unstable(middle).1;
+            clock.anchor = Some(anchor);
+            // A paced replay keeps time from its earliest reading near the anchor, not from
+            // whatever line came first.
+            let start = (times.iter().copied())
+                .filter(|&t| t >= anchor.saturating_sub(self.skew))
+                .min()
+                .unwrap_or(anchor);
+            clock.pace_origin.get_or_insert((start, Instant::now()));
         }
         clock.held_since = None;
         let held = std::mem::take(&mut clock.held);
@@ -295,6 +304,8 @@ impl Router {
                 self.lateness,
                 self.max_age,
             ) {
+                // A warm-up reading was judged by the node that owned it: not again.
+                Verdict::Future | Verdict::TooOld if sample.warmup => continue,
                 verdict @ (Verdict::Future | Verdict::TooOld) => {
                     let reason = if verdict == Verdict::Future {
                         future += 1;
@@ -320,7 +331,7 @@ impl Router {
             if let ClockMode::Replay { speed } = batch.mode
                 && speed > 0.0
             {
-                pace(&mut clock.pace_origin, sample.ts, speed);
+                pace(&mut clock.pace_origin, sample.ts, speed, self.skew);
             }
             // A warm-up reading was accepted once already, by the node that owned it.
             accepted += u64::from(!sample.warmup);
@@ -363,9 +374,16 @@ impl Router {
     }
 }
 
-/// Sleeps until event time `ts` is due at `speed` × real time.
-fn pace(origin: &mut Option<(Millis, Instant)>, ts: Millis, speed: f64) {
+/// Sleeps until event time `ts` is due at `speed` × real time. A jump ahead in event time of
+/// more than `gap` (a recording's pause, or one wrong clock) is not slept through: the
+/// replay carries on from there.
+fn pace(origin: &mut Option<(Millis, Instant)>, ts: Millis, speed: f64, gap: Millis) {
     let (t0, start) = *origin.get_or_insert((ts, Instant::now()));
+    let ahead = (ts - t0) as f64 - start.elapsed().as_secs_f64() * 1000.0 * speed;
+    if ahead > gap as f64 {
+        *origin = Some((ts, Instant::now()));
+        return;
+    }
     let due = Duration::from_secs_f64(((ts - t0).max(0) as f64 / 1000.0) / speed);
     if let Some(wait) = due.checked_sub(start.elapsed()) {
         std::thread::sleep(wait);

@@ -10,7 +10,8 @@ use crate::ack::Ack;
 use crate::alerts::{AlertBook, Cause, Signal, Trigger};
 use crate::latest::Gatherer;
 use crate::metrics::{Metrics, RuleCounters};
-use crate::model::{Id, Millis, Sample, Vital};
+use crate::model::{CorrelationId, Id, Millis, Sample, Vital};
+use crate::rules::threshold::Edge;
 use crate::rules::threshold::ThresholdState;
 use crate::rules::window::{WindowOutcome, WindowState};
 use crate::rules::{Rule, RuleKind, RuleSet};
@@ -167,9 +168,25 @@ pub(crate) struct Shard {
     latest: Option<Gatherer>,
     late: u64,
     duplicates: u64,
+    /// Devices this shard keeps state for at most (see `EngineConfig::max_devices`).
+    max_devices: usize,
+    /// Readings stored but not evaluated since the last scan, because the shard was full.
+    unevaluated: u64,
+    /// Whether this shard's device-limit technical alarm is raised, and under what name.
+    limit_alarm: bool,
+    name: Id,
 }
 
+/// The slot of a reading whose device found its shard full: stored, not evaluated.
+const UNTRACKED: u32 = u32::MAX;
+
 impl Shard {
+    /// Names the shard (`shard-{n}`): the subject of its device-limit technical alarm.
+    pub(crate) fn named(mut self, n: usize) -> Shard {
+        self.name = format!("shard-{n}").into();
+        self
+    }
+
     /// Tells the SQL stage this shard's watermark, and hands it readings.
     pub(crate) fn with_sql(mut self, sql: SqlFeed) -> Shard {
         self.sql = Some(sql);
@@ -213,6 +230,10 @@ impl Shard {
             lateness_ms: config.allowed_lateness.as_millis() as Millis,
             idle_ms: config.idle_timeout.as_millis() as Millis,
             ttl_ms: config.state_ttl.as_millis() as Millis,
+            max_devices: config.shard_device_limit(),
+            unevaluated: 0,
+            limit_alarm: false,
+            name: "shard".into(),
             last_scan: 0,
             outcomes: Vec::new(),
             slots: Vec::new(),
@@ -340,6 +361,9 @@ impl Shard {
         if let Some(&i) = self.index.get(&sample.device_id) {
             return i;
         }
+        if self.index.len() >= self.max_devices {
+            return UNTRACKED;
+        }
         let device = Device {
             id: sample.device_id.clone(),
             patient: None,
@@ -383,6 +407,12 @@ impl Shard {
         for (n, sample) in samples.iter().enumerate() {
             self.prefetch_ahead(&slots, n);
             let slot = slots[n];
+            if slot == UNTRACKED {
+                // A flood of new device ids: stored, not evaluated, counted and alarmed
+                // (see `maintain`), never unbounded memory.
+                self.unevaluated += 1;
+                continue;
+            }
             let device = self.devices[slot as usize].as_mut().expect("slot in use");
             device.last_seen = now_ms;
             let device_ts = sample.device_ts.then_some(sample.ts);
@@ -583,6 +613,7 @@ impl Shard {
             return;
         }
         self.last_scan = now_ms;
+        self.device_limit_alarm();
         for slot in 0..self.devices.len() {
             let Some(device) = &self.devices[slot] else {
                 continue;
@@ -631,6 +662,48 @@ impl Shard {
         }
         self.free.push(slot);
         tracing::debug!(%device, "device state dropped: its partition moved to another node");
+    }
+
+    /// Raises a high-priority technical alarm while readings of new devices go
+    /// unevaluated because this shard is full, and clears it a scan after they stop.
+    fn device_limit_alarm(&mut self) {
+        let unevaluated = std::mem::take(&mut self.unevaluated);
+        self.metrics.unevaluated.fetch_add(unevaluated, Relaxed);
+        let raise = unevaluated > 0;
+        if raise == self.limit_alarm {
+            return;
+        }
+        self.limit_alarm = raise;
+        if raise {
+            tracing::error!(
+                shard = %self.name,
+                max_devices = self.max_devices,
+                unevaluated,
+                "device limit reached: readings of new devices are stored but not evaluated"
+            );
+        }
+        self.book.signal(Signal {
+            cause: Cause {
+                id: "engine.device_limit".into(),
+                priority: crate::rules::Priority::High,
+                message: format!(
+                    "Device limit reached ({} per shard): readings of new devices are stored but not evaluated",
+                    self.max_devices
+                )
+                .into(),
+            },
+            patient_id: None,
+            edge: if raise { Edge::Raise } else { Edge::Clear },
+            trigger: Trigger {
+                device_id: self.name.clone(),
+                value: unevaluated as f64,
+                window: None,
+                correlation_id: CorrelationId::Given(self.name.clone()),
+                event_ts: crate::model::now_millis(),
+            },
+            received_us: crate::model::now_micros(),
+            quiet: false,
+        });
     }
 
     fn evict(&mut self, slot: usize) {

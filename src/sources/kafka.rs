@@ -20,6 +20,10 @@
 //! cannot look up by time), flagged as warm-up: they rebuild windows and alarm state without
 //! raising, storing or dead-lettering anything again. Then evaluation continues from the
 //! committed offset exactly where the previous owner stopped: no alert missed, none doubled.
+//! Warm-up records are never committed (they are committed already): a partition's commits
+//! start from its committed offset and only ever move it forward. Were they committed, a
+//! rebalance or crash during the warm-up would hand the next owner records already
+//! evaluated as new, and it would raise their alerts again.
 
 use crate::ack::Ack;
 use crate::model::{FrameBatch, Id, Origin};
@@ -152,6 +156,11 @@ type Offsets = BTreeMap<Partition, i64>;
 /// — and its outcome is not reported (rust-rdkafka gives librdkafka no callback for a
 /// manual commit). So what is durable stays here until a synchronous commit confirms it:
 /// every commit carries it again, and a revoke or the shutdown commits it synchronously.
+///
+/// A partition arriving here starts at its committed offset ([`InFlight::open`]): both
+/// `durable` and `committed` begin just before it, and only ever grow, so no commit moves
+/// a partition's offset back, and a batch of records before it (the warm-up) has no place
+/// here at all ([`InFlight::track`]).
 #[derive(Default)]
 struct InFlight {
     batches: VecDeque<(u64, Offsets, Option<bool>)>,
@@ -204,6 +213,32 @@ impl InFlight {
             }
         }
         advanced
+    }
+
+    /// A partition arrives whose group has committed up to `next` (the offset of the first
+    /// record not yet evaluated): what is committed is durable and committed here too.
+    /// Neither ever goes back, also when the broker reports less than is known here.
+    fn open(&mut self, partition: &Partition, next: i64) {
+        let last = next - 1;
+        for known in [&mut self.durable, &mut self.committed] {
+            let offset = known.entry(partition.clone()).or_insert(last);
+            *offset = last.max(*offset);
+        }
+    }
+
+    /// A batch whose records of `partition` end at `offset` is handed to the engine: its
+    /// place among the batches in flight, whose completion is waited for. `None` when it
+    /// carries nothing that may be committed: records no later than what is durable
+    /// already, such as the warm-up of an arriving partition.
+    fn track(&mut self, partition: &Partition, offset: i64) -> Option<u64> {
+        if self.durable.get(partition).is_some_and(|d| offset <= *d) {
+            return None;
+        }
+        let id = self.next;
+        self.next += 1;
+        let offsets = [(partition.clone(), offset)].into();
+        self.batches.push_back((id, offsets, None));
+        Some(id)
     }
 
     /// What is durable but not known to be committed, per partition.
@@ -345,7 +380,9 @@ impl Pipeline {
         self.lanes.insert(partition.clone(), lane);
     }
 
-    /// Closes a lane's batch: it gets an ack and a place among the batches in flight.
+    /// Closes a lane's batch: it gets an ack and a place among the batches in flight —
+    /// unless it carries nothing to commit (only warm-up records): then it is evaluated,
+    /// and nothing waits for it or commits it.
     fn seal(&mut self, partition: &Partition) {
         let Some(lane) = self.lanes.get_mut(partition) else {
             return;
@@ -353,15 +390,14 @@ impl Pipeline {
         if lane.batch.is_empty() {
             return;
         }
-        let id = self.in_flight.next;
-        self.in_flight.next += 1;
-        let offsets = [(partition.clone(), lane.offset)].into();
-        self.in_flight.batches.push_back((id, offsets, None));
         let tx = self.done_tx.clone();
+        let ack = (self.in_flight.track(partition, lane.offset)).map(|id| {
+            Ack::new(move |ok| {
+                let _ = tx.send((id, ok));
+            })
+        });
         let mut batch = std::mem::replace(&mut lane.batch, lane.handle.batch());
-        batch.ack = Some(Ack::new(move |ok| {
-            let _ = tx.send((id, ok));
-        }));
+        batch.ack = ack;
         lane.started = None;
         self.stats.batches += 1;
         self.held.push_back((partition.clone(), batch));
@@ -568,6 +604,8 @@ impl Pipeline {
                 lane.next = from;
                 lane.rebuild_until = until;
             }
+            // Commits go on from `until`, never back: warm-up records are not committable.
+            self.in_flight.open(&partition, until);
             if from < until {
                 tracing::info!(
                     topic = e.topic(),
@@ -881,5 +919,65 @@ mod tests {
         f.batches.push_back((3, offsets(0, 15), None));
         assert!(f.complete(3, true));
         assert_eq!(f.uncommitted(), offsets(0, 15));
+    }
+
+    /// The reported doubled alerts: the warm-up of an arriving partition (records before
+    /// its committed offset, read again only to rebuild state) was acknowledged like any
+    /// batch and committed, which moved the group's offset back below the previous
+    /// owner's; whoever read the partition next evaluated those records again, as new.
+    #[test]
+    fn warm_up_records_never_become_committable() {
+        let mut f = InFlight::default();
+        let p: Partition = ("t".into(), 0);
+        // The previous owner committed records 0..=99: the partition is read here from 0,
+        // records 0..=99 as warm-up.
+        f.open(&p, 100);
+        assert!(f.uncommitted().is_empty(), "what is committed is not again");
+        assert_eq!(
+            f.track(&p, 63),
+            None,
+            "a warm-up batch has nothing to commit"
+        );
+        assert_eq!(
+            f.track(&p, 99),
+            None,
+            "up to the last record before the offset"
+        );
+        assert!(f.uncommitted().is_empty());
+        // The first batch that reaches past the committed offset is committed once durable.
+        let id = f.track(&p, 120).expect("records past the committed offset");
+        assert!(!f.is_settled());
+        assert!(f.complete(id, true));
+        assert_eq!(f.uncommitted(), offsets(0, 120));
+    }
+
+    /// Whatever completes, and whatever the broker says when a partition arrives (again),
+    /// no commit moves a partition's offset back.
+    #[test]
+    fn a_commit_never_moves_a_partition_back() {
+        let p: Partition = ("t".into(), 0);
+        // A batch of the partition's earlier records completes after it arrived with a
+        // later committed offset: nothing to commit.
+        let mut f = in_flight(&[(0, 50)]);
+        f.open(&p, 100);
+        assert!(!f.complete(0, true));
+        assert!(f.uncommitted().is_empty(), "nothing below offset 100");
+        // More is durable here than the broker reports (its commit went unconfirmed) when
+        // the partition is given here again: the durable offset stands.
+        let id = f.track(&p, 120).unwrap();
+        assert!(f.complete(id, true));
+        f.open(&p, 80);
+        assert_eq!(f.uncommitted(), offsets(0, 120));
+        f.confirm(&offsets(0, 120));
+        f.open(&p, 80);
+        assert!(
+            f.uncommitted().is_empty(),
+            "offset 121 is not taken back to 80"
+        );
+        assert_eq!(
+            f.track(&p, 110),
+            None,
+            "re-read records are committed already"
+        );
     }
 }

@@ -8,7 +8,7 @@
 
 use super::DeviceContext;
 use crate::alerts::{Cause, Signal, Trigger};
-use crate::devices::Change;
+use crate::devices::{Change, Outages};
 use crate::model::{CorrelationId, Id, now_micros, now_millis};
 use crate::rules::Priority;
 use crate::rules::threshold::Edge;
@@ -61,48 +61,78 @@ impl DeviceContext {
     /// The engine accepted a reading of `device` (a valid id): it is present.
     pub fn heard(&self, device: &Id, now: crate::model::Millis) {
         if self.registry.seen(device, now) == Change::CameOnline {
-            // Clears its own offline alarm if it had one (a device of a mass disconnect has
-            // none), and the aggregated one when it was the last of those to return.
-            self.offline(device, false, "Device back online");
-            self.mass_offline_changed();
+            self.came_online(device);
         }
     }
 
-    /// Devices silent past `offline_after_ms` go offline. Up to `storm - 1` of them in one
-    /// sweep raise an alarm each; `storm` or more (or any while a mass disconnect is still
-    /// open) are one aggregated alarm on `source` that clears when the last of them is back
-    /// (or forgotten).
+    /// A device is back (a reading, or its status): clears its own offline alarm if it had
+    /// one (a device of a mass disconnect has none), and the aggregated one when it was the
+    /// last of those to return.
+    pub(crate) fn came_online(&self, device: &Id) {
+        let mut outages = self.registry.outages();
+        self.offline(device, false, "Device back online");
+        self.mass_offline_changed(&mut outages);
+    }
+
+    /// A device said it is offline (its status, or its last will): alarmed at the next
+    /// sweep, with the silent ones, so the last wills of a whole ward are one alarm too.
+    pub(crate) fn reported_offline(&self, device: &Id) {
+        self.registry.outages().reported.push(device.clone());
+    }
+
+    /// Devices silent past `offline_after_ms`, and those that said they are offline, go
+    /// offline. `storm` or more in one sweep — or any while the last mass disconnect is less
+    /// than `offline_after_ms` old — are folded into one aggregated alarm on `source`, which
+    /// clears when the last of them is back (or forgotten); fewer raise an alarm each.
     pub fn expire_silent(&self, offline_after_ms: i64, storm: usize, source: &Id) {
         let now = now_millis();
+        let mut outages = self.registry.outages();
         let sweep = self.registry.expire(now - offline_after_ms, now);
         if sweep.forgotten > 0 {
             tracing::info!(
                 forgotten = sweep.forgotten,
                 "devices offline for long forgotten"
             );
-            self.mass_offline_changed();
+            self.mass_offline_changed(&mut outages);
         }
-        let gone = sweep.offline;
+        let mut gone = sweep.offline;
+        // A device that said it was offline and has been heard since is not alarmed.
+        let reported = std::mem::take(&mut outages.reported);
+        gone.extend(
+            (reported.into_iter()).filter(|d| self.registry.get(d).is_some_and(|s| !s.online)),
+        );
         if gone.is_empty() {
             return;
         }
-        if gone.len() < storm && self.registry.mass_offline() == 0 {
+        let storm_open = !outages.mass_alarms.is_empty()
+            && outages
+                .last_fold
+                .is_some_and(|t| now - t < offline_after_ms);
+        if gone.len() < storm && !storm_open {
             for device in &gone {
-                tracing::warn!(device = %device, "device silent: marked offline");
+                tracing::warn!(device = %device, "device offline");
                 self.offline(device, true, "Device offline: no data");
             }
             return;
         }
         self.registry.mark_mass_offline(&gone);
+        // Only a mass disconnect itself opens the window stragglers are folded in within:
+        // devices trickling away one by one after it are alarmed each.
+        if gone.len() >= storm {
+            outages.last_fold = Some(now);
+        }
         let examples: Vec<&str> = gone.iter().take(5).map(|d| &**d).collect();
         tracing::warn!(
             devices = gone.len(),
             still_offline = self.registry.mass_offline(),
             ?examples,
-            "many devices went silent at once: one aggregated technical alarm"
+            "many devices went offline at once: one aggregated technical alarm"
         );
+        if !outages.mass_alarms.insert(source.clone()) {
+            return; // folded into the alarm already raised
+        }
         let message = format!(
-            "{} devices went silent at once (e.g. {}): network or broker fault?",
+            "{} devices went offline at once (e.g. {}): network or broker fault?",
             gone.len(),
             examples.join(", ")
         );
@@ -113,16 +143,15 @@ impl DeviceContext {
         };
         let correlation = CorrelationId::Given(source.clone());
         self.technical(source, None, cause, true, correlation);
-        self.registry.set_mass_alarm(Some(source.clone()));
     }
 
-    /// Clears the aggregated alarm once no device of the mass disconnect is still offline.
-    fn mass_offline_changed(&self) {
-        if self.registry.mass_offline() > 0 {
+    /// Clears the aggregated alarms once no device of a mass disconnect is still offline.
+    fn mass_offline_changed(&self, outages: &mut Outages) {
+        if self.registry.mass_offline() > 0 || outages.mass_alarms.is_empty() {
             return;
         }
-        if let Some(source) = self.registry.set_mass_alarm(None) {
-            tracing::info!("every device of the mass disconnect is back or forgotten");
+        tracing::info!("every device of the mass disconnect is back or forgotten");
+        for source in std::mem::take(&mut outages.mass_alarms) {
             let cause = Cause {
                 id: MASS_OFFLINE.into(),
                 priority: Priority::Medium,

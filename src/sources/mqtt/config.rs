@@ -101,6 +101,9 @@ impl MqttConfig {
         if self.offline_storm < 2 {
             out.push("mqtt.offline_storm must be at least 2".into());
         }
+        if self.keep_alive < Duration::from_secs(5) {
+            out.push("mqtt.keep_alive must be at least 5s".into());
+        }
         if self.connect_timeout < Duration::from_secs(1) {
             out.push("mqtt.connect_timeout must be at least 1s".into());
         }

@@ -13,11 +13,11 @@ use crate::sources::SourceHandle;
 use crossbeam_channel::{Receiver, Sender};
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{Client, Connection, Event, MqttOptions};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// What a run of the source saw.
@@ -31,10 +31,14 @@ pub struct MqttStats {
     pub reconnects: u64,
 }
 
+/// A message, with the connection it arrived on: it is acknowledged on that connection
+/// only (see [`Acks`]).
+type Received = (u64, Publish);
+
 /// The batch being filled, with the messages it carries (acknowledged when it is durable).
 struct Pending {
     batch: FrameBatch,
-    messages: Vec<Publish>,
+    messages: Vec<Received>,
     started: Option<Instant>,
 }
 
@@ -47,12 +51,13 @@ impl Pending {
         }
     }
 
-    /// Adds a reading; `device` is the id segment of its topic.
-    fn push(&mut self, device: Id, publish: Publish) {
+    /// Adds a reading that arrived on connection `conn`; `device` is the id segment of its
+    /// topic.
+    fn push(&mut self, device: Id, conn: u64, publish: Publish) {
         self.batch
             .push(&publish.payload, now_micros(), Some(device));
         if publish.qos != QoS::AtMostOnce {
-            self.messages.push(publish);
+            self.messages.push((conn, publish));
         }
         self.started.get_or_insert_with(Instant::now);
     }
@@ -72,7 +77,7 @@ impl Pending {
 
     /// Hands the batch to the engine (blocking while it is full). Returns false when the
     /// engine has stopped.
-    fn flush(&mut self, handle: &mut SourceHandle, durable: &Sender<Vec<Publish>>) -> bool {
+    fn flush(&mut self, handle: &mut SourceHandle, durable: &Sender<Vec<Received>>) -> bool {
         if self.batch.is_empty() {
             return true;
         }
@@ -131,10 +136,16 @@ fn options(config: &MqttConfig, max_frame_bytes: usize) -> MqttOptions {
     options
 }
 
-/// What the connection thread passes to the source loop.
+/// What the connection thread passes to the source loop. Each connection made has its own
+/// number (`conn`), counted by the connection thread.
 enum Wire {
-    Message(Publish),
-    Connected { session_present: bool },
+    Message(u64, Publish),
+    Connected {
+        conn: u64,
+        session_present: bool,
+    },
+    /// The broker answered the subscription: `Ok`, or the filters it refused.
+    Subscribed(Result<(), String>),
     Down(String),
 }
 
@@ -143,20 +154,43 @@ enum Wire {
 /// the broker has a large backlog to send), and passes messages and connection changes on.
 /// A failed connection waits (exponential backoff with jitter) before the next attempt.
 /// Ends once `stop` is set and the client has disconnected, or when the source loop is gone.
-fn pump(mut connection: Connection, tx: Sender<Wire>, stop: Arc<AtomicBool>, config: MqttConfig) {
+fn pump(
+    mut connection: Connection,
+    tx: Sender<Wire>,
+    stop: Arc<AtomicBool>,
+    conn: Arc<AtomicU64>,
+    config: MqttConfig,
+) {
     let mut backoff = config.reconnect_min;
     loop {
         let wire = match connection.recv() {
-            Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => Wire::Message(publish),
+            Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => {
+                Wire::Message(conn.load(Relaxed), publish)
+            }
             Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
                 backoff = config.reconnect_min;
                 Wire::Connected {
+                    conn: conn.fetch_add(1, Relaxed) + 1,
                     session_present: ack.session_present,
                 }
+            }
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                let refused: Vec<String> = (ack.return_codes.iter())
+                    .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                    .map(|c| format!("{c:?}"))
+                    .collect();
+                Wire::Subscribed(if refused.is_empty() {
+                    Ok(())
+                } else {
+                    Err(refused.join(", "))
+                })
             }
             Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => return,
             Ok(Ok(_)) => continue,
             Ok(Err(e)) => {
+                // Whatever arrived on the connection that failed is not acknowledged on the
+                // next one (its packet ids mean other messages there).
+                conn.fetch_add(1, Relaxed);
                 if tx.send(Wire::Down(e.to_string())).is_err() {
                     return;
                 }
@@ -179,23 +213,46 @@ fn pump(mut connection: Connection, tx: Sender<Wire>, stop: Arc<AtomicBool>, con
     }
 }
 
-/// Acknowledges, in order, the messages whose readings are durable. A message the client
-/// cannot take right now (its queue is full) waits for the next round.
-fn acknowledge(
-    client: &Client,
-    durable: &Receiver<Vec<Publish>>,
-    waiting: &mut VecDeque<Publish>,
-) -> u64 {
-    waiting.extend(durable.try_iter().flatten());
-    let mut n = 0;
-    while let Some(message) = waiting.front() {
-        if client.try_ack(message).is_err() {
-            break;
+/// Acknowledgements owed to the broker: messages whose readings are durable, in order of
+/// arrival. A message is acknowledged only on the connection it arrived on: once that
+/// connection is gone its packet id means nothing (or, in a session the broker lost, another
+/// message), and the broker delivers it again if it still holds it — the engine then
+/// recognises the duplicate. So nothing is acknowledged while the broker is away, and what
+/// came on an earlier connection is dropped, never sent on a new one.
+struct Acks {
+    waiting: VecDeque<Received>,
+    /// The connection thread's current connection number.
+    conn: Arc<AtomicU64>,
+}
+
+impl Acks {
+    /// Acknowledges what it can on connection `current` (when up); returns how many.
+    fn send(&mut self, client: &Client, durable: &Receiver<Vec<Received>>, up: Option<u64>) -> u64 {
+        self.waiting.extend(durable.try_iter().flatten());
+        let Some(current) = up else {
+            return 0;
+        };
+        let mut n = 0;
+        while let Some((conn, message)) = self.waiting.front() {
+            if *conn != current || self.conn.load(Relaxed) != current {
+                if self.conn.load(Relaxed) != current {
+                    break; // the connection just failed: the source hears of it next
+                }
+                self.waiting.pop_front(); // an earlier connection's: the broker resends it
+                continue;
+            }
+            if client.try_ack(message).is_err() {
+                break;
+            }
+            self.waiting.pop_front();
+            n += 1;
         }
-        waiting.pop_front();
-        n += 1;
+        n
     }
-    n
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
 }
 
 /// Sends commands to devices on `devices/{device_id}/commands` (QoS 1), through the MQTT
@@ -234,8 +291,11 @@ pub struct MqttSource {
     config: MqttConfig,
     client: Client,
     connection: Connection,
-    /// Whether the broker connection is up (and why not), for readiness checks.
+    /// Whether the broker connection is up and subscribed (and why not), for readiness.
     link: Arc<Link>,
+    /// Mark devices present from their topics (an ingest node, which forwards readings
+    /// unparsed); otherwise the engine marks them from accepted readings.
+    presence_from_topics: bool,
 }
 
 impl MqttSource {
@@ -256,7 +316,15 @@ impl MqttSource {
             client,
             connection,
             link: Default::default(),
+            presence_from_topics: false,
         }
+    }
+
+    /// For an ingest node, which forwards readings without parsing them: a message on a
+    /// valid device's vitals topic marks the device present.
+    pub fn marking_presence_from_topics(mut self) -> MqttSource {
+        self.presence_from_topics = true;
+        self
     }
 
     /// The broker connection's state.
@@ -274,7 +342,7 @@ impl MqttSource {
     /// Reads from the broker until `stop` is set or the engine stops: readings go to the
     /// engine, status and technical alerts to the device registry and the alert book.
     /// Reconnects with exponential backoff and jitter; says once when the broker is
-    /// unreachable (and why) and when it is back.
+    /// unreachable (and why) and when it is back. Ready only once subscribed.
     pub fn run(
         self,
         mut handle: SourceHandle,
@@ -286,39 +354,59 @@ impl MqttSource {
             client,
             connection,
             link,
+            presence_from_topics,
         } = self;
         let config = &config;
         let client = &client;
-        handle.track_presence();
-        let (durable_tx, durable_rx) = crossbeam_channel::unbounded::<Vec<Publish>>();
-        // receive_maximum bounds what the broker sends ahead of acknowledgements; this
-        // queue only decouples the connection from batching.
-        let (wire_tx, wire_rx) = crossbeam_channel::bounded::<Wire>(1024);
+        if !presence_from_topics {
+            handle.track_presence();
+        }
+        let (durable_tx, durable_rx) = crossbeam_channel::unbounded::<Vec<Received>>();
+        // Room for everything the broker may send ahead of acknowledgements
+        // (receive_maximum), so the connection thread never blocks for long on it and keeps
+        // the connection alive (pings) while the engine is full.
+        let (wire_tx, wire_rx) =
+            crossbeam_channel::bounded::<Wire>(config.receive_maximum as usize + 64);
+        let conn = Arc::new(AtomicU64::new(0));
         let pump_stop = Arc::new(AtomicBool::new(false));
         let pump_thread = {
-            let (stop, config) = (pump_stop.clone(), config.clone());
+            let (stop, conn, config) = (pump_stop.clone(), conn.clone(), config.clone());
             std::thread::Builder::new()
                 .name("mqtt-connection".into())
-                .spawn(move || pump(connection, wire_tx, stop, config))
+                .spawn(move || pump(connection, wire_tx, stop, conn, config))
                 .expect("spawning the MQTT connection thread")
         };
-        let mut waiting = VecDeque::new();
+        let mut acks = Acks {
+            waiting: VecDeque::new(),
+            conn,
+        };
         let mut pending = Pending::new(&handle);
         let mut stats = MqttStats::default();
         let mut down_since: Option<Instant> = None;
         let mut connected_once = false;
+        // The connection now up, if one is; whether its subscription is still to be sent.
+        let mut up: Option<u64> = None;
+        let mut subscribe = false;
         let mut last_expiry = Instant::now();
         let offline_after_ms = config.offline_after.as_millis() as i64;
         let source_name: Id = valid_id(&config.client_id).unwrap_or_else(|| "mqtt".into());
         let filters = config.filters();
         tracing::info!(host = %config.host, port = config.port, client_id = %config.client_id, ?filters, "MQTT source starting");
         while !stop.load(Relaxed) {
-            stats.acknowledged += acknowledge(client, &durable_rx, &mut waiting);
-            // Idle, wake for acknowledgements and the once-a-second offline check.
-            let wait = if pending.batch.is_empty() {
-                Duration::from_millis(250)
-            } else {
+            stats.acknowledged += acks.send(client, &durable_rx, up);
+            if up.is_some() && subscribe {
+                let wanted = filters.iter().map(|f| Filter::new(f, QoS::AtLeastOnce));
+                // The client's queue may be full for a moment: tried again next round.
+                subscribe = client.try_subscribe_many(wanted).is_err();
+            }
+            // Idle, wake for acknowledgements and the once-a-second offline check; sooner
+            // while acknowledgements wait for room in the client's queue.
+            let wait = if !pending.batch.is_empty() {
                 pending.wait(config.batch_linger)
+            } else if !acks.is_empty() && up.is_some() || subscribe {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(250)
             };
             let wire = crossbeam_channel::select! {
                 recv(wire_rx) -> wire => match wire {
@@ -326,19 +414,24 @@ impl MqttSource {
                     Err(_) => break, // the connection thread ended
                 },
                 recv(durable_rx) -> durable => {
-                    waiting.extend(durable.into_iter().flatten());
+                    acks.waiting.extend(durable.into_iter().flatten());
                     None
                 }
                 default(wait) => None,
             };
             match wire {
-                Some(Wire::Message(publish)) => {
+                Some(Wire::Message(conn, publish)) => {
                     stats.messages += 1;
                     let topic = std::str::from_utf8(&publish.topic)
                         .ok()
                         .and_then(parse_topic);
                     match topic {
-                        Some((device, TopicKind::Vitals)) => pending.push(device.into(), publish),
+                        Some((device, TopicKind::Vitals)) => {
+                            if presence_from_topics && let Some(id) = valid_id(device) {
+                                devices.heard(&id, crate::model::now_millis());
+                            }
+                            pending.push(device.into(), conn, publish)
+                        }
                         Some((device, kind @ (TopicKind::Status | TopicKind::Alerts))) => {
                             if kind == TopicKind::Status {
                                 device::status(devices, handle.id(), device, &publish.payload);
@@ -346,15 +439,20 @@ impl MqttSource {
                                 device::alert(devices, handle.id(), device, &publish.payload);
                             }
                             // Handled in full: the alert book and the registry have it.
-                            waiting.push_back(publish);
+                            acks.waiting.push_back((conn, publish));
                         }
                         // Nothing else is subscribed; an empty device id makes the parser
                         // reject the odd topic as `bad_device_id`.
-                        _ => pending.push(Id::default(), publish),
+                        _ => pending.push(Id::default(), conn, publish),
                     }
                 }
-                Some(Wire::Connected { session_present }) => {
-                    link.up();
+                Some(Wire::Connected {
+                    conn,
+                    session_present,
+                }) => {
+                    up = Some(conn);
+                    subscribe = true;
+                    link.down("connected; subscribing");
                     match down_since.take() {
                         Some(since) if connected_once => {
                             stats.reconnects += 1;
@@ -363,13 +461,14 @@ impl MqttSource {
                         _ => tracing::info!(session_present, "MQTT connected"),
                     }
                     connected_once = true;
-                    for filter in &filters {
-                        if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
-                            tracing::error!("MQTT subscribe to {filter} failed: {e}");
-                        }
-                    }
+                }
+                Some(Wire::Subscribed(Ok(()))) => link.up(),
+                Some(Wire::Subscribed(Err(refused))) => {
+                    tracing::error!(%refused, ?filters, "MQTT broker refused the subscription");
+                    link.down(format!("subscription refused: {refused}"));
                 }
                 Some(Wire::Down(why)) => {
+                    up = None;
                     link.down(format!("{}:{}: {why}", config.host, config.port));
                     if down_since.is_none() {
                         tracing::warn!(
@@ -396,12 +495,23 @@ impl MqttSource {
         }
         pending.flush(&mut handle, &durable_tx);
         drop(handle);
-        // Messages not yet durable stay unacknowledged: the broker keeps them for the
-        // session and delivers them again when this client comes back.
-        stats.acknowledged += acknowledge(client, &durable_rx, &mut waiting);
+        // What became durable by now is acknowledged (for a moment, as room allows); the
+        // rest stays unacknowledged: the broker keeps it for the session and delivers it
+        // again when this client comes back.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            stats.acknowledged += acks.send(client, &durable_rx, up);
+            if acks.is_empty() || up.is_none() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         link.down("stopped");
         pump_stop.store(true, Relaxed);
-        let _ = client.try_disconnect();
+        let disconnect = Instant::now() + Duration::from_millis(500);
+        while client.try_disconnect().is_err() && Instant::now() < disconnect {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // The connection thread ends once the DISCONNECT is out (or at once while the broker
         // is away); what it still passes on is not acknowledged, so the broker keeps it.
         let deadline = Instant::now() + Duration::from_secs(2);
