@@ -1,6 +1,11 @@
 //! Configuration: the embedded `config/default.toml`, then an optional file given with
 //! `--config` (only the keys it names change), then `VITALSTREAM__SECTION__KEY` environment
 //! variables. Unknown keys are errors, and [`Config::validate`] reports every problem at once.
+//!
+//! One key is not inherited: the embedded default is development mode (`[api] dev_token =
+//! true`: the public development secret, and an admin token printed at start), and only the
+//! embedded default alone is. A config file, or a secret given in the environment, leaves
+//! development mode unless it writes `dev_token = true` itself.
 
 use crate::api::ApiConfig;
 use crate::engine::EngineConfig;
@@ -133,6 +138,10 @@ impl Config {
     pub fn load_with(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let mut value: toml::Table = toml::from_str(DEFAULT_TOML)
             .map_err(|e| ConfigError::Parse(format!("embedded defaults: {e}")))?;
+        // Whether the operator wrote `[api] dev_token` (file or environment), and whether
+        // they configured the API's secret or anything at all (a file).
+        let mut dev_token_written = false;
+        let mut configured = file.is_some();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.display().to_string(),
@@ -140,6 +149,7 @@ impl Config {
             })?;
             let overlay: toml::Table = toml::from_str(&text)
                 .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
+            dev_token_written = (overlay.get("api").and_then(|a| a.get("dev_token"))).is_some();
             merge(&mut value, overlay);
         }
         for (key, raw) in env {
@@ -147,7 +157,21 @@ impl Config {
                 continue;
             };
             let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            match parts.as_slice() {
+                [api, key] if api == "api" && key == "dev_token" => dev_token_written = true,
+                [api, key] if api == "api" && key == "jwt_secret" => configured = true,
+                _ => {}
+            }
             set_path(&mut value, &parts, parse_env_value(raw));
+        }
+        // Development mode is the embedded default's alone: whoever configures the service
+        // leaves it unless they write `dev_token = true` themselves.
+        if configured && !dev_token_written {
+            set_path(
+                &mut value,
+                &["api".into(), "dev_token".into()],
+                toml::Value::Boolean(false),
+            );
         }
         let config: Config = toml::Value::Table(value)
             .try_into()
@@ -159,6 +183,7 @@ impl Config {
     /// Every problem with the configuration, reported together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = self.engine.problems();
+        problems.extend(self.api.problems());
         if let Err(e) = self.rules() {
             problems.extend(e.problems);
         }
@@ -343,6 +368,50 @@ mod tests {
         assert!(
             matches!(&c.sources[..], [SourceConfig::Mqtt(m)] if m.client_id == "vitalstream-ward-7")
         );
+    }
+
+    #[test]
+    fn only_the_embedded_default_or_a_written_dev_token_is_development_mode() {
+        let strong = "s3cret-s3cret-s3cret-s3cret-s3cret!";
+        let env = |k: &str, v: &str| vec![(format!("VITALSTREAM__API__{k}"), v.to_string())];
+        // The embedded default: development, with the public secret, and it may start.
+        let c = Config::load_with(None, &[]).unwrap();
+        assert!(c.api.dev_token && c.api.secret_problem().is_none());
+        // A secret from the environment ends development mode (no admin token in the log).
+        let c = Config::load_with(None, &env("JWT_SECRET", strong)).unwrap();
+        assert!(!c.api.dev_token && c.api.secret_problem().is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        // A file that says nothing of dev_token is not development, whatever else it says:
+        // the public secret is refused...
+        let mqtt = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mqtt.example.toml");
+        let c = Config::load_with(Some(&mqtt), &[]).unwrap();
+        assert!(!c.api.dev_token);
+        let problem = c
+            .api
+            .secret_problem()
+            .expect("the public secret is refused");
+        assert!(problem.contains("public development secret"), "{problem}");
+        // ...and so are a short secret and an empty one.
+        let c = Config::load_with(Some(&mqtt), &env("JWT_SECRET", "short")).unwrap();
+        assert!(c.api.secret_problem().unwrap().contains("at least 32"));
+        std::fs::write(&path, "[api]\njwt_secret = \"\"\ndev_token = false\n").unwrap();
+        let c = Config::load_with(Some(&path), &[]).unwrap();
+        assert!(c.api.secret_problem().unwrap().contains("empty"));
+        // A real secret: it starts, and prints no token.
+        let c = Config::load_with(Some(&mqtt), &env("JWT_SECRET", strong)).unwrap();
+        assert!(!c.api.dev_token && c.api.secret_problem().is_none());
+        // Development mode written in the file (or the environment): the public secret will do,
+        // an empty one still will not.
+        std::fs::write(&path, "[api]\ndev_token = true\n").unwrap();
+        let c = Config::load_with(Some(&path), &[]).unwrap();
+        assert!(c.api.dev_token && c.api.secret_problem().is_none());
+        let c = Config::load_with(Some(&mqtt), &env("DEV_TOKEN", "true")).unwrap();
+        assert!(c.api.dev_token);
+        std::fs::write(&path, "[api]\ndev_token = true\njwt_secret = \" \"\n").unwrap();
+        let c = Config::load_with(Some(&path), &[]).unwrap();
+        assert!(c.api.secret_problem().is_some());
     }
 
     #[test]

@@ -241,10 +241,10 @@ fn with_runtime_rules(config: &Config, pipeline: RuleSet) -> RuleSet {
         .and_then(|rt| {
             rt.block_on(async {
                 let db = tokio::time::timeout(pg.connect_timeout, Db::connect(pg)).await??;
-                Ok::<_, anyhow::Error>(db.runtime_rules().await?)
+                Ok::<_, anyhow::Error>((db.runtime_rules().await?, db.rule_failures().await?))
             })
         });
-    let changes = match changes {
+    let (changes, failures) = match changes {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "rules changed at runtime could not be read; using the pipeline's");
@@ -253,16 +253,67 @@ fn with_runtime_rules(config: &Config, pipeline: RuleSet) -> RuleSet {
     };
     let mut specs: Vec<RuleSpec> = pipeline.rules.iter().map(|r| r.spec.clone()).collect();
     for (id, spec) in changes {
+        // A stored rule that no longer passes (saved before a limit existed, say) is left
+        // out on its own, loudly; it does not take the other runtime rules with it.
+        if let Some(spec) = &spec {
+            let mut problems = Vec::new();
+            if rules::compile_rule(spec, &mut problems).is_none() {
+                tracing::error!(rule = %id, ?problems, "a rule stored at runtime no longer passes validation: not loaded (replace it through the API)");
+                continue;
+            }
+        }
         specs.retain(|s| s.id != id);
         specs.extend(spec);
     }
     match rules::compile(&specs) {
-        Ok(set) => set,
+        Ok(mut set) => {
+            // A definition that failed before the restart starts disabled, with its reason.
+            for (id, definition, reason) in failures {
+                let same = set.get(&id).is_some_and(|rule| {
+                    serde_json::to_value(&rule.spec).is_ok_and(|spec| spec == definition)
+                });
+                if same {
+                    set.failed.insert(id, reason);
+                }
+            }
+            set
+        }
         Err(e) => {
             tracing::error!(problems = ?e.problems, "rules changed at runtime do not compile; using the pipeline's");
             pipeline
         }
     }
+}
+
+/// With PostgreSQL storage, records each SQL rule the engine disables (its definition and
+/// why), so a restart loads that definition disabled instead of failing the same way.
+/// The thread ends with the engine's SQL stage (it is not waited for at a stop).
+fn record_rule_failures(config: &Config, engine: &Engine) {
+    let Some(StorageConfig::Postgres(pg)) = &config.storage else {
+        return;
+    };
+    let (tx, rx) = crossbeam_channel::unbounded::<(Arc<crate::rules::Rule>, String)>();
+    if engine.control().sql.failures.set(tx).is_err() {
+        return;
+    }
+    let pg = pg.clone();
+    spawn_source("rule-failures", move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        for (rule, reason) in rx {
+            let recorded = rt.block_on(async {
+                let db = tokio::time::timeout(pg.connect_timeout, Db::connect(&pg)).await??;
+                Ok::<_, anyhow::Error>(db.rule_failed(&rule.spec, &reason).await?)
+            });
+            if let Err(e) = recorded {
+                tracing::error!(rule = %rule.id, error = %e, "a disabled rule could not be recorded: a restart runs it again");
+            }
+        }
+    });
 }
 
 /// The HTTP server, on its own thread and runtime.
@@ -316,20 +367,29 @@ fn start_api(
         .with_tasks(tasks);
     let notices = state.notices.clone();
     if config.api.dev_token {
-        let token = state.keys.sign(&api::auth::Claims {
-            sub: "developer".into(),
-            role: api::auth::Role::Admin,
-            patients: None,
-            exp: (crate::model::now_millis() / 1000 + 86_400) as u64,
-        });
+        let lifetime = state.keys.max_lifetime();
+        let token = state.keys.sign(&api::auth::Claims::issue(
+            "developer",
+            api::auth::Role::Admin,
+            None,
+            lifetime,
+        ));
         let page = format!("http://{addr}/?token={token}");
         tracing::info!(
             url = %format!("http://{addr}/api/v1"),
             dev_token = %token,
             page = %page,
-            "API listening. Live ward page: {page} (a development token, admin for 24 h; \
-             [api] dev_token = false turns it off)"
+            "API listening. Live ward page: {page} (development mode: an admin token for {}; \
+             a config file without `dev_token = true` turns it off)",
+            humantime::format_duration(lifetime)
         );
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "development mode on an address other machines can reach: anyone can sign \
+                 an admin token with the public development secret"
+            );
+        }
     } else {
         tracing::info!(url = %format!("http://{addr}/api/v1"), "API listening");
     }
@@ -337,10 +397,11 @@ fn start_api(
         .block_on(api::app(&config.api, state))
         .context("starting socket.io (is [api] redis_url reachable?)")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_config = config.api.clone();
     let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            rt.block_on(api::serve(listener, router, async {
+            rt.block_on(api::serve(listener, router, &api_config, async {
                 let _ = stopped.await;
             }))
         })?;
@@ -376,7 +437,16 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     if config.role == Role::Ingest {
         return run_ingest(config, stop);
     }
+    // Outside development mode, no API with a secret anyone can sign tokens with.
+    if config.api.enabled
+        && let Some(problem) = config.api.secret_problem()
+    {
+        anyhow::bail!("refusing to start the API: {problem}");
+    }
     let storage = config.storage.as_ref().map(open_storage).transpose()?;
+    // SQL rules are checked against this config's window and slide limits, from the first
+    // one loaded.
+    crate::rules::sql::set_policy(config.engine.sql_policy());
     let rules = with_runtime_rules(config, config.rules()?);
     tracing::info!(pipeline = %config.pipeline, rules = rules.rules.len(), "starting");
     let bus = config
@@ -404,6 +474,7 @@ pub fn run(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot> {
     // Screens want each patient's latest vitals: gathered only when the API is on.
     outputs.latest = bus.is_some().then(Default::default);
     let mut engine = Engine::start(&config.engine, rules, outputs);
+    record_rule_failures(config, &engine);
     let _ = sinks.book.set(Arc::downgrade(&engine.book));
     // Device changes to Kafka (device.events).
     let device_events = kafka.as_ref().and_then(|(events, _)| {
@@ -594,6 +665,8 @@ fn run_ingest(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot
         registry: registry.clone(),
         metrics: metrics.clone(),
         dead_letter: Some(rejects_tx),
+        // An ingest node knows no assignments: device alerts are the device's own here.
+        assignments: Default::default(),
     };
     let mut helpers = Vec::new();
     let changes = registry
@@ -641,7 +714,9 @@ fn run_ingest(config: &Config, stop: Arc<AtomicBool>) -> anyhow::Result<Snapshot
         let stop = stop.clone();
         match source {
             SourceConfig::Mqtt(c) => {
-                let source = mqtt::MqttSource::with_frame_limit(c, config.engine.max_frame_bytes);
+                // An ingest node parses nothing: a valid device's vitals topic marks it present.
+                let source = mqtt::MqttSource::with_frame_limit(c, config.engine.max_frame_bytes)
+                    .marking_presence_from_topics();
                 let devices = devices.clone();
                 sources.push(spawn_source("mqtt", move || {
                     source.run(handle, &devices, &stop);

@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{HR_RULE, Harness, WAIT, reading, rules};
 use serde_json::{Value, json};
+use std::time::Duration;
 use tower::ServiceExt;
 use vitalstream::alerts::Transition;
 use vitalstream::api::auth::{Claims, Role};
@@ -64,6 +65,10 @@ impl Api {
             None => req.body(Body::empty()),
         }
         .unwrap();
+        self.send(req)
+    }
+
+    fn send(&self, req: Request<Body>) -> Answer {
         self.rt.block_on(async {
             let response = self.router.clone().oneshot(req).await.unwrap();
             let (parts, body) = response.into_parts();
@@ -78,6 +83,17 @@ impl Api {
 
     fn get(&self, uri: &str, token: &str) -> Answer {
         self.call("GET", uri, Some(token), None, &[])
+    }
+
+    /// A GET from the client address `from` (as `serve` tells the router).
+    fn get_from(&self, from: &str, uri: &str, token: Option<&str>) -> Answer {
+        let mut req = Request::get(uri).extension(axum::extract::ConnectInfo(
+            from.parse::<std::net::SocketAddr>().unwrap(),
+        ));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        self.send(req.body(Body::empty()).unwrap())
     }
 }
 
@@ -170,18 +186,17 @@ fn tokens_roles_and_patient_scopes_are_enforced() {
     let no_token = api.call("GET", "/api/v1/alerts", None, None, &[]);
     assert_envelope(&no_token, 401);
     assert_eq!(no_token.body["error"]["code"], "UNAUTHORIZED");
-    let forged = vitalstream::api::auth::Keys::new("another-secret").sign(&Claims {
-        sub: "mallory".into(),
-        role: Role::Admin,
-        patients: None,
-        exp: (now_millis() / 1000 + 600) as u64,
-    });
+    let ten_minutes = Duration::from_secs(600);
+    let forged = vitalstream::api::auth::Keys::new("another-secret").sign(&Claims::issue(
+        "mallory",
+        Role::Admin,
+        None,
+        ten_minutes,
+    ));
     assert_eq!(api.get("/api/v1/alerts", &forged).status, 401);
     let expired = api.state.keys.sign(&Claims {
-        sub: "late".into(),
-        role: Role::Admin,
-        patients: None,
         exp: (now_millis() / 1000 - 3600) as u64,
+        ..Claims::issue("late", Role::Admin, None, ten_minutes)
     });
     assert_eq!(api.get("/api/v1/alerts", &expired).status, 401);
 
@@ -876,6 +891,555 @@ fn analysts_try_submit_and_replace_sql_rules_in_the_running_engine() {
     let hr = h.alerts.recv_timeout(WAIT).expect("hr_high raises");
     assert_eq!(&*hr.alert.rule_id, "hr_high");
     drop(source);
+    drop(api);
+    h.finish();
+}
+
+/// Refusals say what is wrong in plain words (nothing of the JWT library's), and `nbf`, a
+/// leeway of seconds (not a minute) and the longest lifetime hold.
+#[test]
+fn tokens_are_checked_for_nbf_leeway_and_lifetime_and_refusals_are_plain() {
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let now = (now_millis() / 1000) as u64;
+    let base = Claims::issue("nurse", Role::Clinician, None, Duration::from_secs(600));
+    let sign = |claims: Claims| api.state.keys.sign(&claims);
+    let refusal = |token: &str| {
+        let a = api.get("/api/v1/alerts", token);
+        assert_envelope(&a, 401);
+        a.body["message"].as_str().unwrap().to_string()
+    };
+    // `alg: none`: the library's "unknown variant `none`, expected one of HS256…" stays inside.
+    let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.\
+                eyJzdWIiOiJtYWxsb3J5Iiwicm9sZSI6ImFkbWluIiwiZXhwIjo5OTk5OTk5OTk5fQ.";
+    assert_eq!(refusal(none), "invalid token");
+    assert_eq!(refusal("garbage"), "invalid token");
+    let not_yet = sign(Claims {
+        nbf: Some(now + 120),
+        ..base.clone()
+    });
+    assert_eq!(refusal(&not_yet), "token not yet valid (nbf)");
+    // Expired 30 s ago: within the old 60 s leeway, outside the new 5 s.
+    let expired = sign(Claims {
+        exp: now - 30,
+        ..base.clone()
+    });
+    assert_eq!(refusal(&expired), "token expired");
+    // A day-long token, with iat and without: longer than max_token_lifetime (12 h).
+    let day = sign(Claims::issue(
+        "nurse",
+        Role::Clinician,
+        None,
+        Duration::from_secs(86_400),
+    ));
+    assert!(refusal(&day).contains("longer than"));
+    let no_iat = sign(Claims {
+        iat: None,
+        exp: now + 86_400,
+        ..base.clone()
+    });
+    assert!(refusal(&no_iat).contains("longer than"));
+    // A token within every bound passes.
+    assert_envelope(&api.get("/api/v1/alerts", &sign(base)), 200);
+    drop(api);
+    h.finish();
+}
+
+/// Failed authentications are limited per client address; a valid token from the same
+/// address is not refused for them.
+#[test]
+fn failed_authentications_are_rate_limited_per_client_address() {
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(
+        &h,
+        ApiConfig {
+            auth_failures_per_minute: 3,
+            ..ApiConfig::default()
+        },
+    );
+    let admin = token(&api, Role::Admin, None);
+    let (mallory, nurse) = ("10.0.0.66:5000", "10.0.0.7:5000");
+    for _ in 0..3 {
+        assert_envelope(&api.get_from(mallory, "/api/v1/alerts", Some("bad")), 401);
+    }
+    let limited = api.get_from(mallory, "/api/v1/alerts", None);
+    assert_envelope(&limited, 429);
+    assert_eq!(limited.body["error"]["code"], "RATE_LIMITED");
+    assert!(
+        limited.body["error"]["details"]["retry_after_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_envelope(&api.get_from(mallory, "/api/v1/stream", Some("bad")), 429);
+    // Another address is not limited, and a good token is never refused for its address.
+    assert_envelope(&api.get_from(nurse, "/api/v1/alerts", Some("bad")), 401);
+    assert_envelope(&api.get_from(mallory, "/api/v1/alerts", Some(&admin)), 200);
+    drop(api);
+    h.finish();
+}
+
+/// A clinician scoped to pp-1 may neither take pp-2's device (and with it pp-2's readings)
+/// nor command it; their own patient's devices they may.
+#[test]
+fn a_scoped_clinician_cannot_take_or_command_another_patients_device() {
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let charge = token(&api, Role::Clinician, None);
+    let nurse = token(&api, Role::Clinician, Some(&["pp-1"]));
+    let post =
+        |uri: &str, token: &str, body: Value| api.call("POST", uri, Some(token), Some(body), &[]);
+    let assign = |patient: &str| json!({ "patient_id": patient });
+    assert_envelope(
+        &post("/api/v1/devices/mon-2/assign", &charge, assign("pp-2")),
+        200,
+    );
+    let taken = post("/api/v1/devices/mon-2/assign", &nurse, assign("pp-1"));
+    assert_envelope(&taken, 403);
+    assert_eq!(
+        h.engine.assignments.patient_of("mon-2").as_deref(),
+        Some("pp-2"),
+        "the device stays with its patient"
+    );
+    let command = json!({ "command": "silence_audio" });
+    let refused = post("/api/v1/devices/mon-2/commands", &nurse, command.clone());
+    assert_envelope(&refused, 403);
+    // An unassigned device is nobody's patient's: a scoped token does not command it...
+    assert_envelope(
+        &post("/api/v1/devices/mon-9/commands", &nurse, command.clone()),
+        403,
+    );
+    // ...but may attach it to its own patient, and then command it (503 here: no MQTT).
+    assert_envelope(
+        &post("/api/v1/devices/mon-9/assign", &nurse, assign("pp-1")),
+        200,
+    );
+    assert_envelope(
+        &post("/api/v1/devices/mon-9/commands", &nurse, command),
+        503,
+    );
+    drop(api);
+    h.finish();
+}
+
+/// Reading patients' vitals needs a role that cares for patients.
+#[test]
+fn patient_reads_need_a_clinical_role() {
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let analyst = token(&api, Role::Analyst, None);
+    for uri in [
+        "/api/v1/patients",
+        "/api/v1/patients/pp-1/latest",
+        "/api/v1/patients/pp-1/vitals?from=0&to=60000",
+    ] {
+        let a = api.get(uri, &analyst);
+        assert_envelope(&a, 403);
+        assert_eq!(a.body["error"]["code"], "FORBIDDEN", "{uri}");
+    }
+    drop(api);
+    h.finish();
+}
+
+/// Times out of range are refused (422) before they reach storage, without overflowing.
+#[test]
+fn out_of_range_times_are_422() {
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let clinician = token(&api, Role::Clinician, None);
+    for uri in [
+        "/api/v1/patients/pp-1/vitals?from=-9223372036854775808&to=1000",
+        "/api/v1/patients/pp-1/vitals?from=0&to=9223372036854775807",
+        "/api/v1/patients/pp-1/vitals?from=0&to=60000&bucket=100000d",
+        "/api/v1/alerts?since=-9223372036854775808",
+    ] {
+        let a = api.get(uri, &clinician);
+        assert_envelope(&a, 422);
+        assert_eq!(a.body["error"]["code"], "VALIDATION_FAILED", "{uri}");
+    }
+    drop(api);
+    h.finish();
+}
+
+/// `/api/v1/stream`'s refusals are envelopes with the request id; the stream itself is not
+/// wrapped.
+#[test]
+fn the_event_stream_refuses_in_the_envelope_and_streams_unwrapped() {
+    let (bus, _) = tokio::sync::broadcast::channel(16);
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let config = ApiConfig::default();
+    let state = ApiState::with_bus(&config, h.engine.control(), None, Some(bus));
+    let api = Api {
+        router: router(&config, state.clone()),
+        state,
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    };
+    let no_token = api.call(
+        "GET",
+        "/api/v1/stream",
+        None,
+        None,
+        &[("x-request-id", "s-1")],
+    );
+    assert_envelope(&no_token, 401);
+    assert_eq!(no_token.body["request_id"], "s-1");
+    assert_envelope(
+        &api.call("GET", "/api/v1/stream?token=nope", None, None, &[]),
+        401,
+    );
+    assert_envelope(
+        &api.call("GET", "/api/v1/stream?tok=x", None, None, &[]),
+        400,
+    );
+    // A good token (in the query, as EventSource sends it): the event stream, as it is.
+    let token = token(&api, Role::Clinician, None);
+    let response = api.rt.block_on(async {
+        let req = Request::get(format!("/api/v1/stream?token={token}"))
+            .body(Body::empty())
+            .unwrap();
+        api.router.clone().oneshot(req).await.unwrap()
+    });
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert!(response.headers().contains_key("x-request-id"));
+    drop(response);
+    drop(api);
+    h.finish();
+}
+
+/// Over real sockets: a connection that sends no request head (new or kept alive) is closed
+/// after `header_read_timeout`, a silent one after `idle_timeout`; one address holds at most
+/// `max_connections_per_client` (the next is answered 429 in the envelope), and past
+/// `max_connections` new connections wait for a free slot instead of being served at the
+/// expense of the process's file descriptors.
+#[test]
+fn idle_and_slow_connections_are_closed_and_connections_are_limited() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let closed_within = |stream: &mut TcpStream, limit: Duration| {
+        stream.set_read_timeout(Some(limit)).unwrap();
+        let mut rest = Vec::new();
+        // EOF (or a reset) within the limit: the server closed it. A timeout: still open.
+        match stream.read_to_end(&mut rest) {
+            Ok(_) => true,
+            Err(e) => {
+                e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut
+            }
+        }
+    };
+    let health = |stream: &mut TcpStream| {
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+
+    // Timeouts.
+    let config = ApiConfig {
+        header_read_timeout: Duration::from_millis(300),
+        ..ApiConfig::default()
+    };
+    let state = ApiState::new(&config, h.engine.control(), None);
+    let server = common::server::Server::start_rest(&config, state);
+    let mut silent = TcpStream::connect(server.addr).unwrap();
+    let mut slow = TcpStream::connect(server.addr).unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nhost:").unwrap();
+    let mut kept = TcpStream::connect(server.addr).unwrap();
+    assert!(health(&mut kept).starts_with("HTTP/1.1 200"));
+    for (what, stream) in [
+        ("silent", &mut silent),
+        ("slow", &mut slow),
+        ("kept alive", &mut kept),
+    ] {
+        assert!(
+            closed_within(stream, Duration::from_secs(3)),
+            "{what} connection still open"
+        );
+    }
+    server.stop();
+    let config = ApiConfig {
+        header_read_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_millis(300),
+        ..ApiConfig::default()
+    };
+    let state = ApiState::new(&config, h.engine.control(), None);
+    let server = common::server::Server::start_rest(&config, state);
+    let mut silent = TcpStream::connect(server.addr).unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(3)),
+        "idle_timeout"
+    );
+    server.stop();
+
+    // Per client address.
+    let config = ApiConfig {
+        max_connections_per_client: 2,
+        ..ApiConfig::default()
+    };
+    let state = ApiState::new(&config, h.engine.control(), None);
+    let server = common::server::Server::start_rest(&config, state);
+    let first = TcpStream::connect(server.addr).unwrap();
+    let mut second = TcpStream::connect(server.addr).unwrap();
+    assert!(health(&mut second).starts_with("HTTP/1.1 200"));
+    let mut third = TcpStream::connect(server.addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut refused = String::new();
+    let _ = third.read_to_string(&mut refused);
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    let body: Value = serde_json::from_str(refused.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "TOO_MANY_CONNECTIONS", "{body}");
+    assert_eq!(body["success"], false);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = TcpStream::connect(server.addr).unwrap();
+    assert!(
+        health(&mut again).starts_with("HTTP/1.1 200"),
+        "a closed one frees its slot"
+    );
+    drop((second, again));
+    server.stop();
+
+    // In all: the next connection waits for a slot, and is served when one frees.
+    let config = ApiConfig {
+        max_connections: 2,
+        max_connections_per_client: 0,
+        ..ApiConfig::default()
+    };
+    let state = ApiState::new(&config, h.engine.control(), None);
+    let server = common::server::Server::start_rest(&config, state);
+    let hogs = [
+        TcpStream::connect(server.addr).unwrap(),
+        TcpStream::connect(server.addr).unwrap(),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    let mut waiting = TcpStream::connect(server.addr).unwrap();
+    waiting
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(
+        waiting.read(&mut buf).is_err(),
+        "served past max_connections"
+    );
+    drop(hogs);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let n = waiting.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(waiting);
+    server.stop();
+    h.finish();
+}
+
+/// A request through the router on the current runtime, so that several can be in flight.
+async fn send(
+    router: &axum::Router,
+    method: &str,
+    uri: &str,
+    token: &str,
+    body: Option<Value>,
+) -> Answer {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json");
+    let req = req
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+        .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    }
+}
+
+/// What took the whole process down (a flat chain overflowed the serving thread's stack; a
+/// `repeat` of 2 GB aborted on the allocation) or let a rule keep every reading or run every
+/// 10 ms is refused, by `/rules` and `/rules/test` alike, in the envelope, saying which limit.
+#[test]
+fn sql_rules_that_could_take_the_service_down_are_refused() {
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let analyst = token(&api, Role::Analyst, None);
+    let rule = |sql: &str, window: &str, slide: &str| {
+        json!({"id": "probe", "kind": "sql", "priority": "low", "message": "m",
+            "window": window, "slide": slide, "sql": sql})
+    };
+    let plus = vec!["1"; 2000].join("+");
+    let and = vec!["hr > 1"; 2000].join(" AND ");
+    let cases = [
+        (
+            rule(
+                &format!("SELECT device_id FROM vitals WHERE hr > {plus}"),
+                "10s",
+                "10s",
+            ),
+            "deeper than the limit of 128 levels",
+        ),
+        (
+            rule(
+                &format!("SELECT device_id FROM vitals WHERE {and}"),
+                "10s",
+                "10s",
+            ),
+            "deeper than the limit of 128 levels",
+        ),
+        (
+            rule(
+                "SELECT device_id, length(repeat('x', 2000000000)) AS value FROM vitals",
+                "10s",
+                "10s",
+            ),
+            "over the limit of 16777216 bytes",
+        ),
+        (
+            rule("SELECT device_id FROM vitals", "1000days", "1000days"),
+            "at most 1h for a SQL rule (engine.sql_max_window)",
+        ),
+        (
+            rule("SELECT device_id FROM vitals", "10s", "10ms"),
+            "at least 1s for a SQL rule (engine.sql_min_slide)",
+        ),
+    ];
+    for (spec, expected) in cases {
+        let created = api.call(
+            "POST",
+            "/api/v1/rules",
+            Some(&analyst),
+            Some(spec.clone()),
+            &[],
+        );
+        assert_envelope(&created, 422);
+        assert!(
+            created.body.to_string().contains(expected),
+            "{}",
+            created.body
+        );
+        let tried = json!({"rule": spec, "sample": ""});
+        let tried = api.call(
+            "POST",
+            "/api/v1/rules/test",
+            Some(&analyst),
+            Some(tried),
+            &[],
+        );
+        assert_envelope(&tried, 422);
+        assert!(tried.body.to_string().contains(expected), "{}", tried.body);
+    }
+    assert_envelope(&api.get("/api/v1/rules/probe", &analyst), 404);
+    assert_envelope(&api.get("/api/v1/health", &analyst), 200);
+    drop(api);
+    h.finish();
+}
+
+/// Trials run on threads of their own, not the API's: while one computes for its whole time
+/// limit, the API answers at once; at most `engine.sql_trials` run together and one more is
+/// refused with 429; a trial ends at its limit, however many windows its sample has.
+#[test]
+fn sql_trials_run_off_the_serving_thread_and_at_most_sql_trials_at_once() {
+    let config = vitalstream::engine::EngineConfig {
+        sql_trials: 1,
+        sql_timeout: std::time::Duration::from_secs(3),
+        ..common::config()
+    };
+    let h = Harness::start(&config, rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let analyst = token(&api, Role::Analyst, None);
+    let t0 = now_millis() / 10_000 * 10_000 - 60_000;
+    let sample: String = (0..200)
+        .map(|i| reading(&format!("bed-{}", i % 20), t0 + i * 40, "hr", 70.0) + "\n")
+        .collect();
+    let trial = |sql: &str| {
+        json!({"rule": {"id": "t", "kind": "sql", "priority": "low", "message": "m",
+            "window": "10s", "sql": sql}, "sample": sample})
+    };
+    // Runs until its time limit: 200⁴ rows to look at.
+    let runaway = trial(
+        "SELECT a.device_id FROM vitals a, vitals b, vitals c, vitals d \
+         WHERE a.hr + b.hr + c.hr + d.hr < 0",
+    );
+    let sound = trial("SELECT device_id, avg(hr) AS value FROM vitals GROUP BY device_id");
+    let router = api.router.clone();
+    api.rt.block_on(async {
+        let started = std::time::Instant::now();
+        let running = {
+            let (router, analyst) = (router.clone(), analyst.clone());
+            tokio::spawn(async move {
+                let answer = send(
+                    &router,
+                    "POST",
+                    "/api/v1/rules/test",
+                    &analyst,
+                    Some(runaway),
+                )
+                .await;
+                (answer, started.elapsed())
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let asked = std::time::Instant::now();
+        let health = send(&router, "GET", "/api/v1/health", &analyst, None).await;
+        let health_took = asked.elapsed();
+        assert_envelope(&health, 200);
+        let busy = send(
+            &router,
+            "POST",
+            "/api/v1/rules/test",
+            &analyst,
+            Some(sound.clone()),
+        )
+        .await;
+        assert!(!running.is_finished(), "the runaway trial is still running");
+        assert!(
+            health_took < std::time::Duration::from_millis(1500),
+            "/health took {health_took:?} beside a trial"
+        );
+        assert_envelope(&busy, 429);
+        assert!(
+            busy.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("engine.sql_trials"),
+            "{}",
+            busy.body
+        );
+
+        let (stopped, took) = running.await.unwrap();
+        assert_envelope(&stopped, 422);
+        assert!(
+            stopped.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("longer than its limit of 3s"),
+            "{}",
+            stopped.body
+        );
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "the trial took {took:?}"
+        );
+        // Its place is free again.
+        let tried = send(&router, "POST", "/api/v1/rules/test", &analyst, Some(sound)).await;
+        assert_envelope(&tried, 200);
+        assert_eq!(tried.body["data"]["readings"], 200, "{}", tried.body);
+    });
     drop(api);
     h.finish();
 }

@@ -124,7 +124,8 @@ fn migrations_build_the_partitioned_fallback_and_refuse_an_edited_history() {
             ["1", "any"],
             ["2", "postgres"],
             ["3", "postgres"],
-            ["4", "any"]
+            ["4", "any"],
+            ["5", "any"]
         ]
     );
     // device_vitals is range-partitioned on time, with (device_id, time) unique.
@@ -678,6 +679,7 @@ path = "{alerts}"
 path = "{dead}"
 [api]
 listen = "127.0.0.1:0"
+dev_token = true
 "#,
             port = broker.port,
             url = db.url,
@@ -847,6 +849,12 @@ fn rules_changed_through_the_api_survive_a_restart() {
     );
     drop(app);
     h.finish();
+    // The SQL rule failed in that run (the engine records its definition and why): the next
+    // start loads it disabled, with the reason.
+    db.execute(
+        "INSERT INTO rule_failures (rule_id, definition, reason) \
+         SELECT rule_id, definition, 'boom' FROM rules WHERE rule_id = 'spo2_sql'",
+    );
 
     // A new process on the same database: the pipeline file says hr_high only; the database
     // says hr_high was deleted and hr_low added.
@@ -858,7 +866,7 @@ fn rules_changed_through_the_api_survive_a_restart() {
         &cfg,
         format!(
             "pipeline = \"{}\"\n[log]\nformat = \"json\"\n[[sources]]\ntype = \"simulator\"\ndevices = 1\n\
-             [storage]\ntype = \"postgres\"\nurl = \"{}\"\nspool_dir = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n\
+             [storage]\ntype = \"postgres\"\nurl = \"{}\"\nspool_dir = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\ndev_token = true\n\
              [alert_log]\npath = \"{}\"\n",
             pipeline.display(),
             db.url,
@@ -917,6 +925,12 @@ fn rules_changed_through_the_api_survive_a_restart() {
             kept["slide"].as_str()
         ),
         (Some(sql), Some("30s"), Some("10s")),
+        "{body}"
+    );
+    assert!(
+        kept["disabled"]
+            .to_string()
+            .contains("failed before a restart: boom"),
         "{body}"
     );
 }

@@ -34,6 +34,7 @@ path = "{alerts}"
 path = "{data}/dead-letter.ndjson"
 [api]
 listen = "127.0.0.1:0"
+dev_token = true
 "#,
             data = data.display(),
             alerts = alerts.display()
@@ -114,4 +115,89 @@ listen = "127.0.0.1:0"
         alert_lines,
         "every alert transition is stored"
     );
+}
+
+/// Outside development mode the service refuses to start without a secret of its own, and
+/// with one it prints no development token.
+#[test]
+fn refuses_the_public_or_an_empty_secret_and_prints_no_token_outside_development_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let write = |api: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[log]\nformat = \"json\"\n[storage]\ndir = \"{data}\"\n[alert_log]\npath = \"{data}/alerts.ndjson\"\n\
+                 [dead_letter]\npath = \"{data}/dead.ndjson\"\n[api]\nlisten = \"127.0.0.1:0\"\n{api}",
+                data = dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+    };
+    let run = |env: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vitalstream"));
+        command.args(["run", "--config", config.to_str().unwrap()]);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command
+    };
+    let refused = |env: &[(&str, &str)], why: &str| {
+        let err = dir.path().join("refused.log");
+        let mut child = run(env)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("started: {}", std::fs::read_to_string(&err).unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let stderr = std::fs::read_to_string(&err).unwrap();
+        assert!(!status.success(), "{stderr}");
+        assert!(stderr.contains(why), "{why} not in\n{stderr}");
+    };
+    // No dev_token written, no secret: the public development secret is refused.
+    write("");
+    refused(&[], "public development secret");
+    // dev_token = false with a short secret; an empty secret even in development mode.
+    write("dev_token = false\njwt_secret = \"hunter2\"\n");
+    refused(&[], "at least 32");
+    write("dev_token = true\njwt_secret = \"\"\n");
+    refused(&[], "empty");
+
+    // A real secret, dev_token unset: it starts, and no admin token is in the log.
+    write("");
+    let log_path = dir.path().join("run.log");
+    let child = run(&[(
+        "VITALSTREAM__API__JWT_SECRET",
+        "a-secret-of-our-own-at-least-32-bytes",
+    )])
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log_path).unwrap())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let listening = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.contains("API listening")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "the API never started:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!listening.contains("dev_token"), "{listening}");
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
 }

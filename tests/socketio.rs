@@ -267,3 +267,52 @@ fn a_patients_room_gets_its_latest_vitals() {
     server.stop();
     engine.join(vitalstream::engine::EndOfInput::KeepOpen);
 }
+
+/// A socket.io connection does not outlive its token: at expiry the server says so
+/// (`auth:expired`) and disconnects it.
+#[test]
+fn a_connection_is_closed_when_its_token_expires() {
+    let (bus, _) = tokio::sync::broadcast::channel(16);
+    let h = Harness::with_live(&common::config(), rules(HR_RULE), bus.clone());
+    let config = ApiConfig::default();
+    let state = ApiState::with_bus(&config, h.engine.control(), None, Some(bus));
+    let lifetime = std::time::Duration::from_secs(3);
+    let token = common::server::token_for(&state, "nurse-x", Role::Clinician, None, lifetime);
+    let server = Server::start(&config, state);
+    let mut node = Command::new("node")
+        .arg("expiry.mjs")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/socketio"))
+        .env("VS_URL", server.url())
+        .env("VS_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node");
+    let steps: Vec<Value> = BufReader::new(node.stdout.take().unwrap())
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(node.wait().unwrap().success(), "{steps:#?}");
+    let at = |name: &str| {
+        steps
+            .iter()
+            .find(|s| s["step"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {steps:#?}"))
+    };
+    assert_eq!(
+        at("disconnected")["reason"],
+        "io server disconnect",
+        "{steps:#?}"
+    );
+    assert!(
+        at("expired")["event"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+    // Connected for (nearly) the token's lifetime, not cut short and not kept past it.
+    let held = at("disconnected")["at"].as_i64().unwrap() - at("connected")["at"].as_i64().unwrap();
+    assert!((1_000..6_000).contains(&held), "{held} ms");
+    server.stop();
+    h.engine.join(vitalstream::engine::EndOfInput::KeepOpen);
+}

@@ -328,3 +328,130 @@ fn a_runaway_rule_is_stopped_and_disabled_while_the_engine_runs_on() {
     assert_eq!(snap.rules["hr_avg_sql"].matches, 6);
     assert_eq!(count(&events, "runaway", Transition::Raised), 0);
 }
+
+/// Beside `hr_high`: a rule whose `repeat` count comes from the data (nothing to refuse
+/// when it is validated) and would make gigabytes, and a sound one.
+const OUTGROWN: &str = r#"
+[[rule]]
+id = "outgrown"
+kind = "sql"
+priority = "low"
+message = "makes a string of gigabytes"
+window = "10s"
+sql = "SELECT device_id, length(repeat(device_id, CAST(hr AS BIGINT) * 100000000)) AS value FROM vitals"
+
+[[rule]]
+id = "hr_avg_sql"
+kind = "sql"
+priority = "medium"
+message = "average HR over 100 in 10 s"
+window = "10s"
+sql = "SELECT device_id, avg(hr) AS value FROM vitals GROUP BY device_id HAVING avg(hr) > 100"
+"#;
+
+/// 100 devices for 60 s; bed-7 runs at 130 bpm.
+fn hr_minute() -> Vec<String> {
+    (0..60)
+        .flat_map(|s| {
+            (0..100).map(move |d| {
+                let hr = if d == 7 { 130.0 } else { 70.0 };
+                common::reading(&format!("bed-{d}"), T0 + s * 1000, "hr", hr)
+            })
+        })
+        .collect()
+}
+
+/// A function result past its bound fails the evaluation (it used to abort the process on
+/// a failed allocation at the first window close): the rule is disabled and says why, and
+/// the engine and the other rules run on.
+#[test]
+fn a_rule_whose_function_outgrows_its_bound_is_disabled_while_the_engine_runs_on() {
+    let mut h = Harness::start(
+        &common::config(),
+        rules(&format!("{}{OUTGROWN}", common::HR_RULE)),
+    );
+    let mut source = h.replay_source();
+    send_lines(&mut source, &hr_minute(), 500);
+    drop(source);
+    let sql = h.engine.sql.clone();
+    let (snap, events, _) = h.finish();
+    assert_eq!(snap.accepted, 6000);
+    let disabled = sql.disabled.get("outgrown").expect("the rule is disabled");
+    assert!(
+        disabled.message.contains("repeat() could produce")
+            && disabled
+                .message
+                .contains("over the limit of 16777216 bytes"),
+        "{}",
+        disabled.message
+    );
+    assert!(sql.disabled.get("hr_avg_sql").is_none());
+    assert_eq!(count(&events, "hr_high", Transition::Raised), 1);
+    assert_eq!(snap.rules["hr_avg_sql"].matches, 6);
+}
+
+/// A definition that failed before a restart (recorded in PostgreSQL and handed over as
+/// `RuleSet::failed`) starts disabled, with why: it never runs into the same failure again,
+/// and the engine and the other rules run on.
+#[test]
+fn a_rule_that_failed_before_a_restart_starts_disabled() {
+    let mut set = rules(&format!("{}{OUTGROWN}", common::HR_RULE));
+    set.failed
+        .insert("outgrown".into(), "repeat() could produce too much".into());
+    let mut h = Harness::start(&common::config(), set);
+    let mut source = h.replay_source();
+    send_lines(&mut source, &hr_minute(), 500);
+    drop(source);
+    let sql = h.engine.sql.clone();
+    let (snap, events, _) = h.finish();
+    let disabled = sql.disabled.get("outgrown").expect("loaded disabled");
+    assert!(
+        disabled
+            .message
+            .contains("failed before a restart: repeat()"),
+        "{}",
+        disabled.message
+    );
+    assert_eq!(snap.rules["outgrown"].matches, 0, "never evaluated");
+    assert_eq!(count(&events, "hr_high", Transition::Raised), 1);
+}
+
+/// A rule that spends more engine time than its budget per minute of readings is disabled
+/// with the reason; the native rule runs on.
+#[test]
+fn a_rule_over_its_engine_time_budget_is_disabled_with_the_reason() {
+    let config = EngineConfig {
+        // Less than any evaluation takes.
+        sql_rule_budget: Duration::from_micros(1),
+        ..common::config()
+    };
+    let mut h = Harness::start(
+        &config,
+        rules(&format!(
+            "{}{}",
+            common::HR_RULE,
+            &OUTGROWN[OUTGROWN.find("[[rule]]\nid = \"hr_avg_sql\"").unwrap()..]
+        )),
+    );
+    let mut source = h.replay_source();
+    send_lines(&mut source, &hr_minute(), 500);
+    drop(source);
+    let sql = h.engine.sql.clone();
+    let (snap, events, _) = h.finish();
+    let disabled = sql
+        .disabled
+        .get("hr_avg_sql")
+        .expect("the rule is disabled");
+    assert!(
+        disabled
+            .message
+            .contains("over its budget of 1µs (engine.sql_rule_budget)"),
+        "{}",
+        disabled.message
+    );
+    // Its first window ran (and raised); none after it did.
+    assert_eq!(snap.rules["hr_avg_sql"].matches, 1);
+    assert_eq!(count(&events, "hr_avg_sql", Transition::Raised), 1);
+    assert_eq!(count(&events, "hr_avg_sql", Transition::Resolved), 1);
+    assert_eq!(count(&events, "hr_high", Transition::Raised), 1);
+}

@@ -610,6 +610,8 @@ dir = "{data}"
 path = "{data}/alerts.ndjson"
 [dead_letter]
 path = "{data}/dead-letter.ndjson"
+[api]
+dev_token = true
 [notifications]
 url = "{url}"
 drain_timeout = "{drain}"

@@ -59,7 +59,8 @@ impl Service {
             .await
             .with_context(|| format!("creating database {name}"))?;
         let database = format!("{}/{name}", s.postgres);
-        let secret = format!("load-{:016x}", fastrand::u64(..));
+        // At least 32 bytes: vitalstream refuses a shorter secret outside development mode.
+        let secret = format!("load-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         std::fs::write(dir.join("pipeline.toml"), PIPELINE)?;
         let linger = s.batch_linger.as_millis();
         let source = match kafka {
@@ -171,25 +172,28 @@ rate_limit_per_minute = 100000
         .await?
     }
 
-    /// A token for a clinician who may see every patient (so in `role:clinician`).
+    /// A token for a clinician who may see every patient (so in `role:clinician`), valid
+    /// for 12 h: vitalstream's longest token lifetime (`[api] max_token_lifetime`), and
+    /// longer than any run.
     pub fn observer_token(&self) -> String {
         #[derive(serde::Serialize)]
         struct Claims {
             sub: &'static str,
             role: &'static str,
+            iat: u64,
             exp: u64,
         }
-        let exp = std::time::SystemTime::now()
+        let iat = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
-            .as_secs()
-            + 86_400;
+            .as_secs();
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
             &Claims {
                 sub: "load-observer",
                 role: "clinician",
-                exp,
+                iat,
+                exp: iat + 12 * 3600,
             },
             &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes()),
         )

@@ -5,7 +5,10 @@
 //! Handlers return a [`Reply`] or an [`ApiError`]; the [`envelope`] middleware (outermost)
 //! takes or makes the request id, enforces the request timeout, and wraps whatever came
 //! back — including axum's own refusals (bad JSON, body too large, no such route) — so no
-//! response leaves without the envelope.
+//! response leaves without the envelope. The one exception is a successful stream (the
+//! page's Server-Sent Events, marked [`Streamed`]): its body goes out as it is, with the
+//! request id. Refusals made before a request is read (a client over its connection
+//! limit, [`super::server`]) are enveloped too.
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -181,8 +184,16 @@ pub async fn envelope(timeout: Duration, mut request: Request, next: Next) -> Re
     response
 }
 
+/// Marks a successful response whose body is a stream (Server-Sent Events): it goes out as
+/// it is, with the request id. Its refusals are enveloped like any other.
+#[derive(Debug, Clone, Copy)]
+pub struct Streamed;
+
 /// Puts a response into the envelope.
 async fn wrap(response: Response, request_id: &str) -> Response {
+    if response.status().is_success() && response.extensions().get::<Streamed>().is_some() {
+        return response;
+    }
     let (mut parts, body) = response.into_parts();
     let outcome = match parts.extensions.remove::<Outcome>() {
         Some(o) => o,
@@ -204,11 +215,37 @@ async fn wrap(response: Response, request_id: &str) -> Response {
             }
         }
     };
-    let status = parts.status;
+    let body = body_of(parts.status, outcome, request_id);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
+/// A whole HTTP/1.1 response, in the envelope, for a refusal made before a request was read
+/// (the connection limit per client); it closes the connection.
+pub(crate) fn raw_response(e: ApiError) -> Vec<u8> {
+    let id = new_request_id();
+    let status = e.status;
+    let body = body_of(status, Outcome::Error(e), &id).to_string();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         x-request-id: {id}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The envelope's JSON.
+fn body_of(status: StatusCode, outcome: Outcome, request_id: &str) -> Value {
     let timestamp = chrono::DateTime::from_timestamp_millis(crate::model::now_millis())
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default();
-    let body = match outcome {
+    match outcome {
         Outcome::Reply { message, data } => json!({
             "status": status.as_u16(),
             "success": true,
@@ -225,11 +262,5 @@ async fn wrap(response: Response, request_id: &str) -> Response {
             "timestamp": timestamp,
             "request_id": request_id,
         }),
-    };
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(body.to_string()))
+    }
 }

@@ -1,8 +1,13 @@
 //! `Idempotency-Key` on POST: the same key with the same body gets the stored answer (the
 //! action is not done twice); the same key with another body is refused (422). Keys are per
 //! caller (per Authorization header) and kept for `ttl`.
+//!
+//! - Only final answers are stored. A 429 (rate limited), a 408, and any 5xx (unavailable,
+//!   timed out) say "not now", so a retry with the same key runs the request again.
+//! - A key is held while its request runs: a second request with the same key waits for
+//!   the first to finish, then gets its stored answer (or, when the first's answer was not
+//!   final, runs itself). The wait is bounded by the request timeout like any request.
 
-use super::ApiState;
 use super::envelope::{ApiError, Outcome};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -10,18 +15,34 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
+/// A final answer, kept for `ttl`.
 struct Stored {
-    request_hash: u64,
     status: StatusCode,
     outcome: Outcome,
     at: Instant,
 }
 
+enum Slot {
+    /// A request with this key is running; the receiver wakes when it is done.
+    Running(watch::Receiver<()>),
+    Done(Stored),
+}
+
+struct Record {
+    request_hash: u64,
+    slot: Slot,
+}
+
+type Key = (u64, String);
+
 pub struct Idempotency {
-    entries: DashMap<(u64, String), Stored>,
+    entries: DashMap<Key, Record>,
     ttl: Duration,
     body_limit: usize,
 }
@@ -36,11 +57,97 @@ impl Idempotency {
     }
 }
 
+/// Whether an answer is the request's outcome, rather than "not now".
+fn is_final(status: StatusCode) -> bool {
+    !(status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status.is_server_error())
+}
+
 fn hash_of(parts: impl Hash) -> u64 {
     rustc_hash::FxBuildHasher.hash_one(parts)
 }
 
-pub async fn idempotency(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+/// What to do with a request whose key has been seen.
+enum Seen {
+    Replay(Response),
+    Wait(watch::Receiver<()>),
+    Run(watch::Sender<()>),
+}
+
+/// Holds a key while its request runs. Dropped (the request done, or abandoned when the
+/// client went away), it lets go of the key unless a final answer was stored, and wakes
+/// the requests waiting for it.
+struct Running<'a> {
+    store: &'a Idempotency,
+    key: Key,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.store
+            .entries
+            .remove_if(&self.key, |_, e| matches!(e.slot, Slot::Running(_)));
+    }
+}
+
+fn reused() -> Response {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "IDEMPOTENCY_KEY_REUSED",
+        "this Idempotency-Key was used with another request",
+    )
+    .into_response()
+}
+
+impl Idempotency {
+    /// The stored answer, a running request to wait for, or the go-ahead to run (the key
+    /// is then held).
+    fn claim(&self, key: &Key, request_hash: u64) -> Seen {
+        match self.entries.entry(key.clone()) {
+            Entry::Occupied(mut e) => {
+                let expired = matches!(&e.get().slot, Slot::Done(s) if s.at.elapsed() >= self.ttl);
+                if expired {
+                    let (tx, rx) = watch::channel(());
+                    e.insert(Record {
+                        request_hash,
+                        slot: Slot::Running(rx),
+                    });
+                    return Seen::Run(tx);
+                }
+                if e.get().request_hash != request_hash {
+                    return Seen::Replay(reused());
+                }
+                match &e.get().slot {
+                    Slot::Running(rx) => Seen::Wait(rx.clone()),
+                    Slot::Done(stored) => {
+                        let mut response = stored.status.into_response();
+                        response.extensions_mut().insert(stored.outcome.clone());
+                        response
+                            .headers_mut()
+                            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                        Seen::Replay(response)
+                    }
+                }
+            }
+            Entry::Vacant(v) => {
+                let (tx, rx) = watch::channel(());
+                v.insert(Record {
+                    request_hash,
+                    slot: Slot::Running(rx),
+                });
+                Seen::Run(tx)
+            }
+        }
+    }
+}
+
+pub async fn idempotency(
+    State(store): State<Arc<Idempotency>>,
+    request: Request,
+    next: Next,
+) -> Response {
     if request.method() != Method::POST {
         return next.run(request).await;
     }
@@ -55,7 +162,6 @@ pub async fn idempotency(State(state): State<ApiState>, request: Request, next: 
         return ApiError::invalid("Idempotency-Key must be 1-255 visible characters")
             .into_response();
     };
-    let store = &state.idempotency;
     let caller = hash_of(
         request
             .headers()
@@ -72,39 +178,146 @@ pub async fn idempotency(State(state): State<ApiState>, request: Request, next: 
         .into_response();
     };
     let request_hash = hash_of((parts.method.as_str(), parts.uri.path(), &bytes[..]));
-    let slot = (caller, key.to_string());
-    store.entries.retain(|_, s| s.at.elapsed() < store.ttl);
-    if let Some(stored) = store.entries.get(&slot) {
-        if stored.request_hash != request_hash {
-            return ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "IDEMPOTENCY_KEY_REUSED",
-                "this Idempotency-Key was used with another request",
-            )
-            .into_response();
+    let key = (caller, key.to_string());
+    store.entries.retain(|_, e| match &e.slot {
+        Slot::Done(s) => s.at.elapsed() < store.ttl,
+        Slot::Running(_) => true,
+    });
+    let done = loop {
+        match store.claim(&key, request_hash) {
+            Seen::Replay(response) => return response,
+            // Done or abandoned: either way, look again.
+            Seen::Wait(mut rx) => {
+                let _ = rx.changed().await;
+            }
+            Seen::Run(done) => break done,
         }
-        let mut response = stored.status.into_response();
-        response.extensions_mut().insert(stored.outcome.clone());
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-        return response;
-    }
+    };
+    let running = Running {
+        store: &store,
+        key,
+        _done: done,
+    };
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
-    if !response.status().is_server_error()
+    if is_final(response.status())
         && let Some(outcome) = response.extensions().get::<Outcome>()
     {
         store.entries.insert(
-            slot,
-            Stored {
+            running.key.clone(),
+            Record {
                 request_hash,
-                status: response.status(),
-                outcome: outcome.clone(),
-                at: Instant::now(),
+                slot: Slot::Done(Stored {
+                    status: response.status(),
+                    outcome: outcome.clone(),
+                    at: Instant::now(),
+                }),
             },
         );
     }
+    drop(running);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::envelope::Reply;
+    use axum::Router;
+    use axum::routing::post;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tower::ServiceExt;
+
+    /// A route that answers each call with the next status of `answers`, after `delay`,
+    /// behind the middleware; and how many times it ran.
+    fn app(answers: Vec<u16>, delay: Duration) -> (Router, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let answers = Arc::new(answers);
+        let store = Arc::new(Idempotency::new(Duration::from_secs(3600), 1 << 16));
+        let router = Router::new()
+            .route(
+                "/act",
+                post(move || {
+                    let n = counted.fetch_add(1, SeqCst);
+                    let status = StatusCode::from_u16(answers[n.min(answers.len() - 1)]).unwrap();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        if status.is_success() {
+                            Reply::ok("done", n).into_response()
+                        } else {
+                            ApiError::new(status, "NOT_NOW", "not now").into_response()
+                        }
+                    }
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(store, idempotency));
+        (router, calls)
+    }
+
+    async fn post_once(router: &Router, key: &str) -> (StatusCode, bool) {
+        let request = Request::post("/act")
+            .header("idempotency-key", key)
+            .header("authorization", "Bearer t")
+            .body(Body::from("{}"))
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        (response.status(), replayed)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_says_not_now_is_not_kept() {
+        for not_now in [429, 503, 500, 504] {
+            let (router, calls) = app(vec![not_now, 200], Duration::ZERO);
+            assert_eq!(post_once(&router, "k").await.0.as_u16(), not_now);
+            // The retry runs, and its answer is the one kept.
+            assert_eq!(post_once(&router, "k").await, (StatusCode::OK, false));
+            assert_eq!(post_once(&router, "k").await, (StatusCode::OK, true));
+            assert_eq!(calls.load(SeqCst), 2, "{not_now}");
+        }
+        // A final refusal is kept like a success.
+        let (router, calls) = app(vec![409, 200], Duration::ZERO);
+        assert_eq!(post_once(&router, "k").await, (StatusCode::CONFLICT, false));
+        assert_eq!(post_once(&router, "k").await, (StatusCode::CONFLICT, true));
+        assert_eq!(calls.load(SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_with_one_key_run_once() {
+        let (router, calls) = app(vec![200], Duration::from_millis(200));
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                let router = router.clone();
+                tokio::spawn(async move { post_once(&router, "same").await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for run in runs {
+            answers.push(run.await.unwrap());
+        }
+        assert_eq!(calls.load(SeqCst), 1, "{answers:?}");
+        assert!(
+            answers.iter().all(|(s, _)| *s == StatusCode::OK),
+            "{answers:?}"
+        );
+        assert_eq!(answers.iter().filter(|(_, replayed)| *replayed).count(), 3);
+        // Another key is not held by this one.
+        assert_eq!(post_once(&router, "other").await, (StatusCode::OK, false));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_runs_itself_when_the_first_answer_was_not_final() {
+        let (router, calls) = app(vec![503, 200], Duration::from_millis(150));
+        let first = {
+            let router = router.clone();
+            tokio::spawn(async move { post_once(&router, "k").await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let second = post_once(&router, "k").await;
+        assert_eq!(first.await.unwrap().0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(second, (StatusCode::OK, false));
+        assert_eq!(calls.load(SeqCst), 2);
+    }
 }

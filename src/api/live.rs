@@ -1,16 +1,22 @@
 //! The built-in page at `/`, and the Server-Sent Events stream it listens to:
 //! `/api/v1/stream?token=…` sends `alert` (every transition, from the same bus as socket.io)
 //! and `vitals` (patients whose latest vitals changed, once a second), filtered by the
-//! token's patients. EventSource cannot send headers, hence the token in the query.
+//! token's patients. EventSource cannot send headers, hence the token in the query (an
+//! `Authorization: Bearer` header works too). The stream is under `/api/v1`: its refusals
+//! come in the envelope with an `X-Request-ID`, and the stream itself goes out as it is.
+//! It ends when its token expires.
 
 use super::ApiState;
-use super::envelope::ApiError;
+use super::envelope::{ApiError, Streamed};
 use crate::alerts::AlertEvent;
-use axum::extract::{Query, State};
+use axum::Extension;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -20,8 +26,10 @@ pub async fn page() -> Html<&'static str> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamQuery {
-    token: String,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 enum Next {
@@ -31,11 +39,21 @@ enum Next {
     Closed,
 }
 
-pub async fn stream(State(state): State<ApiState>, Query(q): Query<StreamQuery>) -> Response {
-    let claims = match state.keys.verify(&q.token) {
+pub async fn stream(
+    State(state): State<ApiState>,
+    client: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Response {
+    let bearer = (headers.get(header::AUTHORIZATION))
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let token = q.token.as_deref().or(bearer);
+    let claims = match state.authenticate(token, client.map(|c| c.0.0)) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    let expires = tokio::time::Instant::now() + claims.remaining();
     let Some(bus) = state.bus.clone() else {
         return ApiError::unavailable("no alert bus in this process").into_response();
     };
@@ -50,6 +68,7 @@ pub async fn stream(State(state): State<ApiState>, Query(q): Query<StreamQuery>)
         async move {
             loop {
                 let next = tokio::select! {
+                    () = tokio::time::sleep_until(expires) => Next::Closed,
                     r = rx.recv() => match r {
                         Ok(e) => Next::Alert(e),
                         Err(broadcast::error::RecvError::Lagged(n)) => Next::Lagged(n),
@@ -84,7 +103,9 @@ pub async fn stream(State(state): State<ApiState>, Query(q): Query<StreamQuery>)
             }
         }
     });
-    Sse::new(events)
+    let mut response = Sse::new(events)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response();
+    response.extensions_mut().insert(Streamed);
+    response
 }

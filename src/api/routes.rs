@@ -20,6 +20,12 @@ use std::time::Duration;
 
 type Result<T = Reply> = std::result::Result<T, ApiError>;
 
+/// Who reads alerts: everyone with a token (each within its patients).
+const ALERT_READERS: &[Role] = &[Role::Admin, Role::Clinician, Role::Service, Role::Analyst];
+/// Who reads a patient's vitals: the people and services that care for patients. Analysts
+/// work on rules and see readings only through rule trials.
+const PATIENT_READERS: &[Role] = &[Role::Admin, Role::Clinician, Role::Service];
+
 /// Routes under `/api/v1` (enveloped).
 pub fn api() -> Router<ApiState> {
     Router::new()
@@ -47,6 +53,7 @@ pub fn api() -> Router<ApiState> {
         .route("/patients", get(list_patients))
         .route("/patients/{id}/latest", get(patient_latest))
         .route("/patients/{id}/vitals", get(patient_vitals))
+        .route("/stream", get(super::live::stream))
         .fallback(|| async { ApiError::not_found("no such route") })
 }
 
@@ -54,7 +61,6 @@ pub fn api() -> Router<ApiState> {
 pub fn plain() -> Router<ApiState> {
     Router::new()
         .route("/", get(super::live::page))
-        .route("/api/v1/stream", get(super::live::stream))
         .route(
             "/api/v1/openapi.json",
             get(|| async {
@@ -231,6 +237,15 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         devices.len(),
         devices.untracked()
     );
+    let _ = writeln!(
+        out,
+        "# HELP vitalstream_readings_unevaluated_total Readings stored but not evaluated: their shard held engine.max_devices devices.\n# TYPE vitalstream_readings_unevaluated_total counter\nvitalstream_readings_unevaluated_total {}",
+        state
+            .engine
+            .metrics
+            .unevaluated
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     let l = &snap.alert_latency_us;
     let _ = writeln!(
         out,
@@ -265,6 +280,10 @@ async fn list_alerts(
     State(state): State<ApiState>,
     Query(f): Query<AlertFilter>,
 ) -> Result {
+    auth.require(ALERT_READERS)?;
+    if let Some(t) = f.since {
+        valid_millis("since", t)?;
+    }
     if let Some(s) = f.status.as_deref()
         && !["pending", "firing", "escalated", "acknowledged", "resolved"].contains(&s)
     {
@@ -330,6 +349,7 @@ fn visible(auth: &Auth, alert: Option<Alert>, id: &str) -> Result<Alert> {
 }
 
 async fn get_alert(auth: Auth, State(state): State<ApiState>, Path(id): Path<String>) -> Result {
+    auth.require(ALERT_READERS)?;
     let alert = visible(&auth, state.engine.book.get(&id), &id)?;
     Ok(Reply::ok("alert", alert))
 }
@@ -511,39 +531,25 @@ struct TryRule {
 /// Runs a candidate SQL rule without raising anything: over the most recent window of
 /// readings, or over every window of an uploaded NDJSON sample. Returns each window's rows.
 async fn try_rule(auth: Auth, State(state): State<ApiState>, Json(body): Json<TryRule>) -> Result {
+    use crate::engine::sql::TrialError;
     auth.require(&[Role::Analyst, Role::Admin])?;
-    let mut problems = Vec::new();
-    let rule = rules::compile_rule(&body.rule, &mut problems);
-    let sql = match rule.map(|r| r.kind) {
-        Some(rules::RuleKind::Sql(sql)) => sql,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "only SQL rules (kind = \"sql\") can be tried here",
-            ));
+    let sample = body.sample.as_deref().map(parse_sample).transpose()?;
+    // Validated and run on a thread of its own, not this one.
+    let trial = state.engine.sql.trial(body.rule, sample).await;
+    let trial = trial.map_err(|e| match e {
+        TrialError::Busy(_) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", e.to_string())
         }
-        None => {
-            return Err(
-                ApiError::invalid("the rule is not valid").details(json!({ "problems": problems }))
-            );
+        TrialError::Invalid(ref problems) => {
+            ApiError::invalid(e.to_string()).details(json!({ "problems": problems }))
         }
-    };
-    let shared = state.engine.sql.clone();
-    let (readings, from) = match &body.sample {
-        Some(text) => (parse_sample(text)?, "sample"),
-        None => {
-            let (rows, _, _) = shared.recent_window(sql.size, sql.slide);
-            (rows, "recent")
+        TrialError::NotSql => ApiError::invalid(e.to_string()),
+        TrialError::Failed(ref error) => {
+            ApiError::invalid(e.to_string()).details(json!({ "error": error }))
         }
-    };
-    let evaluator = crate::rules::sql::Evaluator::new(shared.limits);
-    let windows = crate::engine::sql::try_rule(&evaluator, &sql, &readings, &shared.wards)
-        .await
-        .map_err(|e| {
-            ApiError::invalid(format!("the rule failed: {e}")).details(json!({ "error": e }))
-        })?;
-    let matched: usize = windows.iter().map(|(_, _, rows)| rows.len()).sum();
-    let windows: Vec<_> = windows
-        .into_iter()
+    })?;
+    let matched: usize = trial.windows.iter().map(|(_, _, rows)| rows.len()).sum();
+    let windows: Vec<_> = (trial.windows.into_iter())
         .map(|(start, end, rows)| json!({ "window_start": start, "window_end": end, "rows": rows }))
         .collect();
     Ok(Reply::ok(
@@ -551,7 +557,7 @@ async fn try_rule(auth: Auth, State(state): State<ApiState>, Json(body): Json<Tr
             "{matched} rows in {} windows; nothing was raised",
             windows.len()
         ),
-        json!({ "source": from, "readings": readings.len(), "windows": windows }),
+        json!({ "source": trial.source, "readings": trial.readings, "windows": windows }),
     ))
 }
 
@@ -679,6 +685,11 @@ async fn assign_device(
     let patient = crate::parse::valid_id(&body.patient_id).ok_or_else(|| {
         ApiError::invalid(format!("`{}` is not a valid patient id", body.patient_id))
     })?;
+    // Taking a device from its patient is acting on that patient: a token scoped to other
+    // patients may not (it would then see that device's readings as its own patient's).
+    if let Some(current) = state.engine.assignments.patient_of(&device) {
+        auth.may_see(Some(&current))?;
+    }
     if state.storage.is_some() {
         state
             .db()
@@ -728,6 +739,9 @@ async fn device_command(
     Json(body): Json<serde_json::Value>,
 ) -> Result {
     auth.require(&[Role::Clinician, Role::Admin, Role::Service])?;
+    // A device at a patient's bedside is that patient's: a scoped token commands only its
+    // own patients' devices (and no unassigned one).
+    auth.may_see(state.engine.assignments.patient_of(&id).as_deref())?;
     if !body.get("command").is_some_and(|c| c.is_string()) {
         return Err(ApiError::invalid(
             "expected a JSON object with a string `command`",
@@ -857,6 +871,7 @@ async fn list_patients(
     State(state): State<ApiState>,
     Query(page): Query<Page>,
 ) -> Result<Response> {
+    auth.require(PATIENT_READERS)?;
     let mut all: Vec<_> = latest(&state)?
         .all()
         .into_iter()
@@ -871,11 +886,29 @@ async fn patient_latest(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result {
+    auth.require(PATIENT_READERS)?;
     auth.may_see(Some(&id))?;
     latest(&state)?
         .get(&id)
         .map(|v| Reply::ok("latest vitals", v))
         .ok_or_else(|| ApiError::not_found(format!("no readings for patient {id}")))
+}
+
+/// The widest bucket of `/patients/{id}/vitals`.
+const MAX_BUCKET: Duration = Duration::from_secs(366 * 86_400);
+
+/// Latest time a query may name: 9999-12-31T23:59:59.999Z, as far as storage goes.
+const MAX_MILLIS: i64 = 253_402_300_799_999;
+
+/// A time in a query: ms since the epoch, from 1970 to the end of year 9999.
+fn valid_millis(name: &str, t: i64) -> Result<()> {
+    if (0..=MAX_MILLIS).contains(&t) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{name} must be ms since the epoch, from 0 to {MAX_MILLIS} (year 9999)"
+        )))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -894,18 +927,22 @@ async fn patient_vitals(
     Path(id): Path<String>,
     Query(range): Query<VitalsRange>,
 ) -> Result {
+    auth.require(PATIENT_READERS)?;
     auth.may_see(Some(&id))?;
+    valid_millis("from", range.from)?;
+    valid_millis("to", range.to)?;
     let bucket = match range.bucket.as_deref() {
         None => Duration::from_secs(60),
         Some(b) => humantime::parse_duration(b)
             .map_err(|e| ApiError::invalid(format!("bucket {b:?}: {e}")))?,
     };
-    if bucket < Duration::from_secs(1) || range.to <= range.from {
+    if bucket < Duration::from_secs(1) || bucket > MAX_BUCKET || range.to <= range.from {
         return Err(ApiError::invalid(
-            "need from < to and a bucket of at least 1s",
+            "need from < to and a bucket from 1s to 366d",
         ));
     }
-    if (range.to - range.from) / (bucket.as_millis() as i64).max(1) > 10_000 {
+    // Both are within the epoch's first ten thousand years, so neither overflows.
+    if (range.to - range.from) as u128 / bucket.as_millis() > 10_000 {
         return Err(ApiError::invalid(
             "more than 10,000 buckets: choose a wider bucket",
         ));

@@ -1,7 +1,10 @@
 //! socket.io (v4 clients) on the API's port: alerts pushed to the people who should see them.
 //!
 //! - Handshake: `auth.token` is the platform JWT; a missing or bad token refuses the
-//!   connection (`connect_error` with the reason).
+//!   connection (`connect_error` with the reason), and counts against the client address's
+//!   failed-authentication limit as a REST request would.
+//! - Expiry: a connection does not outlive its token. When the token expires the server
+//!   emits `auth:expired` and disconnects the socket; the client reconnects with a new token.
 //! - Rooms: `user:{sub}` and `role:{role}` on connect (the role room only for tokens without
 //!   a `patients` list, since it carries every patient's alerts); `subscribe:patient` /
 //!   `unsubscribe:patient` (`{patient_id}`) join or leave `patient:{id}` when the token
@@ -139,10 +142,37 @@ async fn authenticate<A: Adapter>(
     State(state): State<ApiState>,
     TryData(auth): TryData<Handshake>,
 ) -> Result<(), String> {
-    let auth = auth.map_err(|_| "missing auth.token".to_string())?;
-    let claims = state.keys.verify(&auth.token).map_err(|e| e.message)?;
+    let client = (s.req_parts().extensions)
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let auth = auth.map_err(|_| {
+        let refusal = super::envelope::ApiError::unauthorized("missing auth.token");
+        state.failed(refusal, client).message
+    })?;
+    let claims = (state.authenticate(Some(&auth.token), client)).map_err(|e| e.message)?;
     s.extensions.insert(claims);
     Ok(())
+}
+
+/// Disconnects the socket when its token expires, after telling the client
+/// (`auth:expired`); the timer goes when the socket does.
+fn close_at_expiry<A: Adapter>(s: &SocketRef<A>, claims: &Claims) {
+    let gone = Arc::new(tokio::sync::Notify::new());
+    let on_gone = gone.clone();
+    s.on_disconnect(move || async move { on_gone.notify_one() });
+    let (s, remaining) = (s.clone(), claims.remaining());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(remaining) => {
+                let _ = s.emit(
+                    "auth:expired",
+                    &json!({ "message": "token expired: reconnect with a new token" }),
+                );
+                let _ = s.disconnect();
+            }
+            () = gone.notified() => {}
+        }
+    });
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -155,6 +185,7 @@ fn role_name(role: Role) -> &'static str {
 }
 
 async fn on_connect<A: Adapter>(s: SocketRef<A>, Extension(claims): Extension<Claims>) {
+    close_at_expiry(&s, &claims);
     s.join(format!("user:{}", claims.sub));
     // Role rooms carry every patient's alerts: only tokens that may see every patient join.
     if claims.patients.is_none() {

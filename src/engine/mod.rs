@@ -64,9 +64,11 @@ pub struct EngineConfig {
     pub max_age: Duration,
     /// Frames larger than this are rejected (`too_large`) unparsed.
     pub max_frame_bytes: usize,
-    /// The device registry keeps at most this many devices, and the latest vitals this many
-    /// patients; a new one past it is counted (`devices_untracked`) and logged, its readings
-    /// still evaluated and stored.
+    /// Devices (and patients) held at most: the device registry and the latest vitals keep
+    /// this many, each shard its share (plus a quarter for an uneven spread). Past it a new
+    /// device is counted and logged; its readings are still stored but, when its shard is
+    /// full, not evaluated, and a high-priority technical alarm (`engine.device_limit`) says
+    /// so. A flood of device ids so degrades into one alarm, never into memory growth.
     pub max_devices: usize,
     /// A device offline this long is forgotten by the registry, and a patient with no
     /// reading this long by the latest vitals.
@@ -84,6 +86,21 @@ pub struct EngineConfig {
     pub sql_recent: Duration,
     /// At most this many recent readings are kept for that.
     pub sql_recent_readings: usize,
+    /// SQL rules: the longest `window` (the SQL stage keeps every reading of it); a longer
+    /// one is refused when the rule is validated.
+    #[serde(with = "humantime_serde")]
+    pub sql_max_window: Duration,
+    /// SQL rules: the shortest `slide` (a rule is evaluated at most once per slide); a
+    /// shorter one is refused when the rule is validated.
+    #[serde(with = "humantime_serde")]
+    pub sql_min_slide: Duration,
+    /// SQL rules: engine time one rule may spend per minute of readings (event time: per
+    /// minute of wall time for live data); a rule over it is disabled, with the reason.
+    #[serde(with = "humantime_serde")]
+    pub sql_rule_budget: Duration,
+    /// SQL trials (`POST /api/v1/rules/test`) that may run at once, each on a thread of its
+    /// own; more are refused with 429.
+    pub sql_trials: usize,
     /// Ward → its devices: the `ward` column SQL rules read.
     pub wards: std::collections::BTreeMap<String, Vec<String>>,
 }
@@ -100,12 +117,20 @@ impl Default for EngineConfig {
             max_clock_skew: Duration::from_secs(300),
             max_age: Duration::from_secs(7 * 86_400),
             max_frame_bytes: 1 << 20,
-            max_devices: 100_000,
+            max_devices: 20_000,
             forget_devices_after: Duration::from_secs(86_400),
             sql_timeout: Duration::from_secs(2),
             sql_memory_mb: 64,
             sql_recent: Duration::ZERO,
             sql_recent_readings: 200_000,
+            sql_max_window: Duration::from_millis(
+                crate::rules::sql::Policy::DEFAULT.max_window as u64,
+            ),
+            sql_min_slide: Duration::from_millis(
+                crate::rules::sql::Policy::DEFAULT.min_slide as u64,
+            ),
+            sql_rule_budget: Duration::from_secs(6),
+            sql_trials: 2,
             wards: Default::default(),
         }
     }
@@ -124,11 +149,25 @@ impl EngineConfig {
         }
     }
 
+    /// Devices one shard keeps state for at most: its share of `max_devices`, with room
+    /// for an uneven spread of device ids over shards.
+    pub fn shard_device_limit(&self) -> usize {
+        (self.max_devices + self.max_devices / 4).div_ceil(self.shard_count())
+    }
+
     /// What one SQL rule evaluation may use.
     pub fn sql_limits(&self) -> crate::rules::sql::Limits {
         crate::rules::sql::Limits {
             memory_bytes: self.sql_memory_mb << 20,
             time: self.sql_timeout,
+        }
+    }
+
+    /// What a SQL rule's window may be.
+    pub fn sql_policy(&self) -> crate::rules::sql::Policy {
+        crate::rules::sql::Policy {
+            max_window: self.sql_max_window.as_millis().min(i64::MAX as u128) as Millis,
+            min_slide: self.sql_min_slide.as_millis().min(i64::MAX as u128) as Millis,
         }
     }
 
@@ -163,6 +202,14 @@ impl EngineConfig {
         }
         if self.sql_timeout.is_zero() || self.sql_memory_mb == 0 {
             out.push("engine.sql_timeout and engine.sql_memory_mb must be positive".into());
+        }
+        if self.sql_min_slide.is_zero() || self.sql_max_window < self.sql_min_slide {
+            out.push(
+                "engine.sql_min_slide must be positive and at most engine.sql_max_window".into(),
+            );
+        }
+        if self.sql_rule_budget.is_zero() || self.sql_trials == 0 {
+            out.push("engine.sql_rule_budget and engine.sql_trials must be positive".into());
         }
         out
     }
@@ -425,6 +472,7 @@ impl Engine {
                 outputs.readings.clone(),
                 close_at_end.clone(),
             )
+            .named(s)
             .with_latest(outputs.latest.clone().map(crate::latest::Gatherer::new))
             .with_sql(shard::SqlFeed {
                 shard: s,
@@ -447,6 +495,7 @@ impl Engine {
             registry: devices.clone(),
             metrics: metrics.clone(),
             dead_letter: outputs.rejects.clone(),
+            assignments: assignments.clone(),
         };
         let router = route::Router::new(
             config,
@@ -498,6 +547,7 @@ impl Engine {
             registry: self.devices.clone(),
             metrics: self.metrics.clone(),
             dead_letter: self.dead_letter.clone(),
+            assignments: self.assignments.clone(),
         }
     }
 

@@ -11,16 +11,24 @@
 //! Readings are kept in panes (`slide`-long stretches of event time) as Arrow columns,
 //! shared by every rule with that slide: a reading is appended once and sorted once, and a
 //! window hands DataFusion its panes' batches, whatever the overlap of sliding windows.
+//!
+//! No rule may slow the others: each has a budget of engine time per minute of readings
+//! (`engine.sql_rule_budget`), and one over it is disabled with the reason, as one that
+//! fails is. The stage runs on a thread with the stack SQL needs
+//! ([`crate::rules::sql::SQL_STACK_BYTES`]). Trials (`POST /api/v1/rules/test`) run off the
+//! engine and off the API's threads, each on its own such thread, at most
+//! `engine.sql_trials` at once ([`SqlShared::trial`]).
 
 use super::EngineConfig;
 use crate::alerts::{AlertBook, Cause, Signal, Trigger};
 use crate::metrics::{Metrics, RuleCounters};
 use crate::model::{CorrelationId, Id, Millis, Sample};
 use crate::rules::sql::{
-    Columns, Evaluator, Limits, Match, SqlError, SqlRule, Wards, to_batch, with_bounds,
+    Columns, Evaluator, Limits, Match, Policy, SqlError, SqlRule, Wards, spawn_sql_thread,
+    to_batch, with_bounds,
 };
 use crate::rules::threshold::Edge;
-use crate::rules::{Rule, RuleSet};
+use crate::rules::{Rule, RuleKind, RuleSet, RuleSpec};
 use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
 use dashmap::DashMap;
@@ -30,8 +38,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Readings one shard evaluated, and its watermark after them.
 #[derive(Debug)]
@@ -43,16 +52,22 @@ pub(crate) struct SqlMsg {
 }
 
 /// What the API sees of the SQL stage: rules it disabled, and recent readings to try a
-/// candidate rule on.
+/// candidate rule on ([`SqlShared::trial`]).
 pub struct SqlShared {
     /// Rule id → the error that disabled it. Replacing the rule enables it again.
     pub disabled: DashMap<Arc<str>, SqlError>,
+    /// Where each rule the stage disables is told, with why (the service records it in
+    /// PostgreSQL, so a restart loads that definition disabled).
+    pub failures: std::sync::OnceLock<crossbeam_channel::Sender<(Arc<Rule>, String)>>,
     pub limits: Limits,
     pub wards: Arc<Wards>,
     recent: Mutex<Recent>,
     /// How much event time of readings `recent` keeps, ms, and at most how many.
     recent_ms: Millis,
     recent_max: usize,
+    /// Trials running, and at most how many may.
+    trials: AtomicUsize,
+    max_trials: usize,
 }
 
 /// Recent readings, oldest first, and the newest event time among them.
@@ -67,13 +82,18 @@ impl SqlShared {
         let wards = (config.wards.iter())
             .flat_map(|(ward, devices)| devices.iter().map(move |d| (Id::from(d), Id::from(ward))))
             .collect();
+        // Rules validated from now on (the API's) meet this engine's window policy.
+        crate::rules::sql::set_policy(config.sql_policy());
         SqlShared {
             disabled: DashMap::new(),
+            failures: Default::default(),
             limits: config.sql_limits(),
             wards: Arc::new(wards),
             recent: Mutex::new(Recent::default()),
             recent_ms: config.sql_recent.as_millis() as Millis,
             recent_max: config.sql_recent_readings,
+            trials: AtomicUsize::new(0),
+            max_trials: config.sql_trials,
         }
     }
 
@@ -111,13 +131,131 @@ impl SqlShared {
     }
 }
 
+/// What a trial of a candidate rule found: where its readings came from (`sample` or
+/// `recent`), how many there were, and each window's rows.
+#[derive(Debug)]
+pub struct Trial {
+    pub source: &'static str,
+    pub readings: usize,
+    pub windows: Vec<(Millis, Millis, Vec<Match>)>,
+}
+
+/// Why a trial gave no rows.
+#[derive(Debug, thiserror::Error)]
+pub enum TrialError {
+    #[error(
+        "{0} SQL trials are running, as many as may at once (engine.sql_trials); try again shortly"
+    )]
+    Busy(usize),
+    #[error("the rule is not valid")]
+    Invalid(Vec<String>),
+    #[error("only SQL rules (kind = \"sql\") can be tried here")]
+    NotSql,
+    #[error("the rule failed: {0}")]
+    Failed(SqlError),
+}
+
+/// A running trial's place among the `engine.sql_trials`.
+struct TrialPermit(Arc<SqlShared>);
+
+impl TrialPermit {
+    fn take(shared: &Arc<SqlShared>) -> Result<TrialPermit, TrialError> {
+        let max = shared.max_trials;
+        (shared.trials)
+            .fetch_update(AcqRel, Relaxed, |n| (n < max).then_some(n + 1))
+            .map_err(|_| TrialError::Busy(max))?;
+        Ok(TrialPermit(shared.clone()))
+    }
+}
+
+impl Drop for TrialPermit {
+    fn drop(&mut self) {
+        self.0.trials.fetch_sub(1, AcqRel);
+    }
+}
+
+impl SqlShared {
+    /// Tries a candidate rule without raising anything: over `sample`, or without one over
+    /// the most recent window of live readings. It is validated and run on a thread of its
+    /// own (never the caller's), within the time limit as a whole; at most
+    /// `engine.sql_trials` run at once, and one more is refused ([`TrialError::Busy`]).
+    pub async fn trial(
+        self: &Arc<Self>,
+        rule: RuleSpec,
+        sample: Option<Vec<Sample>>,
+    ) -> Result<Trial, TrialError> {
+        let permit = TrialPermit::take(self)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let shared = self.clone();
+        spawn_sql_thread("sql-trial", move || {
+            let _permit = permit;
+            let _ = tx.send(shared.run_trial(&rule, sample));
+        })
+        .map_err(|e| TrialError::Failed(SqlError::new(format!("no thread for the trial: {e}"))))?;
+        rx.await.unwrap_or_else(|_| {
+            Err(TrialError::Failed(SqlError::new(
+                "the trial stopped without an answer",
+            )))
+        })
+    }
+
+    fn run_trial(&self, spec: &RuleSpec, sample: Option<Vec<Sample>>) -> Result<Trial, TrialError> {
+        let deadline = Instant::now() + self.limits.time;
+        let mut problems = Vec::new();
+        let rule = match crate::rules::compile_rule(spec, &mut problems).map(|r| r.kind) {
+            Some(RuleKind::Sql(sql)) => sql,
+            Some(_) => return Err(TrialError::NotSql),
+            None => return Err(TrialError::Invalid(problems)),
+        };
+        let (readings, source) = match sample {
+            Some(sample) => (sample, "sample"),
+            None => (self.recent_window(rule.size, rule.slide).0, "recent"),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| TrialError::Failed(SqlError::new(format!("no runtime: {e}"))))?;
+        let evaluator = Evaluator::new(self.limits);
+        let windows = runtime
+            .block_on(try_rule_until(
+                &evaluator,
+                &rule,
+                &readings,
+                &self.wards,
+                deadline,
+            ))
+            .map_err(TrialError::Failed)?;
+        Ok(Trial {
+            source,
+            readings: readings.len(),
+            windows,
+        })
+    }
+}
+
 /// Every window of `rule` holding any of `readings` (a sample, not a stream), in order,
-/// with the rows each returned: what the rule would have matched.
+/// with the rows each returned: what the rule would have matched. Each window has the
+/// evaluator's time limit.
 pub async fn try_rule(
     evaluator: &Evaluator,
     rule: &SqlRule,
     readings: &[Sample],
     wards: &Wards,
+) -> Result<Vec<(Millis, Millis, Vec<Match>)>, SqlError> {
+    try_rule_until(evaluator, rule, readings, wards, far_future()).await
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// [`try_rule`], all of it stopped at `deadline`.
+pub async fn try_rule_until(
+    evaluator: &Evaluator,
+    rule: &SqlRule,
+    readings: &[Sample],
+    wards: &Wards,
+    deadline: Instant,
 ) -> Result<Vec<(Millis, Millis, Vec<Match>)>, SqlError> {
     let mut panes: BTreeMap<Millis, Vec<&Sample>> = BTreeMap::new();
     for r in readings {
@@ -129,8 +267,15 @@ pub async fn try_rule(
         let start = next_window(rule, first, next);
         let end = start + rule.size;
         let rows = window_rows(panes.range(start..end).flat_map(|(_, v)| v.iter().copied()));
+        if Instant::now() >= deadline {
+            return Err(SqlError::new(format!(
+                "the trial ran longer than its limit of {:?} and was stopped",
+                evaluator.limits().time
+            )));
+        }
+        let batch = to_batch(&rows, wards, start, end);
         let matches = evaluator
-            .run(&rule.sql, vec![to_batch(&rows, wards, start, end)])
+            .run_until(&rule.sql, vec![batch], deadline)
             .await?;
         out.push((start, end, matches));
         next = start + rule.slide;
@@ -247,6 +392,10 @@ struct SqlRuntime {
     /// Subject (patient, else device) → the device its alert is held by.
     alarming: HashMap<Id, Id>,
     disabled: bool,
+    /// Engine time of the windows ending in the last minute of event time: (window end,
+    /// time), oldest first, and their sum.
+    spent: VecDeque<(Millis, Duration)>,
+    spent_total: Duration,
 }
 
 impl SqlRuntime {
@@ -264,7 +413,24 @@ impl SqlRuntime {
             next_start,
             alarming: HashMap::new(),
             disabled: false,
+            spent: VecDeque::new(),
+            spent_total: Duration::ZERO,
         }
+    }
+
+    /// Counts `took`, the engine time of the window ending at `end`, against `budget`: the
+    /// windows ending in the minute up to `end` may take that much together. Their total if
+    /// it is over.
+    fn charge(&mut self, end: Millis, took: Duration, budget: Duration) -> Option<Duration> {
+        self.spent.push_back((end, took));
+        self.spent_total += took;
+        while let Some(&(old, t)) = self.spent.front()
+            && old <= end.saturating_sub(60_000)
+        {
+            self.spent.pop_front();
+            self.spent_total = self.spent_total.saturating_sub(t);
+        }
+        (self.spent_total > budget).then_some(self.spent_total)
     }
 }
 
@@ -292,6 +458,9 @@ pub(crate) struct SqlStage {
     wants: Arc<AtomicBool>,
     evaluator: Evaluator,
     runtime: tokio::runtime::Runtime,
+    /// What a rule's window may be, and the engine time each may spend per minute.
+    policy: Policy,
+    budget: Duration,
     lateness_ms: Millis,
     idle_ms: Millis,
     /// Processing time of the last reading.
@@ -331,6 +500,8 @@ impl SqlStage {
             shared,
             wants,
             runtime,
+            policy: config.sql_policy(),
+            budget: config.sql_rule_budget,
             lateness_ms: config.allowed_lateness.as_millis() as Millis,
             idle_ms: config.idle_timeout.as_millis() as Millis,
             last_input: 0,
@@ -341,7 +512,16 @@ impl SqlStage {
         stage
     }
 
-    pub(crate) fn run(mut self, input: Receiver<SqlMsg>) {
+    /// Runs until `input` closes, on a thread with the stack SQL needs.
+    pub(crate) fn run(self, input: Receiver<SqlMsg>) {
+        let stage = spawn_sql_thread("sql-rules", move || self.run_here(input))
+            .expect("spawning the SQL stage");
+        if let Err(panic) = stage.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    fn run_here(mut self, input: Receiver<SqlMsg>) {
         for msg in input {
             self.refresh_rules();
             let readings = msg.readings;
@@ -393,7 +573,27 @@ impl SqlStage {
                 .and_then(Option::take);
             let runtime = same.unwrap_or_else(|| {
                 self.shared.disabled.remove(&rule.id);
-                SqlRuntime::new(rule.clone(), sql.clone(), &self.metrics, self.watermark)
+                let mut rt =
+                    SqlRuntime::new(rule.clone(), sql.clone(), &self.metrics, self.watermark);
+                // This definition failed before a restart: it starts disabled, with why.
+                if let Some(why) = latest.failed.get(&*rule.id) {
+                    tracing::error!(rule = %rule.id, error = %why, "SQL rule loaded disabled: it failed before the restart");
+                    rt.disabled = true;
+                    self.shared.disabled.insert(
+                        rule.id.clone(),
+                        SqlError::new(format!("failed before a restart: {why}")),
+                    );
+                }
+                // Validated before this engine's policy was in force (a pipeline read at
+                // start): it is held to it all the same.
+                if let Some(why) = self.policy.problems(sql.size, sql.slide).pop() {
+                    tracing::error!(rule = %rule.id, error = %why, "SQL rule disabled");
+                    rt.disabled = true;
+                    self.shared
+                        .disabled
+                        .insert(rule.id.clone(), SqlError::new(why));
+                }
+                rt
             });
             self.runtimes.push(runtime);
         }
@@ -450,9 +650,11 @@ impl SqlStage {
         let batches = (panes.iter())
             .map(|pane| with_bounds(&pane.table().batch, start, end))
             .collect();
+        let started = Instant::now();
         let result = self
             .runtime
             .block_on(self.evaluator.run(&rt.sql.sql, batches));
+        let took = started.elapsed();
         match result {
             Ok(matches) => {
                 rt.counters.matches.fetch_add(matches.len() as u64, Relaxed);
@@ -468,18 +670,37 @@ impl SqlStage {
                 );
             }
             Err(e) => {
-                tracing::error!(rule = %rt.rule.id, error = %e, window_start = start,
-                    "SQL rule failed and is disabled until it is replaced");
-                rt.disabled = true;
-                self.shared.disabled.insert(rt.rule.id.clone(), e);
-                self.book
-                    .retire_rule(&rt.rule.id, "rule disabled: its SQL failed");
-                rt.alarming.clear();
-                self.prune(slide);
+                self.disable(r, e, start, "rule disabled: its SQL failed");
                 return;
             }
         }
         rt.next_start = start + slide;
+        if let Some(spent) = rt.charge(end, took, self.budget) {
+            let why = SqlError::new(format!(
+                "the rule took {spent:.1?} of engine time in a minute of readings, over its \
+                 budget of {:?} (engine.sql_rule_budget)",
+                self.budget
+            ));
+            self.disable(r, why, start, "rule disabled: over its engine time budget");
+            return;
+        }
+        self.prune(slide);
+    }
+
+    /// Stops evaluating rule `r` until it is replaced: `error` is what the API shows, and
+    /// its alerts are resolved with `resolved_by`.
+    fn disable(&mut self, r: usize, error: SqlError, start: Millis, resolved_by: &str) {
+        let rt = &mut self.runtimes[r];
+        tracing::error!(rule = %rt.rule.id, error = %error, window_start = start,
+            "SQL rule disabled until it is replaced");
+        rt.disabled = true;
+        if let Some(failures) = self.shared.failures.get() {
+            let _ = failures.send((rt.rule.clone(), error.to_string()));
+        }
+        self.shared.disabled.insert(rt.rule.id.clone(), error);
+        self.book.retire_rule(&rt.rule.id, resolved_by);
+        rt.alarming.clear();
+        let slide = rt.sql.slide;
         self.prune(slide);
     }
 
@@ -598,5 +819,31 @@ fn signal(
             received_us: newest.1,
             quiet,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_counts_the_windows_ending_in_the_last_minute() {
+        let set = crate::rules::parse_pipeline(
+            "[[rule]]\nid = 'q'\nkind = 'sql'\npriority = 'low'\nmessage = 'm'\n\
+             window = '10s'\nsql = 'SELECT device_id FROM vitals'\n",
+        )
+        .unwrap();
+        let (rule, sql) = set.sql().next().unwrap();
+        let mut rt = SqlRuntime::new(rule.clone(), sql.clone(), &Metrics::default(), 0);
+        let (s, budget) = (Duration::from_secs, Duration::from_secs(6));
+        assert_eq!(rt.charge(10_000, s(3), budget), None);
+        assert_eq!(
+            rt.charge(20_000, s(3), budget),
+            None,
+            "at the budget is not over it"
+        );
+        // The window ending at 10 s is more than a minute before 70 s: it no longer counts.
+        assert_eq!(rt.charge(70_000, s(3), budget), None);
+        assert_eq!(rt.charge(75_000, s(1), budget), Some(s(7)));
     }
 }

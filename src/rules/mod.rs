@@ -116,6 +116,8 @@ impl Rule {
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
     pub rules: Vec<Arc<Rule>>,
+    /// Rule id → why its definition failed before a restart: the engine starts it disabled.
+    pub failed: std::collections::HashMap<String, String>,
 }
 
 impl RuleSet {
@@ -301,6 +303,9 @@ fn compile_sql(spec: &RuleSpec, problem: &mut impl FnMut(String)) -> sql::SqlRul
         );
     }
     let (size, slide) = window_of(spec, problem);
+    for p in sql::policy().problems(size, slide) {
+        problem(p);
+    }
     let text = match (&spec.sql, &spec.sql_file) {
         (Some(text), _) => text.as_str(),
         (None, Some(file)) => {
@@ -339,7 +344,10 @@ pub fn compile(specs: &[RuleSpec]) -> Result<RuleSet, PipelineError> {
         }
     }
     if problems.is_empty() {
-        Ok(RuleSet { rules })
+        Ok(RuleSet {
+            rules,
+            failed: Default::default(),
+        })
     } else {
         Err(PipelineError { problems })
     }
@@ -488,5 +496,35 @@ mod tests {
                 .unwrap();
         let ids: Vec<&str> = reference.rules.iter().map(|r| &*r.id).collect();
         assert_eq!(ids, ["r1_hr_abnormal", "r2_spo2_low_10s", "r3_fever_60s"]);
+    }
+
+    #[test]
+    fn sql_windows_are_bounded_and_slide_at_least_a_second() {
+        let rule = |window: &str, slide: &str| {
+            format!(
+                "[[rule]]\nid = 'q'\nkind = 'sql'\npriority = 'low'\nmessage = 'm'\n\
+                 window = '{window}'\nslide = '{slide}'\nsql = 'SELECT device_id FROM vitals'\n"
+            )
+        };
+        let all = |text: String| parse_pipeline(&text).unwrap_err().problems.join("\n");
+        let e = all(rule("1000days", "1000days"));
+        assert!(
+            e.contains("at most 1h for a SQL rule (engine.sql_max_window)"),
+            "{e}"
+        );
+        let e = all(rule("10s", "10ms"));
+        assert!(
+            e.contains("at least 1s for a SQL rule (engine.sql_min_slide)"),
+            "{e}"
+        );
+        let e = all(rule("500ms", "500ms"));
+        assert!(e.contains("engine.sql_min_slide"), "{e}");
+        parse_pipeline(&rule("1h", "10s")).unwrap();
+        // Native window rules keep per-device aggregates, not readings: not bounded so.
+        parse_pipeline(
+            "[[rule]]\nid = 'w'\nkind = 'window'\npriority = 'low'\nmessage = 'm'\n\
+             condition = 'avg(hr) > 1'\nwindow = '2h'\nslide = '10s'\n",
+        )
+        .unwrap();
     }
 }

@@ -5,23 +5,50 @@
 //! A statement is accepted only if it is one query whose every table is `vitals`: no DDL,
 //! DML, COPY, `SET`, recursive CTEs, table functions or other tables, so nothing reads a file
 //! or the network. Each evaluation runs under a memory limit and a time limit.
+//!
+//! Nothing an analyst writes can take the process down:
+//! - **Shape.** The text, its expressions (count and nesting: a flat chain `1+1+…` or
+//!   `a AND b AND …` nests as deep as it is long) and its tables are bounded ([`SHAPE`])
+//!   right after parsing, before anything recurses over the tree.
+//! - **Stack.** Parsing, planning and running happen only on threads with a stack of
+//!   [`SQL_STACK_BYTES`] ([`on_sql_stack`], [`spawn_sql_thread`]), never on a caller's.
+//! - **Results.** The string functions that can grow a value (`repeat`, `lpad`, `replace`,
+//!   `concat`, `||`, …) are replaced in every plan by bounded ones that refuse, before
+//!   allocating, a result over [`Limits::result_bytes`]; a call with literal arguments that
+//!   would is refused at validation.
+//! - **Windows.** [`Policy`]: at most `engine.sql_max_window`, sliding at least
+//!   `engine.sql_min_slide`.
 
 use crate::model::{Id, Millis, Sample, Vital};
 use datafusion::arrow::array::{
-    Array, ArrayRef, Float64Array, Float64Builder, RecordBatch, StringArray, StringViewBuilder,
-    TimestampMillisecondArray, TimestampMillisecondBuilder,
+    Array, ArrayRef, AsArray, Float64Array, Float64Builder, RecordBatch, StringArray,
+    StringViewBuilder, TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::compute::kernels::concat_elements::concat_elements_dyn;
+use datafusion::arrow::compute::kernels::length::length;
+use datafusion::arrow::datatypes::{
+    DataType, Field, FieldRef, Int64Type, Schema, SchemaRef, TimeUnit,
+};
 use datafusion::catalog::MemTable;
-use datafusion::common::config::Dialect;
+use datafusion::common::config::{ConfigOptions, Dialect};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchema, ExprSchema, ScalarValue};
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::SessionStateDefaults;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::binary::BinaryTypeCoercer;
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::interval_arithmetic::Interval;
+use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawBinaryExpr};
+use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
+use datafusion::logical_expr::{
+    ColumnarValue, Documentation, Expr, ExprSchemable, ExpressionPlacement, LogicalPlan, Operator,
+    ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
@@ -29,11 +56,15 @@ use datafusion::physical_plan::{
 };
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
-use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::ast::{
+    BinaryOperator, Expr as SqlExpr, ObjectName, Select, Statement, Visit, Visitor,
+};
 use futures_util::StreamExt;
 use serde::Serialize;
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::ops::ControlFlow;
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
 /// The table a rule reads.
@@ -67,6 +98,219 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The largest result one call of a string function (or `||`) may produce over a batch:
+    /// a quarter of the memory limit, so a chain of them stays within reach of it.
+    pub fn result_bytes(&self) -> usize {
+        (self.memory_bytes / 4).max(1 << 16)
+    }
+}
+
+/// What a SQL rule's window may be, checked when a rule is validated: the engine's
+/// `engine.sql_max_window` and `engine.sql_min_slide`, adopted when it starts
+/// ([`set_policy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// The longest window, ms: the SQL stage keeps every reading of it.
+    pub max_window: Millis,
+    /// The shortest slide, ms: a rule is evaluated at most once per slide.
+    pub min_slide: Millis,
+}
+
+impl Policy {
+    /// One hour of window, one second of slide.
+    pub const DEFAULT: Policy = Policy {
+        max_window: 3_600_000,
+        min_slide: 1_000,
+    };
+
+    /// Why a window of `size` sliding by `slide` (ms) is refused, if it is.
+    pub fn problems(&self, size: Millis, slide: Millis) -> Vec<String> {
+        let human =
+            |ms: Millis| humantime::format_duration(Duration::from_millis(ms.max(0) as u64));
+        let mut out = Vec::new();
+        if size > self.max_window {
+            out.push(format!(
+                "`window` must be at most {} for a SQL rule (engine.sql_max_window), not {}",
+                human(self.max_window),
+                human(size)
+            ));
+        }
+        if (1..self.min_slide).contains(&slide) {
+            out.push(format!(
+                "`slide` must be at least {} for a SQL rule (engine.sql_min_slide), not {}",
+                human(self.min_slide),
+                human(slide)
+            ));
+        }
+        out
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::DEFAULT
+    }
+}
+
+static POLICY: RwLock<Policy> = RwLock::new(Policy::DEFAULT);
+
+/// The window policy rules are validated against.
+pub fn policy() -> Policy {
+    *POLICY.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sets the window policy for every validation that follows (the engine does, from its
+/// config, when it starts).
+pub fn set_policy(policy: Policy) {
+    *POLICY.write().unwrap_or_else(|e| e.into_inner()) = policy;
+}
+
+/// The stack every thread that parses, plans or runs a statement has. The statement's
+/// shape is bounded ([`SHAPE`]), and DataFusion grows its own recursion onto the heap where
+/// it can; this covers the rest (derived `Drop`, `Clone`, `Display` of the trees) with a
+/// wide margin. Only the pages a thread touches are committed.
+pub const SQL_STACK_BYTES: usize = 64 << 20;
+
+thread_local! {
+    static ON_SQL_STACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` on a thread with [`SQL_STACK_BYTES`] of stack: this one if it is such a thread,
+/// else a new one, waited for.
+pub fn on_sql_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if ON_SQL_STACK.get() {
+        return f();
+    }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("sql".into())
+            .stack_size(SQL_STACK_BYTES)
+            .spawn_scoped(scope, || {
+                ON_SQL_STACK.set(true);
+                f()
+            })
+            .expect("spawning a SQL thread")
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Starts a thread with [`SQL_STACK_BYTES`] of stack for SQL work.
+pub fn spawn_sql_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(SQL_STACK_BYTES)
+        .spawn(move || {
+            ON_SQL_STACK.set(true);
+            f()
+        })
+}
+
+/// How big a statement may be, checked on the parsed tree before it is planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Shape {
+    /// The SQL text, bytes.
+    pub max_bytes: usize,
+    /// Expressions nested in one another. Each operator of a flat chain (`1+1+…`,
+    /// `a AND b AND …`, `a || b || …`) nests its left side one deeper.
+    pub max_depth: usize,
+    /// Expressions in the whole statement.
+    pub max_exprs: usize,
+    /// Table references (`vitals`, CTE names) and SELECTs.
+    pub max_tables: usize,
+}
+
+/// The bounds every statement is checked against.
+pub const SHAPE: Shape = Shape {
+    max_bytes: 32 * 1024,
+    max_depth: 128,
+    max_exprs: 4096,
+    max_tables: 64,
+};
+
+/// Counts what [`Shape`] bounds, and stops at the first bound passed (so it never recurses
+/// deeper than `max_depth`).
+#[derive(Default)]
+struct ShapeCheck {
+    depth: usize,
+    exprs: usize,
+    tables: usize,
+}
+
+impl ShapeCheck {
+    fn table(&mut self) -> ControlFlow<String> {
+        self.tables += 1;
+        if self.tables > SHAPE.max_tables {
+            return ControlFlow::Break(format!(
+                "the statement has more than {} table references and SELECTs (the limit)",
+                SHAPE.max_tables
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl Visitor for ShapeCheck {
+    type Break = String;
+
+    fn pre_visit_expr(&mut self, _: &SqlExpr) -> ControlFlow<String> {
+        self.depth += 1;
+        self.exprs += 1;
+        if self.depth > SHAPE.max_depth {
+            return ControlFlow::Break(format!(
+                "expressions nest deeper than the limit of {} levels (each operator of a \
+                 chain such as `1+1+…` or `a AND b AND …` is one level): shorten the chain, \
+                 or use IN (…), a CASE or a CTE",
+                SHAPE.max_depth
+            ));
+        }
+        if self.exprs > SHAPE.max_exprs {
+            return ControlFlow::Break(format!(
+                "the statement has more than {} expressions (the limit)",
+                SHAPE.max_exprs
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, _: &SqlExpr) -> ControlFlow<String> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, _: &ObjectName) -> ControlFlow<String> {
+        self.table()
+    }
+
+    fn pre_visit_select(&mut self, _: &Select) -> ControlFlow<String> {
+        self.table()
+    }
+}
+
+/// Refuses a text longer than [`SHAPE`] allows, before it is parsed.
+fn check_length(sql: &str) -> Result<(), SqlError> {
+    if sql.len() > SHAPE.max_bytes {
+        return Err(SqlError::new(format!(
+            "the statement is {} bytes, over the limit of {} bytes",
+            sql.len(),
+            SHAPE.max_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a parsed statement bigger or deeper than [`SHAPE`] allows.
+fn check_shape(statement: &Statement) -> Result<(), SqlError> {
+    match statement.visit(&mut ShapeCheck::default()) {
+        ControlFlow::Break(why) => Err(SqlError::new(why)),
+        ControlFlow::Continue(()) => Ok(()),
+    }
+}
+
 /// Why a statement was refused or an evaluation failed; `line` and `column` (from 1) point
 /// into the SQL when the parser or planner said where.
 #[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
@@ -81,7 +325,8 @@ pub struct SqlError {
 }
 
 impl SqlError {
-    fn new(message: impl Into<String>) -> SqlError {
+    /// An error with no place in the SQL.
+    pub fn new(message: impl Into<String>) -> SqlError {
         SqlError {
             message: message.into(),
             line: None,
@@ -260,10 +505,436 @@ impl Match {
     }
 }
 
-/// Runs statements over windows, in one DataFusion session with its limits.
+/// How the result of a string function can grow with its arguments: what one call over a
+/// batch may produce, worked out from the arguments before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Growth {
+    /// At most `factor` times the bytes of its arguments (`concat`, `||`, `upper`, …).
+    Sum(u64),
+    /// `concat_ws(sep, a, b, …)`: the arguments, and the separator between each two.
+    ConcatWs,
+    /// `repeat(s, n)`: `s`, `n` times.
+    Repeat,
+    /// `lpad(s, n [, fill])`, `rpad`: `n` characters of at most 4 bytes.
+    Pad,
+    /// `replace(s, from, to)`, `regexp_replace(s, pattern, to [, flags])`: at worst `to`
+    /// around every byte of `s`.
+    Replace,
+    /// `regexp_match(s, pattern)`: at worst a copy of `s` per character of the pattern.
+    Match,
+}
+
+/// The functions whose result can be much larger than their arguments, and how. `||`
+/// becomes a bounded function too ([`ConcatPlanner`]).
+const GROWING: &[(&str, Growth)] = &[
+    ("concat", Growth::Sum(1)),
+    ("concat_ws", Growth::ConcatWs),
+    ("overlay", Growth::Sum(1)),
+    ("reverse", Growth::Sum(1)),
+    ("encode", Growth::Sum(2)),
+    ("upper", Growth::Sum(3)),
+    ("lower", Growth::Sum(3)),
+    ("initcap", Growth::Sum(3)),
+    ("translate", Growth::Sum(4)),
+    ("to_char", Growth::Sum(16)),
+    ("repeat", Growth::Repeat),
+    ("lpad", Growth::Pad),
+    ("rpad", Growth::Pad),
+    ("replace", Growth::Replace),
+    ("regexp_replace", Growth::Replace),
+    ("regexp_match", Growth::Match),
+];
+
+/// One number per row of a batch: the same for every row, or one each.
+enum PerRow {
+    All(u64),
+    Each(Vec<u64>),
+}
+
+impl PerRow {
+    fn at(&self, row: usize) -> u128 {
+        match self {
+            PerRow::All(v) => *v as u128,
+            PerRow::Each(v) => v.get(row).map_or(0, |&v| v as u128),
+        }
+    }
+
+    fn sum(&self, rows: usize) -> u128 {
+        match self {
+            PerRow::All(v) => *v as u128 * rows as u128,
+            PerRow::Each(v) => v.iter().map(|&v| v as u128).sum(),
+        }
+    }
+}
+
+/// An argument as an array (of one row for a scalar), and whether it was a scalar.
+fn as_array(arg: &ColumnarValue) -> DfResult<(ArrayRef, bool)> {
+    Ok(match arg {
+        ColumnarValue::Array(a) => (a.clone(), false),
+        ColumnarValue::Scalar(s) => (s.to_array_of_size(1)?, true),
+    })
+}
+
+fn per_row(values: Vec<u64>, scalar: bool) -> PerRow {
+    match scalar {
+        true => PerRow::All(values.first().copied().unwrap_or(0)),
+        false => PerRow::Each(values),
+    }
+}
+
+/// The bytes of each row of an argument: the length of text and binary values, the width
+/// of anything else.
+fn byte_lengths(arg: &ColumnarValue) -> DfResult<PerRow> {
+    let (array, scalar) = as_array(arg)?;
+    let Ok(lengths) = length(&array) else {
+        let width = array.get_array_memory_size() / array.len().max(1);
+        return Ok(PerRow::All(width as u64));
+    };
+    let lengths = cast(&lengths, &DataType::Int64)?;
+    let values = (lengths.as_primitive::<Int64Type>().iter())
+        .map(|l| l.unwrap_or(0).max(0) as u64)
+        .collect();
+    Ok(per_row(values, scalar))
+}
+
+/// Each row of an integer argument (a count), null and negative as 0.
+fn counts(arg: &ColumnarValue) -> DfResult<PerRow> {
+    let (array, scalar) = as_array(arg)?;
+    let values = cast(&array, &DataType::Int64)?;
+    let values = (values.as_primitive::<Int64Type>().iter())
+        .map(|n| n.unwrap_or(0).max(0) as u64)
+        .collect();
+    Ok(per_row(values, scalar))
+}
+
+impl Growth {
+    /// The most bytes a call over `rows` rows of `args` may produce.
+    fn estimate(self, args: &[ColumnarValue], rows: usize) -> DfResult<u128> {
+        let bytes = |i: usize| match args.get(i) {
+            Some(a) => byte_lengths(a),
+            None => Ok(PerRow::All(0)),
+        };
+        let count = |i: usize| match args.get(i) {
+            Some(a) => counts(a),
+            None => Ok(PerRow::All(0)),
+        };
+        let per_row = |f: &dyn Fn(usize) -> u128| (0..rows).map(f).sum::<u128>();
+        Ok(match self {
+            Growth::Sum(factor) => {
+                let mut total = 0;
+                for i in 0..args.len() {
+                    total += bytes(i)?.sum(rows);
+                }
+                total * factor as u128
+            }
+            Growth::ConcatWs => {
+                let mut total = bytes(0)?.sum(rows) * args.len().saturating_sub(2) as u128;
+                for i in 1..args.len() {
+                    total += bytes(i)?.sum(rows);
+                }
+                total
+            }
+            Growth::Repeat => {
+                let (s, n) = (bytes(0)?, count(1)?);
+                per_row(&|r| s.at(r) * n.at(r))
+            }
+            Growth::Pad => {
+                let (s, n) = (bytes(0)?, count(1)?);
+                per_row(&|r| s.at(r).max(4 * n.at(r)))
+            }
+            Growth::Replace => {
+                let (s, to) = (bytes(0)?, bytes(2)?);
+                per_row(&|r| (s.at(r) + 1) * (to.at(r) + 1))
+            }
+            Growth::Match => {
+                let (s, pattern) = (bytes(0)?, bytes(1)?);
+                per_row(&|r| (s.at(r) + 1) * (pattern.at(r) + 1))
+            }
+        })
+    }
+}
+
+/// A string function with a bound on its result: it refuses a call whose result could pass
+/// `limit` bytes before making it, and checks the result it made. Everything else is the
+/// function's own, but for `simplify` (the built-in ones rewrite to unbounded functions).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Bounded {
+    inner: Arc<ScalarUDF>,
+    growth: Growth,
+    limit: usize,
+}
+
+impl Bounded {
+    fn udf(inner: Arc<ScalarUDF>, growth: Growth, limit: usize) -> Arc<ScalarUDF> {
+        Arc::new(ScalarUDF::new_from_impl(Bounded {
+            inner,
+            growth,
+            limit,
+        }))
+    }
+
+    fn of(udf: &ScalarUDF) -> Option<&Bounded> {
+        (udf.inner().as_ref() as &dyn std::any::Any).downcast_ref()
+    }
+
+    fn within_limit(&self, bytes: u128, what: &str) -> DfResult<()> {
+        if bytes <= self.limit as u128 {
+            return Ok(());
+        }
+        Err(DataFusionError::ResourcesExhausted(format!(
+            "{}() {what} {bytes} bytes, over the limit of {} bytes for one function's result \
+             (a quarter of engine.sql_memory_mb)",
+            self.inner.name(),
+            self.limit
+        )))
+    }
+
+    /// Refuses a call over `rows` rows of `args` that could pass the limit.
+    fn check(&self, args: &[ColumnarValue], rows: usize) -> DfResult<()> {
+        self.within_limit(self.growth.estimate(args, rows)?, "could produce")
+    }
+}
+
+impl ScalarUDFImpl for Bounded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    #[allow(deprecated)]
+    fn display_name(&self, args: &[Expr]) -> DfResult<String> {
+        self.inner.inner().display_name(args)
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> DfResult<String> {
+        self.inner.inner().schema_name(args)
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> DfResult<DataType> {
+        self.inner.inner().return_type(arg_types)
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> DfResult<FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    #[allow(deprecated)]
+    fn is_nullable(&self, args: &[Expr], schema: &dyn ExprSchema) -> bool {
+        self.inner.inner().is_nullable(args, schema)
+    }
+
+    fn is_strict(&self) -> bool {
+        self.inner.inner().is_strict()
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        self.check(&args.args, args.number_rows)?;
+        let out = self.inner.invoke_with_args(args)?;
+        let made = match &out {
+            ColumnarValue::Array(a) => a.get_array_memory_size(),
+            ColumnarValue::Scalar(s) => s.size(),
+        };
+        self.within_limit(made as u128, "produced")?;
+        Ok(out)
+    }
+
+    fn with_updated_config(&self, _config: &ConfigOptions) -> Option<ScalarUDF> {
+        None
+    }
+
+    fn short_circuits(&self) -> bool {
+        self.inner.short_circuits()
+    }
+
+    fn evaluate_bounds(&self, input: &[&Interval]) -> DfResult<Interval> {
+        self.inner.evaluate_bounds(input)
+    }
+
+    fn propagate_constraints(
+        &self,
+        interval: &Interval,
+        inputs: &[&Interval],
+    ) -> DfResult<Option<Vec<Interval>>> {
+        self.inner.propagate_constraints(interval, inputs)
+    }
+
+    fn output_ordering(&self, inputs: &[ExprProperties]) -> DfResult<SortProperties> {
+        self.inner.output_ordering(inputs)
+    }
+
+    fn preserves_lex_ordering(&self, inputs: &[ExprProperties]) -> DfResult<bool> {
+        self.inner.preserves_lex_ordering(inputs)
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> DfResult<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+
+    fn documentation(&self) -> Option<&Documentation> {
+        self.inner.documentation()
+    }
+
+    fn placement(&self, args: &[ExpressionPlacement]) -> ExpressionPlacement {
+        self.inner.inner().placement(args)
+    }
+}
+
+/// `a || b` as a function: text (or binary) joined, NULL when either side is — the
+/// operator's meaning and types, so that it can be bounded like the functions. Its column
+/// name stays `a || b`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ConcatOperator {
+    signature: Signature,
+}
+
+impl ConcatOperator {
+    fn coercer<'a>(types: &'a [DataType]) -> DfResult<BinaryTypeCoercer<'a>> {
+        match types {
+            [left, right] => Ok(BinaryTypeCoercer::new(left, &Operator::StringConcat, right)),
+            _ => Err(DataFusionError::Plan("|| joins two values".into())),
+        }
+    }
+}
+
+impl ScalarUDFImpl for ConcatOperator {
+    fn name(&self) -> &str {
+        "||"
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> DfResult<String> {
+        let names: Vec<String> = (args.iter()).map(|a| a.schema_name().to_string()).collect();
+        Ok(names.join(" || "))
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> DfResult<Vec<DataType>> {
+        let (left, right) = Self::coercer(arg_types)?.get_input_types()?;
+        Ok(vec![left, right])
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> DfResult<DataType> {
+        Self::coercer(arg_types)?.get_result_type()
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let [left, right] = &args.args[..] else {
+            return Err(DataFusionError::Internal("|| takes two values".into()));
+        };
+        let scalars = matches!(
+            (left, right),
+            (ColumnarValue::Scalar(_), ColumnarValue::Scalar(_))
+        );
+        let rows = if scalars { 1 } else { args.number_rows };
+        let joined = concat_elements_dyn(&left.to_array(rows)?, &right.to_array(rows)?)?;
+        Ok(match scalars {
+            true => ColumnarValue::Scalar(ScalarValue::try_from_array(&joined, 0)?),
+            false => ColumnarValue::Array(joined),
+        })
+    }
+}
+
+/// Plans `a || b` over text as the bounded [`ConcatOperator`]; lists are left to the
+/// planners after it.
+#[derive(Debug)]
+struct ConcatPlanner {
+    concat: Arc<ScalarUDF>,
+}
+
+impl ExprPlanner for ConcatPlanner {
+    fn plan_binary_op(
+        &self,
+        expr: RawBinaryExpr,
+        schema: &DFSchema,
+    ) -> DfResult<PlannerResult<RawBinaryExpr>> {
+        let list = |e: &Expr| {
+            e.get_type(schema).is_ok_and(|t| {
+                matches!(
+                    t,
+                    DataType::List(_)
+                        | DataType::LargeList(_)
+                        | DataType::FixedSizeList(..)
+                        | DataType::ListView(_)
+                        | DataType::LargeListView(_)
+                )
+            })
+        };
+        if expr.op != BinaryOperator::StringConcat || list(&expr.left) || list(&expr.right) {
+            return Ok(PlannerResult::Original(expr));
+        }
+        Ok(PlannerResult::Planned(
+            self.concat.call(vec![expr.left, expr.right]),
+        ))
+    }
+}
+
+/// Swaps every call of a growing function in `plan` and its subqueries for its bounded
+/// twin in `bounded`, however the call got there (by name, by syntax such as `OVERLAY(…)`).
+fn bound_functions(
+    plan: LogicalPlan,
+    bounded: &HashMap<&'static str, Arc<ScalarUDF>>,
+) -> DfResult<LogicalPlan> {
+    let swap = |e: Expr| match e {
+        Expr::ScalarFunction(call) if Bounded::of(&call.func).is_none() => {
+            match bounded.get(call.func.name()) {
+                Some(twin) => Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction {
+                    func: twin.clone(),
+                    args: call.args,
+                }))),
+                None => Ok(Transformed::no(Expr::ScalarFunction(call))),
+            }
+        }
+        e => Ok(Transformed::no(e)),
+    };
+    plan.transform_up_with_subqueries(|node| node.map_expressions(|e| e.transform_up(swap)))
+        .map(|t| t.data)
+}
+
+/// Refuses a bounded call whose arguments are all literals (after constant folding, so
+/// `repeat(repeat('x', 1000), 1000000)` is one) and whose result would pass its bound.
+fn check_literal_calls(plan: &LogicalPlan) -> Result<(), SqlError> {
+    let mut refused = None;
+    plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                let Expr::ScalarFunction(call) = e else {
+                    return Ok(TreeNodeRecursion::Continue);
+                };
+                let literals: Option<Vec<ColumnarValue>> = (call.args.iter())
+                    .map(|a| match a {
+                        Expr::Literal(v, _) => Some(ColumnarValue::Scalar(v.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                if let (Some(bounded), Some(args)) = (Bounded::of(&call.func), literals)
+                    && let Err(e) = bounded.check(&args, 1)
+                {
+                    refused = Some(SqlError::from(e));
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    })?;
+    refused.map_or(Ok(()), Err)
+}
+
+/// Runs statements over windows, in one DataFusion session with its limits. Use it on a
+/// thread of [`on_sql_stack`] or [`spawn_sql_thread`].
 pub struct Evaluator {
     ctx: SessionContext,
     limits: Limits,
+    /// Growing function → its bounded twin.
+    bounded: HashMap<&'static str, Arc<ScalarUDF>>,
 }
 
 impl Evaluator {
@@ -283,19 +954,43 @@ impl Evaluator {
             )
             .build_arc()
             .expect("a memory-limited runtime");
+        let result_bytes = limits.result_bytes();
+        let concat = ScalarUDF::new_from_impl(ConcatOperator {
+            signature: Signature::user_defined(Volatility::Immutable),
+        });
+        let concat = Bounded::udf(Arc::new(concat), Growth::Sum(1), result_bytes);
+        let mut planners: Vec<Arc<dyn ExprPlanner>> = vec![Arc::new(ConcatPlanner { concat })];
+        planners.extend(SessionStateDefaults::default_expr_planners());
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
             .with_default_features()
+            .with_expr_planners(planners)
             .build();
+        let functions = state.scalar_functions();
+        let bounded = (GROWING.iter())
+            .filter_map(|&(name, growth)| {
+                let udf = functions.get(name)?.clone();
+                Some((name, Bounded::udf(udf, growth, result_bytes)))
+            })
+            .collect();
         Evaluator {
             ctx: SessionContext::new_with_state(state),
             limits,
+            bounded,
         }
     }
 
+    /// What one evaluation may use.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// Plans `sql` over `vitals` holding `batches`, refusing anything but one query over it.
+    /// Bounded in its shape ([`SHAPE`]) before planning, with every growing function bounded
+    /// ([`Limits::result_bytes`]).
     async fn plan(&self, sql: &str, batches: Vec<RecordBatch>) -> Result<LogicalPlan, SqlError> {
+        check_length(sql)?;
         self.ctx.deregister_table(TABLE)?;
         let table = MemTable::try_new(schema(), vec![batches])?;
         self.ctx.register_table(TABLE, Arc::new(table))?;
@@ -303,7 +998,7 @@ impl Evaluator {
         let statement = (state.sql_to_statement(sql, &Dialect::Generic))
             .map_err(|e| SqlError::at_end_of(e, sql))?;
         match &statement {
-            DfStatement::Statement(s) if matches!(**s, Statement::Query(_)) => {}
+            DfStatement::Statement(s) if matches!(**s, Statement::Query(_)) => check_shape(s)?,
             _ => {
                 return Err(SqlError::new(
                     "only a SELECT over `vitals` is allowed (no DDL, DML, COPY, SET or EXPLAIN)",
@@ -337,7 +1032,7 @@ impl Evaluator {
         })?;
         match refused {
             Some(why) => Err(SqlError::new(why)),
-            None => Ok(plan),
+            None => Ok(bound_functions(plan, &self.bounded)?),
         }
     }
 
@@ -381,13 +1076,24 @@ impl Evaluator {
                 "column `message` must be text, not {t}"
             )));
         }
-        Ok(())
+        check_literal_calls(&self.ctx.state().optimize(&plan)?)
     }
 
     /// Runs `sql` over one window's readings (batches of [`schema`]); every row it returns
     /// is a match.
     pub async fn run(&self, sql: &str, batches: Vec<RecordBatch>) -> Result<Vec<Match>, SqlError> {
-        let deadline = Instant::now() + self.limits.time;
+        self.run_until(sql, batches, Instant::now() + self.limits.time)
+            .await
+    }
+
+    /// [`Evaluator::run`], stopped at `deadline` (or its time limit, if sooner).
+    pub async fn run_until(
+        &self,
+        sql: &str,
+        batches: Vec<RecordBatch>,
+        deadline: Instant,
+    ) -> Result<Vec<Match>, SqlError> {
+        let deadline = deadline.min(Instant::now() + self.limits.time);
         let overrun = format!(
             "the statement ran longer than its limit of {:?} and was stopped",
             self.limits.time
@@ -402,7 +1108,8 @@ impl Evaluator {
         };
         // The timer stops a statement that waits; the deadline on every operator stops one
         // that computes without ever waiting.
-        let batches = match tokio::time::timeout(self.limits.time, work).await {
+        let time = deadline.saturating_duration_since(Instant::now());
+        let batches = match tokio::time::timeout(time, work).await {
             Ok(result) => result?,
             Err(_) => return Err(SqlError::new(overrun)),
         };
@@ -526,10 +1233,12 @@ fn read_matches(batch: &RecordBatch, out: &mut Vec<Match>) -> Result<(), SqlErro
     Ok(())
 }
 
-/// Validates a statement (for pipelines and the API), outside any async runtime's worker.
+/// Validates a statement (for pipelines and the API), on a thread of [`on_sql_stack`].
 pub fn validate(sql: &str) -> Result<(), SqlError> {
-    let evaluator = Evaluator::new(Limits::default());
-    futures_executor::block_on(evaluator.validate(sql))
+    on_sql_stack(|| {
+        let evaluator = Evaluator::new(Limits::default());
+        futures_executor::block_on(evaluator.validate(sql))
+    })
 }
 
 #[cfg(test)]
@@ -615,11 +1324,13 @@ mod tests {
 
     fn run(limits: Limits, sql: &str, batch: RecordBatch) -> Result<Vec<Match>, SqlError> {
         let batch = vec![batch];
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        runtime.block_on(Evaluator::new(limits).run(sql, batch))
+        on_sql_stack(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(Evaluator::new(limits).run(sql, batch))
+        })
     }
 
     #[test]
@@ -676,5 +1387,146 @@ mod tests {
         assert_eq!((e.line, e.column), (Some(2), Some(6)), "{e}");
         let e = refused("SELECT device_id FROM vitals WHERE hr > > 3");
         assert_eq!((e.line, e.column), (Some(1), Some(41)), "{e}");
+    }
+
+    /// `terms` joined by `op`: a flat chain, as deep as it is long once parsed.
+    fn chain(term: &str, op: &str, terms: usize) -> String {
+        vec![term; terms].join(op)
+    }
+
+    #[test]
+    fn flat_chains_are_refused_before_they_reach_the_planner() {
+        // Each of these aborted the process with a stack overflow (4 KB to 16 KB of SQL).
+        let cases = [
+            format!(
+                "SELECT device_id FROM vitals WHERE hr > {}",
+                chain("1", "+", 2000)
+            ),
+            format!(
+                "SELECT device_id FROM vitals WHERE {}",
+                chain("hr > 1", " AND ", 2000)
+            ),
+            format!(
+                "SELECT device_id FROM vitals WHERE {}",
+                chain("hr > 1", " OR ", 2000)
+            ),
+            format!(
+                "SELECT {} AS device_id FROM vitals",
+                chain("device_id", " || ", 2000)
+            ),
+        ];
+        for sql in &cases {
+            let e = refused(sql);
+            assert!(
+                e.message.contains("deeper than the limit of 128 levels"),
+                "{}…: {e}",
+                &sql[..60]
+            );
+        }
+        // The text's length is bounded before it is parsed.
+        let e = refused(&format!(
+            "SELECT device_id FROM vitals WHERE hr > {}",
+            chain("1", "+", 20_000)
+        ));
+        assert!(e.message.contains("over the limit of 32768 bytes"), "{e}");
+        // And the count of expressions: a flat IN list is shallow but large.
+        let e = refused(&format!(
+            "SELECT device_id FROM vitals WHERE hr IN ({})",
+            chain("1", ",", 5000)
+        ));
+        assert!(e.message.contains("more than 4096 expressions"), "{e}");
+        let e = refused(&format!(
+            "SELECT device_id FROM vitals {}",
+            chain("UNION ALL SELECT device_id FROM vitals", " ", 70)
+        ));
+        assert!(e.message.contains("more than 64 table references"), "{e}");
+    }
+
+    #[test]
+    fn a_chain_within_the_limit_plans_and_runs_off_the_callers_stack() {
+        // 120 terms: 121 levels with the comparison, within the 128 allowed.
+        let sql = format!(
+            "SELECT device_id, {} AS message FROM vitals WHERE hr >= 60 + {} AND {}",
+            chain("'x'", " || ", 40),
+            chain("0", "+", 40),
+            chain("hr > 0", " AND ", 35),
+        );
+        validate(&sql).unwrap();
+        let rows = run(Limits::default(), &sql, window(20)).unwrap();
+        assert_eq!(rows.len(), 20);
+        assert_eq!(rows[0].message.as_deref(), Some("x".repeat(40).as_str()));
+    }
+
+    #[test]
+    fn growing_functions_with_literal_arguments_past_the_bound_are_refused() {
+        for sql in [
+            "SELECT device_id, length(repeat('x', 2000000000)) AS value FROM vitals",
+            "SELECT device_id, length(lpad('x', 2000000000)) AS value FROM vitals",
+            "SELECT device_id, length(repeat(repeat('x', 10000), 100000)) AS value FROM vitals",
+            "SELECT device_id FROM vitals WHERE length(rpad(device_id, 5, repeat('ab', 10000000))) > 1",
+        ] {
+            let e = refused(sql);
+            assert!(e.message.contains("over the limit of"), "{sql}: {e}");
+            assert!(e.message.contains("engine.sql_memory_mb"), "{sql}: {e}");
+        }
+        // Within the bound, the same functions are what they always were.
+        validate(
+            "SELECT device_id, repeat('-', 40) || lpad(device_id, 12, '.') AS message FROM vitals",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn growing_functions_are_stopped_at_their_bound_when_they_run() {
+        let limits = Limits::default();
+        let cases = [
+            // Counts from the data: nothing to refuse at validation.
+            "SELECT device_id, length(repeat(device_id, CAST(hr AS BIGINT) * 100000000)) AS value FROM vitals",
+            "SELECT device_id, length(lpad(device_id, CAST(hr AS BIGINT) * 100000000)) AS value FROM vitals",
+            "SELECT device_id, length(replace(repeat(device_id, 1000), 'b', repeat(device_id, 1000))) AS value FROM vitals",
+            // Doubling through CTEs: each step is small, together they are not.
+            &format!(
+                "WITH s0 AS (SELECT device_id, repeat(device_id, 1000) AS s FROM vitals) {} \
+                 SELECT device_id, length(s) AS value FROM s30",
+                (1..=30)
+                    .map(|i| format!(", s{i} AS (SELECT device_id, s || s AS s FROM s{})", i - 1))
+                    .collect::<String>()
+            ),
+            &format!(
+                "WITH s0 AS (SELECT device_id, repeat(device_id, 1000) AS s FROM vitals) {} \
+                 SELECT device_id, length(s) AS value FROM s30",
+                (1..=30)
+                    .map(|i| format!(
+                        ", s{i} AS (SELECT device_id, overlay(s placing s from 1 for 0) AS s FROM s{})",
+                        i - 1
+                    ))
+                    .collect::<String>()
+            ),
+        ];
+        for sql in cases {
+            validate(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let e = run(limits, sql, window(100)).unwrap_err();
+            assert!(
+                e.message.contains("Resources exhausted") && e.message.contains("over the limit"),
+                "{sql}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_concatenation_operator_keeps_its_meaning_and_its_column_name() {
+        let sql = "SELECT device_id, device_id || '/' || ward, NULL || device_id AS message, \
+                   'n' || 1 AS patient_id FROM vitals";
+        let plan = on_sql_stack(|| {
+            futures_executor::block_on(Evaluator::new(Limits::default()).plan(sql, Vec::new()))
+        })
+        .unwrap();
+        let names: Vec<String> = (plan.schema().fields().iter())
+            .map(|f| f.name().clone())
+            .collect();
+        assert!(names[1].contains(" || "), "{names:?}");
+        let rows = run(Limits::default(), sql, window(10)).unwrap();
+        assert_eq!(rows[0].message, None, "NULL || x is NULL");
+        assert_eq!(rows[0].patient_id.as_deref(), Some("n1"));
     }
 }

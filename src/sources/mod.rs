@@ -29,6 +29,9 @@ pub struct DeviceContext {
     pub registry: Arc<DeviceRegistry>,
     pub metrics: Arc<Metrics>,
     pub dead_letter: Option<Sender<RejectBatch>>,
+    /// Which patient each device is assigned to: a device's technical alerts are its
+    /// assigned patient's, whatever patient the message names (empty on an ingest node).
+    pub assignments: Arc<crate::engine::Assignments>,
 }
 
 impl DeviceContext {

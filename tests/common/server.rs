@@ -2,10 +2,10 @@
 //! signed with its key.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::runtime::Runtime;
 use vitalstream::api::auth::{Claims, Role};
 use vitalstream::api::{ApiConfig, ApiState, app, router, serve};
-use vitalstream::model::now_millis;
 
 pub struct Server {
     pub addr: SocketAddr,
@@ -21,23 +21,27 @@ impl Server {
         let app = rt
             .block_on(app(config, state))
             .expect("socket.io starts (and reaches Redis when configured)");
-        Server::serve(rt, app)
+        Server::serve(rt, app, config)
     }
 
     /// REST and the plain routes only.
     pub fn start_rest(config: &ApiConfig, state: ApiState) -> Server {
-        Server::serve(runtime(), router(config, state))
+        Server::serve(runtime(), router(config, state), config)
     }
 
-    fn serve(rt: Runtime, app: axum::Router) -> Server {
+    fn serve(rt: Runtime, app: axum::Router, config: &ApiConfig) -> Server {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = rt.spawn(serve(listener, app, async {
-            let _ = stopped.await;
-        }));
+        let config = config.clone();
+        let task = rt.spawn(async move {
+            serve(listener, app, &config, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
         Server {
             addr,
             stop,
@@ -68,10 +72,19 @@ fn runtime() -> Runtime {
 
 /// A token valid for ten minutes, signed with the state's key.
 pub fn token(state: &ApiState, sub: &str, role: Role, patients: Option<&[&str]>) -> String {
-    state.keys.sign(&Claims {
-        sub: sub.into(),
-        role,
-        patients: patients.map(|p| p.iter().map(|s| s.to_string()).collect()),
-        exp: (now_millis() / 1000 + 600) as u64,
-    })
+    token_for(state, sub, role, patients, Duration::from_secs(600))
+}
+
+/// A token valid for `lifetime`, signed with the state's key.
+pub fn token_for(
+    state: &ApiState,
+    sub: &str,
+    role: Role,
+    patients: Option<&[&str]>,
+    lifetime: Duration,
+) -> String {
+    let patients = patients.map(|p| p.iter().map(|s| s.to_string()).collect());
+    state
+        .keys
+        .sign(&Claims::issue(sub, role, patients, lifetime))
 }

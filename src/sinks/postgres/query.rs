@@ -323,6 +323,44 @@ impl Db {
         Ok(())
     }
 
+    /// The engine disabled this rule's definition because it failed: a restart loads it
+    /// disabled (see [`Db::rule_failures`]).
+    pub async fn rule_failed(&self, spec: &RuleSpec, reason: &str) -> Result<(), PgError> {
+        let definition = serde_json::to_string(spec).map_err(|e| PgError::Config(e.to_string()))?;
+        self.pool
+            .get()
+            .await?
+            .execute(
+                "INSERT INTO rule_failures (rule_id, definition, reason) \
+                 VALUES ($1, $2::text::jsonb, $3) \
+                 ON CONFLICT (rule_id) DO UPDATE SET definition = EXCLUDED.definition, \
+                 reason = EXCLUDED.reason, failed_at = now()",
+                &[&spec.id, &definition, &reason],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Rule definitions that failed before: `(id, definition, reason)`.
+    pub async fn rule_failures(&self) -> Result<Vec<(String, serde_json::Value, String)>, PgError> {
+        let rows = self
+            .pool
+            .get()
+            .await?
+            .query(
+                "SELECT rule_id, definition::text, reason FROM rule_failures",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let (id, text, reason): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+                Some((id, serde_json::from_str(&text).ok()?, reason))
+            })
+            .collect())
+    }
+
     /// Rules changed at runtime: `(id, Some(spec))` to add or replace, `(id, None)` deleted.
     pub async fn runtime_rules(&self) -> Result<Vec<(String, Option<RuleSpec>)>, PgError> {
         let rows = self

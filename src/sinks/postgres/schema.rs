@@ -81,6 +81,7 @@ const MIGRATIONS: &[Migration] = &[
         "0003_device_vitals_1m.postgres.sql"
     ),
     migration!(4, "alert_escalation", None, "0004_alert_escalation.sql"),
+    migration!(5, "rule_failures", None, "0005_rule_failures.sql"),
 ];
 
 const NO_TRANSACTION: &str = "-- vitalstream: no-transaction";

@@ -39,7 +39,7 @@ fn valid_code(code: &str) -> bool {
 }
 
 /// `devices/{id}/status`: `online` or `offline`, as a plain string or `{"status": …}`.
-pub(super) fn status(ctx: &DeviceContext, source: u16, device: &str, payload: &[u8]) {
+pub fn status(ctx: &DeviceContext, source: u16, device: &str, payload: &[u8]) {
     let received_us = now_micros();
     let text = std::str::from_utf8(payload).unwrap_or("").trim();
     let value = match serde_json::from_str::<serde_json::Value>(text) {
@@ -62,15 +62,19 @@ pub(super) fn status(ctx: &DeviceContext, source: u16, device: &str, payload: &[
     match ctx.registry.announce(&device, online, now_millis()) {
         Change::WentOffline => {
             tracing::warn!(device = %device, "device reported offline");
-            ctx.offline(&device, true, "Device reported offline");
+            ctx.reported_offline(&device);
         }
-        Change::CameOnline => ctx.offline(&device, false, "Device back online"),
+        Change::CameOnline => ctx.came_online(&device),
         Change::Unchanged => {}
     }
 }
 
 /// `devices/{id}/alerts`: `{"code", "priority", "message"?, "active"?, "patient_id"?}`.
-pub(super) fn alert(ctx: &DeviceContext, source: u16, device: &str, payload: &[u8]) {
+///
+/// The alert is the patient's the device is assigned to, or the device's own when it has no
+/// assignment: a device speaks for its own bedside only, so a `patient_id` that names
+/// another patient is ignored (and logged), never trusted.
+pub fn alert(ctx: &DeviceContext, source: u16, device: &str, payload: &[u8]) {
     let received_us = now_micros();
     let parsed = serde_json::from_slice::<DeviceAlert>(payload)
         .ok()
@@ -100,5 +104,53 @@ pub(super) fn alert(ctx: &DeviceContext, source: u16, device: &str, payload: &[u
     };
     let message = alert.message.as_deref().unwrap_or(&alert.code);
     let cause = device_cause(&alert.code, alert.priority, message);
-    ctx.technical(&device, patient, cause, alert.active, correlation);
+    let assigned = ctx.assignments.patient_of(&device);
+    if patient.is_some() && patient != assigned {
+        tracing::warn!(
+            device = %device, named = ?patient, assigned = ?assigned,
+            "device alert names a patient the device is not assigned to; the assignment holds"
+        );
+    }
+    ctx.technical(&device, assigned, cause, alert.active, correlation);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::AlertBook;
+    use crate::metrics::Metrics;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_device_alert_is_its_assigned_patients_whatever_it_names() {
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let metrics = Arc::new(Metrics::default());
+        let ctx = DeviceContext {
+            book: Arc::new(AlertBook::new(tx, metrics.clone())),
+            registry: Default::default(),
+            metrics,
+            dead_letter: None,
+            assignments: Default::default(),
+        };
+        ctx.assignments.assign("mon-1".into(), "pp-1".into());
+        let raise = |device: &str, patient: &str| {
+            let body =
+                format!(r#"{{"code":"lead_off","priority":"high","patient_id":"{patient}"}}"#);
+            alert(&ctx, 0, device, body.as_bytes());
+        };
+        let patient_of = |device: &str| {
+            let active = ctx.book.active();
+            let a = active
+                .iter()
+                .find(|a| &*a.trigger.device_id == device)
+                .unwrap();
+            a.patient_id.as_deref().map(str::to_string)
+        };
+        // An assigned device naming another patient: the alert is its own patient's.
+        raise("mon-1", "pp-2");
+        assert_eq!(patient_of("mon-1").as_deref(), Some("pp-1"));
+        // An unassigned device: the alert is the device's own, for no patient.
+        raise("mon-9", "pp-2");
+        assert_eq!(patient_of("mon-9"), None);
+    }
 }

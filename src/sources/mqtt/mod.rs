@@ -15,5 +15,7 @@ mod source;
 mod topic;
 
 pub use config::MqttConfig;
+/// What a device says about itself (`…/status`, `…/alerts`), handled as the source does.
+pub use device::{alert as device_alert, status as device_status};
 pub use source::{CommandError, Commands, MqttSource, MqttStats};
 pub use topic::{TopicKind, parse_topic};
