@@ -125,6 +125,14 @@ fn publish_acked(port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>, w
     let _ = connection.recv_timeout(Duration::from_millis(200));
 }
 
+/// A reading of `device` on its vitals topic, `size` bytes long.
+fn vitals(device: &str, seq: u64, size: usize) -> (String, Vec<u8>) {
+    (
+        format!("devices/{device}/vitals"),
+        padded(device, seq, size),
+    )
+}
+
 /// A valid reading of `device`, padded with an ignored key to `size` bytes.
 fn padded(device: &str, seq: u64, size: usize) -> Vec<u8> {
     let head = format!(r#"{{"device_id":"{device}","seq":{seq},"hr":70,"pad":""#);
@@ -155,14 +163,14 @@ fn frames_of_every_size_class_neither_stop_the_stream_nor_are_lost() {
     for (i, &size) in sizes.iter().enumerate() {
         for _ in 0..50 {
             seq += 1;
-            messages.push((format!("devices/{device}/vitals"), padded(&device, seq, 60)));
+            messages.push(vitals(&device, seq, 60));
         }
         let big = format!("{run}-big{i}");
-        messages.push((format!("devices/{big}/vitals"), padded(&big, 1, size)));
+        messages.push(vitals(&big, 1, size));
     }
     for _ in 0..50 {
         seq += 1;
-        messages.push((format!("devices/{device}/vitals"), padded(&device, seq, 60)));
+        messages.push(vitals(&device, seq, 60));
     }
     publish_acked(broker.port, &format!("{run}-pub"), messages, 20);
 
@@ -217,7 +225,7 @@ fn a_restart_with_a_large_session_backlog_drains_it() {
         .map(|i| {
             let device = format!("{run}-{}", i % devices);
             let seq = (i / devices) as u64;
-            (format!("devices/{device}/vitals"), padded(&device, seq, 90))
+            vitals(&device, seq, 90)
         })
         .collect();
     publish_acked(broker.port, &format!("{run}-ward"), messages, 1000);
@@ -323,7 +331,7 @@ fn a_flood_of_device_ids_is_bounded_and_raises_one_aggregated_alarm() {
     let messages: Vec<(String, Vec<u8>)> = (0..IDS)
         .map(|i| {
             let device = format!("{run}-{i}");
-            (format!("devices/{device}/vitals"), padded(&device, 0, 60))
+            vitals(&device, 0, 60)
         })
         .collect();
     publish_acked(broker.port, &format!("{run}-pub"), messages, 500);
@@ -486,9 +494,7 @@ fn a_broker_that_lost_the_session_gets_the_subscription_again_before_ready() {
     assert!(link.is_up());
     // Readings in flight when the broker goes.
     let device = format!("{run}-d");
-    let first: Vec<(String, Vec<u8>)> = (0..2_000)
-        .map(|i| (format!("devices/{device}/vitals"), padded(&device, i, 80)))
-        .collect();
+    let first: Vec<(String, Vec<u8>)> = (0..2_000).map(|i| vitals(&device, i, 80)).collect();
     publish_acked(broker.port, &format!("{run}-pub"), first, 500);
     broker.stop();
     std::thread::sleep(Duration::from_millis(500));
@@ -497,9 +503,7 @@ fn a_broker_that_lost_the_session_gets_the_subscription_again_before_ready() {
     wait_for("subscribed again", || link.is_up());
     // Everything published from now on arrives, exactly once.
     let after = format!("{run}-after");
-    let second: Vec<(String, Vec<u8>)> = (0..2_000)
-        .map(|i| (format!("devices/{after}/vitals"), padded(&after, i, 80)))
-        .collect();
+    let second: Vec<(String, Vec<u8>)> = (0..2_000).map(|i| vitals(&after, i, 80)).collect();
     publish_acked(broker.port, &format!("{run}-pub2"), second, 500);
     wait_for("every reading after the restart", || {
         (store.stored.lock().unwrap().iter())
