@@ -4,8 +4,9 @@
 //!
 //! One key is not inherited: the embedded default is development mode (`[api] dev_token =
 //! true`: the public development secret, and an admin token printed at start), and only the
-//! embedded default alone is. A config file, or a secret given in the environment, leaves
-//! development mode unless it writes `dev_token = true` itself.
+//! embedded default alone is. A config file, or any `VITALSTREAM__` variable but the `[log]`
+//! ones, leaves development mode unless it writes `dev_token = true` itself; and development
+//! mode listening on anything but loopback is refused unless `dev_token = true` was written.
 
 use crate::api::ApiConfig;
 use crate::engine::EngineConfig;
@@ -141,6 +142,7 @@ impl Config {
         // Whether the operator wrote `[api] dev_token` (file or environment), and whether
         // they configured the API's secret or anything at all (a file).
         let mut dev_token_written = false;
+        let mut dev_token_written_true = false;
         let mut configured = file.is_some();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -149,7 +151,9 @@ impl Config {
             })?;
             let overlay: toml::Table = toml::from_str(&text)
                 .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?;
-            dev_token_written = (overlay.get("api").and_then(|a| a.get("dev_token"))).is_some();
+            let written = overlay.get("api").and_then(|a| a.get("dev_token"));
+            dev_token_written = written.is_some();
+            dev_token_written_true = written == Some(&toml::Value::Boolean(true));
             merge(&mut value, overlay);
         }
         for (key, raw) in env {
@@ -157,12 +161,17 @@ impl Config {
                 continue;
             };
             let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            let parsed = parse_env_value(raw);
             match parts.as_slice() {
-                [api, key] if api == "api" && key == "dev_token" => dev_token_written = true,
-                [api, key] if api == "api" && key == "jwt_secret" => configured = true,
-                _ => {}
+                [api, key] if api == "api" && key == "dev_token" => {
+                    dev_token_written = true;
+                    dev_token_written_true = parsed == toml::Value::Boolean(true);
+                }
+                // Log settings alone leave the embedded default as it is.
+                [log, ..] if log == "log" => {}
+                _ => configured = true,
             }
-            set_path(&mut value, &parts, parse_env_value(raw));
+            set_path(&mut value, &parts, parsed);
         }
         // Development mode is the embedded default's alone: whoever configures the service
         // leaves it unless they write `dev_token = true` themselves.
@@ -176,7 +185,26 @@ impl Config {
         let config: Config = toml::Value::Table(value)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
-        config.validate()?;
+        let mut problems = match config.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(problems)) => problems,
+            Err(e) => return Err(e),
+        };
+        // The public secret and an admin token in the log are for a developer's own machine.
+        if config.api.enabled
+            && config.api.dev_token
+            && !dev_token_written_true
+            && !config.api.listen.ip().is_loopback()
+        {
+            problems.push(format!(
+                "[api] development mode (the public secret) listening on {}: listen on \
+                 loopback, set a secret, or write `dev_token = true` to mean it",
+                config.api.listen
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
         Ok(config)
     }
 
@@ -412,6 +440,44 @@ mod tests {
         std::fs::write(&path, "[api]\ndev_token = true\njwt_secret = \" \"\n").unwrap();
         let c = Config::load_with(Some(&path), &[]).unwrap();
         assert!(c.api.secret_problem().is_some());
+    }
+
+    #[test]
+    fn configuring_by_the_environment_alone_leaves_development_mode() {
+        let var = |k: &str, v: &str| (format!("VITALSTREAM__{k}"), v.to_string());
+        // Any setting but the log's is configuring the service.
+        let c = Config::load_with(None, &[var("API__LISTEN", "0.0.0.0:7000")]).unwrap();
+        assert!(!c.api.dev_token);
+        assert!(
+            c.api.secret_problem().is_some(),
+            "the public secret is refused"
+        );
+        let c = Config::load_with(None, &[var("ENGINE__SHARDS", "2")]).unwrap();
+        assert!(!c.api.dev_token);
+        let c = Config::load_with(None, &[var("LOG__LEVEL", "debug")]).unwrap();
+        assert!(c.api.dev_token);
+        // Development mode written in the environment: it is.
+        let c = Config::load_with(
+            None,
+            &[
+                var("API__DEV_TOKEN", "true"),
+                var("API__LISTEN", "0.0.0.0:7000"),
+            ],
+        )
+        .unwrap();
+        assert!(c.api.dev_token);
+        // Development mode beyond loopback only when written: a file that names another
+        // address and not dev_token is not development.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[api]\nlisten = \"0.0.0.0:7000\"\n").unwrap();
+        assert!(!Config::load_with(Some(&path), &[]).unwrap().api.dev_token);
+        std::fs::write(
+            &path,
+            "[api]\ndev_token = true\nlisten = \"0.0.0.0:7000\"\n",
+        )
+        .unwrap();
+        assert!(Config::load_with(Some(&path), &[]).unwrap().api.dev_token);
     }
 
     #[test]

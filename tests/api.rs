@@ -491,7 +491,7 @@ fn health_readiness_and_metrics_over_a_real_socket() {
         ..ApiConfig::default()
     };
     let state = ApiState::new(&config, h.engine.control(), Some(storage));
-    let server = common::server::Server::start_rest(&config, state);
+    let server = common::server::Server::start_rest(&config, state.clone());
     let addr = server.addr;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -509,6 +509,38 @@ fn health_readiness_and_metrics_over_a_real_socket() {
     assert_ne!(ready["checks"]["postgres"], "ok", "{body}");
     assert_eq!(ready["checks"]["redis"], "ok", "{body}");
     assert_eq!(ready["checks"]["engine"], "ok", "{body}");
+    // Why a dependency is unavailable goes to the log, not to whoever asks.
+    assert_eq!(ready["checks"]["postgres"], "unavailable", "{body}");
+    // Answered from the last second's checks, not by connecting again.
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(get("/ready").0, 503);
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    // Storage errors reach clients as "storage unavailable" with the request id, and
+    // nothing of the driver's text.
+    let clinician = common::server::token(&state, "c", Role::Clinician, None);
+    let mut r = agent
+        .get(&format!(
+            "http://{addr}/api/v1/patients/pp-1/vitals?from=0&to=60000"
+        ))
+        .header("authorization", &format!("Bearer {clinician}"))
+        .call()
+        .unwrap();
+    let body = r.body_mut().read_to_string().unwrap();
+    assert_eq!(r.status().as_u16(), 503, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["message"], "storage unavailable", "{body}");
+    assert_eq!(answer["error"]["code"], "STORAGE_UNAVAILABLE", "{body}");
+    assert!(answer["request_id"].is_string(), "{body}");
+    assert!(
+        !body.contains("database") && !body.contains("connect"),
+        "{body}"
+    );
     let (status, text) = get("/metrics");
     assert_eq!(status, 200);
     for line in [
@@ -1110,6 +1142,51 @@ fn the_event_stream_refuses_in_the_envelope_and_streams_unwrapped() {
     h.finish();
 }
 
+/// The event stream carries patients' vitals: an analyst is refused (403), and the stream
+/// counts against the token's rate limit.
+#[test]
+fn the_event_stream_needs_a_clinical_role_and_is_rate_limited() {
+    let (bus, _) = tokio::sync::broadcast::channel(16);
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let config = ApiConfig {
+        rate_limit_per_minute: 2,
+        ..ApiConfig::default()
+    };
+    let state = ApiState::with_bus(&config, h.engine.control(), None, Some(bus));
+    let api = Api {
+        router: router(&config, state.clone()),
+        state,
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    };
+    let analyst = token(&api, Role::Analyst, None);
+    let refused = api.call(
+        "GET",
+        &format!("/api/v1/stream?token={analyst}"),
+        None,
+        None,
+        &[],
+    );
+    assert_envelope(&refused, 403);
+    assert_eq!(refused.body["error"]["code"], "FORBIDDEN");
+    let clinician = token(&api, Role::Clinician, None);
+    let open = |t: &str| {
+        api.rt.block_on(async {
+            let req = Request::get(format!("/api/v1/stream?token={t}"))
+                .body(Body::empty())
+                .unwrap();
+            api.router.clone().oneshot(req).await.unwrap().status()
+        })
+    };
+    assert_eq!(open(&clinician), StatusCode::OK);
+    assert_eq!(open(&clinician), StatusCode::OK);
+    assert_eq!(open(&clinician), StatusCode::TOO_MANY_REQUESTS);
+    drop(api);
+    h.finish();
+}
+
 /// Over real sockets: a connection that sends no request head (new or kept alive) is closed
 /// after `header_read_timeout`, a silent one after `idle_timeout`; one address holds at most
 /// `max_connections_per_client` (the next is answered 429 in the envelope), and past
@@ -1317,6 +1394,49 @@ fn sql_rules_that_could_take_the_service_down_are_refused() {
             rule("SELECT device_id FROM vitals", "10s", "10ms"),
             "at least 1s for a SQL rule (engine.sql_min_slide)",
         ),
+        // Copied to every row (rows × rows outside the memory pool), or quadratic in one
+        // call, or exponential to plan.
+        (
+            rule(
+                "SELECT device_id, array_agg(hr) OVER () AS l FROM vitals",
+                "10s",
+                "10s",
+            ),
+            "lists, maps and structs are not allowed",
+        ),
+        (
+            rule(
+                "SELECT device_id, string_agg(device_id, ',') OVER () AS message FROM vitals",
+                "10s",
+                "10s",
+            ),
+            "not allowed over a window",
+        ),
+        (
+            rule(
+                "SELECT device_id, levenshtein(repeat('a', 100000), repeat('b', 100000)) \
+                 AS value FROM vitals",
+                "10s",
+                "10s",
+            ),
+            "levenshtein() is not allowed",
+        ),
+        (
+            rule(
+                &format!(
+                    "WITH s0 AS (SELECT device_id FROM vitals){} SELECT device_id FROM s12",
+                    (1..=12)
+                        .map(|i| format!(
+                            ", s{i} AS (SELECT a.device_id FROM s{p} a, s{p} b, s{p} c, s{p} d)",
+                            p = i - 1
+                        ))
+                        .collect::<String>()
+                ),
+                "10s",
+                "10s",
+            ),
+            "reference CTEs fewer times",
+        ),
     ];
     for (spec, expected) in cases {
         let created = api.call(
@@ -1440,6 +1560,50 @@ fn sql_trials_run_off_the_serving_thread_and_at_most_sql_trials_at_once() {
         assert_envelope(&tried, 200);
         assert_eq!(tried.body["data"]["readings"], 200, "{}", tried.body);
     });
+    drop(api);
+    h.finish();
+}
+
+/// Rules act on every patient: a token limited to some patients may not create, replace,
+/// delete or try them (403), whatever its role; and it may notify only its patients' rooms.
+#[test]
+fn patient_scoped_tokens_may_not_touch_rules_or_notify_other_patients() {
+    let h = Harness::start(&common::config(), rules(HR_RULE));
+    let api = api(&h, ApiConfig::default());
+    let rule = json!({"id": "scoped_try", "kind": "sql", "priority": "low",
+        "message": "m", "window": "10s",
+        "sql": "SELECT device_id, patient_id, avg(spo2) AS value FROM vitals GROUP BY device_id, patient_id"});
+    for role in [Role::Admin, Role::Analyst] {
+        let scoped = token(&api, role, Some(&["pp-1"]));
+        for (method, uri, body) in [
+            ("POST", "/api/v1/rules/test", Some(json!({ "rule": rule }))),
+            ("POST", "/api/v1/rules", Some(rule.clone())),
+            ("PUT", "/api/v1/rules/scoped_try", Some(rule.clone())),
+            ("DELETE", "/api/v1/rules/scoped_try", None),
+        ] {
+            let a = api.call(method, uri, Some(&scoped), body, &[]);
+            assert_envelope(&a, 403);
+            assert_eq!(a.body["error"]["code"], "FORBIDDEN", "{method} {uri}");
+        }
+    }
+    let scoped = token(&api, Role::Service, Some(&["pp-1"]));
+    let notice = |to: &str| json!({ "to": to, "title": "t", "message": "m" });
+    let a = api.call(
+        "POST",
+        "/api/v1/notifications",
+        Some(&scoped),
+        Some(notice("patient:pp-2")),
+        &[],
+    );
+    assert_envelope(&a, 403);
+    let a = api.call(
+        "POST",
+        "/api/v1/notifications",
+        Some(&scoped),
+        Some(notice("patient:pp-1")),
+        &[],
+    );
+    assert_envelope(&a, 202);
     drop(api);
     h.finish();
 }

@@ -213,6 +213,17 @@ impl Auth {
         }
     }
 
+    /// Refuses tokens with a `patients` list: what they would do reaches every patient
+    /// (rules run over, and read, all patients' readings).
+    pub fn unscoped(&self) -> Result<(), ApiError> {
+        match self.0.patients {
+            None => Ok(()),
+            Some(_) => Err(ApiError::forbidden(
+                "this token is limited to some patients: rules act on every patient",
+            )),
+        }
+    }
+
     pub fn may_see(&self, patient: Option<&str>) -> Result<(), ApiError> {
         if self.0.may_see(patient) {
             Ok(())
@@ -249,7 +260,7 @@ impl FromRequestParts<ApiState> for Auth {
 }
 
 /// 429, with when to try again.
-fn limited(wait: f64, what: &str) -> ApiError {
+pub(super) fn limited(wait: f64, what: &str) -> ApiError {
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "RATE_LIMITED",

@@ -61,6 +61,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub details: Value,
+    /// What went wrong inside (a driver's words): logged with the request id, never sent.
+    pub internal: Option<String>,
 }
 
 impl ApiError {
@@ -70,6 +72,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: Value::Null,
+            internal: None,
         }
     }
 
@@ -104,6 +107,18 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+    }
+
+    /// Storage failed: the client hears "storage unavailable" (and the request id); the
+    /// driver's text goes to the log with that id.
+    pub fn storage(detail: impl std::fmt::Display) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STORAGE_UNAVAILABLE",
+            "storage unavailable",
+        );
+        e.internal = Some(detail.to_string());
+        e
     }
 }
 
@@ -215,6 +230,14 @@ async fn wrap(response: Response, request_id: &str) -> Response {
             }
         }
     };
+    if let Outcome::Error(ApiError {
+        internal: Some(detail),
+        code,
+        ..
+    }) = &outcome
+    {
+        tracing::error!(request_id, code, detail = %detail, "request failed");
+    }
     let body = body_of(parts.status, outcome, request_id);
     parts.headers.insert(
         header::CONTENT_TYPE,

@@ -1,6 +1,12 @@
 //! `Idempotency-Key` on POST: the same key with the same body gets the stored answer (the
 //! action is not done twice); the same key with another body is refused (422). Keys are per
-//! caller (per Authorization header) and kept for `ttl`.
+//! caller (the verified token subject) and kept for `ttl`.
+//!
+//! - Requests without a valid token are not remembered at all (they are refused anyway), and
+//!   neither are 401 and 403 answers.
+//! - At most [`MAX_ENTRIES`] keys are kept (past that the oldest answers are forgotten), and
+//!   an answer whose body is over [`MAX_STORED_BYTES`] is not kept (a retry runs again).
+//!   Answers expire in the order they were stored, from a queue, not by scanning every key.
 //!
 //! - Only final answers are stored. A 429 (rate limited), a 408, and any 5xx (unavailable,
 //!   timed out) say "not now", so a retry with the same key runs the request again.
@@ -39,27 +45,94 @@ struct Record {
     slot: Slot,
 }
 
-type Key = (u64, String);
+type Key = (String, String);
+
+/// Keys remembered at once, over all callers.
+pub const MAX_ENTRIES: usize = 10_000;
+/// The largest answer body kept.
+pub const MAX_STORED_BYTES: usize = 64 * 1024;
 
 pub struct Idempotency {
     entries: DashMap<Key, Record>,
+    /// Stored answers, oldest first, with when each was stored.
+    order: std::sync::Mutex<std::collections::VecDeque<(Instant, Key)>>,
     ttl: Duration,
     body_limit: usize,
+    /// Verifies callers' tokens; without it (unit tests), the Authorization header itself
+    /// names the caller.
+    keys: Option<super::auth::Keys>,
+    max_entries: usize,
 }
 
 impl Idempotency {
     pub fn new(ttl: Duration, body_limit: usize) -> Idempotency {
         Idempotency {
             entries: DashMap::new(),
+            order: std::sync::Mutex::new(std::collections::VecDeque::new()),
             ttl,
             body_limit,
+            keys: None,
+            max_entries: MAX_ENTRIES,
         }
+    }
+
+    /// Keys answers by the subject of a token these keys verify.
+    pub fn verifying_with(mut self, keys: super::auth::Keys) -> Idempotency {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Who is calling, when they can be told: a verified token's subject.
+    fn caller(&self, authorization: Option<&HeaderValue>) -> Option<String> {
+        let header = authorization?.to_str().ok()?;
+        match &self.keys {
+            Some(keys) => {
+                let token = header.strip_prefix("Bearer ")?;
+                keys.verify(token.trim()).ok().map(|c| c.sub)
+            }
+            None => Some(header.to_string()),
+        }
+    }
+
+    /// Forgets expired answers, oldest first, and past `max_entries`, the oldest answers
+    /// even if not expired. Returns whether there is room for another key.
+    fn make_room(&self) -> bool {
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((at, key)) = order.front() {
+            let full = self.entries.len() >= self.max_entries;
+            if !full && at.elapsed() < self.ttl {
+                break;
+            }
+            let at = *at;
+            // Only the answer stored then: the key may have been stored again since.
+            self.entries
+                .remove_if(key, |_, e| matches!(&e.slot, Slot::Done(s) if s.at == at));
+            order.pop_front();
+        }
+        self.entries.len() < self.max_entries
+    }
+
+    fn store(&self, key: Key, record: Record, at: Instant) {
+        self.entries.insert(key.clone(), record);
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        order.push_back((at, key));
     }
 }
 
-/// Whether an answer is the request's outcome, rather than "not now".
+/// About how many bytes an answer's body takes.
+fn size_of(outcome: &Outcome) -> usize {
+    match outcome {
+        Outcome::Reply { message, data } => message.len() + data.to_string().len(),
+        Outcome::Error(e) => e.message.len() + e.details.to_string().len(),
+    }
+}
+
+/// Whether an answer is the request's outcome, rather than "not now" (or "not you": 401
+/// and 403 are not kept either).
 fn is_final(status: StatusCode) -> bool {
     !(status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::UNAUTHORIZED
+        || status == StatusCode::FORBIDDEN
         || status == StatusCode::REQUEST_TIMEOUT
         || status.is_server_error())
 }
@@ -105,6 +178,8 @@ impl Idempotency {
     /// The stored answer, a running request to wait for, or the go-ahead to run (the key
     /// is then held).
     fn claim(&self, key: &Key, request_hash: u64) -> Seen {
+        // Counted before the entry is held: `len` reads every shard, the entry's included.
+        let full = self.entries.len() >= self.max_entries;
         match self.entries.entry(key.clone()) {
             Entry::Occupied(mut e) => {
                 let expired = matches!(&e.get().slot, Slot::Done(s) if s.at.elapsed() >= self.ttl);
@@ -132,6 +207,12 @@ impl Idempotency {
                 }
             }
             Entry::Vacant(v) => {
+                if full {
+                    return Seen::Replay(
+                        ApiError::unavailable("too many requests with Idempotency-Key in flight")
+                            .into_response(),
+                    );
+                }
                 let (tx, rx) = watch::channel(());
                 v.insert(Record {
                     request_hash,
@@ -162,12 +243,10 @@ pub async fn idempotency(
         return ApiError::invalid("Idempotency-Key must be 1-255 visible characters")
             .into_response();
     };
-    let caller = hash_of(
-        request
-            .headers()
-            .get("authorization")
-            .map(HeaderValue::as_bytes),
-    );
+    // Without a caller to keep it for, nothing is kept: the request is refused anyway.
+    let Some(caller) = store.caller(request.headers().get("authorization")) else {
+        return next.run(request).await;
+    };
     let (parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, store.body_limit).await else {
         return ApiError::new(
@@ -179,10 +258,7 @@ pub async fn idempotency(
     };
     let request_hash = hash_of((parts.method.as_str(), parts.uri.path(), &bytes[..]));
     let key = (caller, key.to_string());
-    store.entries.retain(|_, e| match &e.slot {
-        Slot::Done(s) => s.at.elapsed() < store.ttl,
-        Slot::Running(_) => true,
-    });
+    store.make_room();
     let done = loop {
         match store.claim(&key, request_hash) {
             Seen::Replay(response) => return response,
@@ -203,18 +279,18 @@ pub async fn idempotency(
         .await;
     if is_final(response.status())
         && let Some(outcome) = response.extensions().get::<Outcome>()
+        && size_of(outcome) <= MAX_STORED_BYTES
     {
-        store.entries.insert(
-            running.key.clone(),
-            Record {
-                request_hash,
-                slot: Slot::Done(Stored {
-                    status: response.status(),
-                    outcome: outcome.clone(),
-                    at: Instant::now(),
-                }),
-            },
-        );
+        let at = Instant::now();
+        let record = Record {
+            request_hash,
+            slot: Slot::Done(Stored {
+                status: response.status(),
+                outcome: outcome.clone(),
+                at,
+            }),
+        };
+        store.store(running.key.clone(), record, at);
     }
     drop(running);
     response
@@ -232,10 +308,22 @@ mod tests {
     /// A route that answers each call with the next status of `answers`, after `delay`,
     /// behind the middleware; and how many times it ran.
     fn app(answers: Vec<u16>, delay: Duration) -> (Router, Arc<AtomicUsize>) {
+        app_with(
+            answers,
+            delay,
+            Idempotency::new(Duration::from_secs(3600), 1 << 16),
+        )
+    }
+
+    fn app_with(
+        answers: Vec<u16>,
+        delay: Duration,
+        store: Idempotency,
+    ) -> (Router, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
         let answers = Arc::new(answers);
-        let store = Arc::new(Idempotency::new(Duration::from_secs(3600), 1 << 16));
+        let store = Arc::new(store);
         let router = Router::new()
             .route(
                 "/act",
@@ -282,6 +370,66 @@ mod tests {
         assert_eq!(post_once(&router, "k").await, (StatusCode::CONFLICT, false));
         assert_eq!(post_once(&router, "k").await, (StatusCode::CONFLICT, true));
         assert_eq!(calls.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_of_the_caller_are_not_kept_and_unverified_callers_not_at_all() {
+        for refusal in [401, 403] {
+            let (router, calls) = app(vec![refusal, 200], Duration::ZERO);
+            assert_eq!(post_once(&router, "k").await.0.as_u16(), refusal);
+            assert_eq!(post_once(&router, "k").await, (StatusCode::OK, false));
+            assert_eq!(calls.load(SeqCst), 2);
+        }
+        // With keys: a token that does not verify is not remembered, nor answered from memory.
+        let store = Idempotency::new(Duration::from_secs(3600), 1 << 16).verifying_with(
+            crate::api::auth::Keys::new("0123456789abcdef0123456789abcdef"),
+        );
+        let (router, calls) = app_with(vec![200], Duration::ZERO, store);
+        assert_eq!(post_once(&router, "k").await, (StatusCode::OK, false));
+        assert_eq!(post_once(&router, "k").await, (StatusCode::OK, false));
+        assert_eq!(calls.load(SeqCst), 2);
+    }
+
+    #[test]
+    fn the_store_is_capped_and_expires_oldest_first() {
+        let mut store = Idempotency::new(Duration::from_millis(50), 1 << 16);
+        store.max_entries = 3;
+        let done = |n: u8| Record {
+            request_hash: u64::from(n),
+            slot: Slot::Done(Stored {
+                status: StatusCode::OK,
+                outcome: Outcome::Reply {
+                    message: "ok".into(),
+                    data: serde_json::Value::Null,
+                },
+                at: Instant::now(),
+            }),
+        };
+        let key = |n: u8| ("sub".to_string(), n.to_string());
+        for n in 0..5u8 {
+            assert!(store.make_room());
+            let Slot::Done(Stored { at, .. }) = done(n).slot else {
+                unreachable!()
+            };
+            let mut record = done(n);
+            if let Slot::Done(s) = &mut record.slot {
+                s.at = at;
+            }
+            store.store(key(n), record, at);
+        }
+        store.make_room();
+        assert!(store.entries.len() < 3, "{}", store.entries.len());
+        assert!(store.entries.contains_key(&key(4)) && !store.entries.contains_key(&key(0)));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(store.make_room());
+        assert_eq!(store.entries.len(), 0);
+        assert!(store.order.lock().unwrap().is_empty());
+        // A big answer is not kept.
+        let big = Outcome::Reply {
+            message: "ok".into(),
+            data: serde_json::Value::String("x".repeat(MAX_STORED_BYTES)),
+        };
+        assert!(size_of(&big) > MAX_STORED_BYTES);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

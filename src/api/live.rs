@@ -1,7 +1,8 @@
 //! The built-in page at `/`, and the Server-Sent Events stream it listens to:
 //! `/api/v1/stream?token=…` sends `alert` (every transition, from the same bus as socket.io)
 //! and `vitals` (patients whose latest vitals changed, once a second), filtered by the
-//! token's patients. EventSource cannot send headers, hence the token in the query (an
+//! token's patients, for the roles that read patients (admin, clinician, service), within
+//! the token's rate limit. EventSource cannot send headers, hence the token in the query (an
 //! `Authorization: Bearer` header works too). The stream is under `/api/v1`: its refusals
 //! come in the envelope with an `X-Request-ID`, and the stream itself goes out as it is.
 //! It ends when its token expires.
@@ -53,6 +54,16 @@ pub async fn stream(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    // Vitals and alerts are patients' data: the same roles as patient reads, within the
+    // token's rate limit (and, below, its patients).
+    let auth = super::auth::Auth(claims);
+    if let Err(e) = auth.require(super::routes::PATIENT_READERS) {
+        return e.into_response();
+    }
+    if let Err(wait) = state.limiter.admit(auth.0.sub.clone()) {
+        return super::auth::limited(wait, "too many requests for this token").into_response();
+    }
+    let claims = auth.0;
     let expires = tokio::time::Instant::now() + claims.remaining();
     let Some(bus) = state.bus.clone() else {
         return ApiError::unavailable("no alert bus in this process").into_response();

@@ -203,6 +203,8 @@ pub struct Inner {
     db: tokio::sync::OnceCell<Db>,
     /// Rule edits read, change and write the whole set: one at a time.
     pub rule_edits: tokio::sync::Mutex<()>,
+    /// The last readiness answer and when it was made: `/ready` checks at most once a second.
+    pub ready_cache: tokio::sync::Mutex<Option<(std::time::Instant, bool, serde_json::Value)>>,
     /// Every alert transition (for the page's event stream).
     pub bus: Option<AlertBus>,
     /// Device commands go out through the MQTT source, when there is one.
@@ -246,13 +248,18 @@ impl ApiState {
             ),
             limiter: auth::Limiter::new(config.rate_limit_per_minute),
             failures: auth::Limiter::new(config.auth_failures_per_minute),
-            idempotency: Arc::new(idempotency::Idempotency::new(
-                config.idempotency_ttl,
-                config.body_limit,
-            )),
+            idempotency: Arc::new(
+                idempotency::Idempotency::new(config.idempotency_ttl, config.body_limit)
+                    .verifying_with(auth::Keys::with_limits(
+                        &config.jwt_secret,
+                        config.token_leeway,
+                        config.max_token_lifetime,
+                    )),
+            ),
             storage,
             db: tokio::sync::OnceCell::new(),
             rule_edits: tokio::sync::Mutex::new(()),
+            ready_cache: tokio::sync::Mutex::new(None),
             bus,
             commands: None,
             mqtt_up: None,
@@ -303,7 +310,7 @@ impl ApiState {
         self.db
             .get_or_try_init(|| Db::connect(config))
             .await
-            .map_err(|e| envelope::ApiError::unavailable(format!("database: {e}")))
+            .map_err(envelope::ApiError::storage)
     }
 }
 

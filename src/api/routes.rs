@@ -24,7 +24,7 @@ type Result<T = Reply> = std::result::Result<T, ApiError>;
 const ALERT_READERS: &[Role] = &[Role::Admin, Role::Clinician, Role::Service, Role::Analyst];
 /// Who reads a patient's vitals: the people and services that care for patients. Analysts
 /// work on rules and see readings only through rule trials.
-const PATIENT_READERS: &[Role] = &[Role::Admin, Role::Clinician, Role::Service];
+pub(super) const PATIENT_READERS: &[Role] = &[Role::Admin, Role::Clinician, Role::Service];
 
 /// Routes under `/api/v1` (enveloped).
 pub fn api() -> Router<ApiState> {
@@ -75,10 +75,39 @@ pub fn plain() -> Router<ApiState> {
         .route("/metrics", get(metrics))
 }
 
-/// Every configured dependency, and whether it answers.
+/// Every configured dependency, "ok" or "unavailable" (why goes to the log), checked at most
+/// once a second: callers in between get the last answer.
 async fn readiness(state: &ApiState) -> (bool, serde_json::Value) {
-    let mut checks = serde_json::Map::new();
-    checks.insert("engine".into(), json!("ok"));
+    let mut cache = state.ready_cache.lock().await;
+    if let Some((at, ready, checks)) = &*cache
+        && at.elapsed() < Duration::from_secs(1)
+    {
+        return (*ready, checks.clone());
+    }
+    let (ready, checks) = check_dependencies(state).await;
+    let shown: serde_json::Map<_, _> = (checks.into_iter())
+        .map(|(name, result)| {
+            let shown = match result {
+                Ok(()) => "ok",
+                Err(why) => {
+                    tracing::warn!(dependency = %name, error = %why, "not ready");
+                    "unavailable"
+                }
+            };
+            (name, json!(shown))
+        })
+        .collect();
+    let shown = serde_json::Value::Object(shown);
+    *cache = Some((std::time::Instant::now(), ready, shown.clone()));
+    (ready, shown)
+}
+
+/// Every configured dependency, and whether it answers (with why not).
+async fn check_dependencies(
+    state: &ApiState,
+) -> (bool, Vec<(String, std::result::Result<(), String>)>) {
+    let mut checks = Vec::new();
+    checks.push(("engine".to_string(), Ok(())));
     let mut ready = true;
     if state.storage.is_some() {
         let result = match state.db().await {
@@ -86,29 +115,27 @@ async fn readiness(state: &ApiState) -> (bool, serde_json::Value) {
                 .await
                 .map_err(|_| "timed out".to_string())
                 .and_then(|r| r.map_err(|e| e.to_string())),
-            Err(e) => Err(e.message),
+            Err(e) => Err(e.internal.unwrap_or(e.message)),
         };
         ready &= result.is_ok();
-        checks.insert(
-            "postgres".into(),
-            json!(result.err().unwrap_or_else(|| "ok".into())),
-        );
+        checks.push(("postgres".into(), result));
     }
     if let Some(link) = &state.mqtt_up {
         let status = link.status();
         ready &= status.is_ok();
-        checks.insert(
-            "mqtt".into(),
-            json!(status.err().unwrap_or_else(|| "ok".into())),
-        );
+        checks.push(("mqtt".into(), status));
     }
     if let Some(up) = &state.kafka_up {
         let ok = up.load(std::sync::atomic::Ordering::Relaxed);
         ready &= ok;
-        checks.insert(
+        checks.push((
             "kafka".into(),
-            json!(if ok { "ok" } else { "not connected" }),
-        );
+            if ok {
+                Ok(())
+            } else {
+                Err("not connected".into())
+            },
+        ));
     }
     if let Some(url) = &state.redis_url {
         let ping = async {
@@ -122,12 +149,9 @@ async fn readiness(state: &ApiState) -> (bool, serde_json::Value) {
             Err(_) => Err("timed out".to_string()),
         };
         ready &= result.is_ok();
-        checks.insert(
-            "redis".into(),
-            json!(result.err().unwrap_or_else(|| "ok".into())),
-        );
+        checks.push(("redis".into(), result));
     }
-    (ready, serde_json::Value::Object(checks))
+    (ready, checks)
 }
 
 async fn ready_enveloped(State(state): State<ApiState>) -> Result {
@@ -330,7 +354,7 @@ async fn list_alerts(
                 limit: Some(limit as i64),
             })
             .await
-            .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+            .map_err(ApiError::storage)?;
         alerts.extend(
             stored
                 .into_iter()
@@ -429,6 +453,9 @@ async fn get_rule(auth: Auth, State(state): State<ApiState>, Path(id): Path<Stri
         .ok_or_else(|| ApiError::not_found(format!("no rule {id}")))
 }
 
+/// The longest a rule set's validation may take before a change is given up on.
+const VALIDATION_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Validates the new rule set as `vitalstream check` does, persists the change when storage
 /// is configured, then swaps it into the running engine.
 async fn apply(
@@ -437,7 +464,18 @@ async fn apply(
     new: Vec<RuleSpec>,
     change: Change<'_>,
 ) -> Result<()> {
-    let set = rules::compile(&new).map_err(|e| {
+    // Validating SQL plans it: off this worker, on a blocking thread (SQL on its own stack).
+    // Bounded in time too: a validation still running then is given up on (it runs on).
+    let validating = tokio::task::spawn_blocking(move || rules::compile(&new));
+    let compiled = tokio::time::timeout(VALIDATION_TIME, validating).await;
+    let compiled = compiled
+        .map_err(|_| {
+            ApiError::unavailable(format!(
+                "validating the rules took longer than {VALIDATION_TIME:?}; nothing was changed"
+            ))
+        })?
+        .map_err(|e| ApiError::unavailable(format!("validation failed: {e}")))?;
+    let set = compiled.map_err(|e| {
         ApiError::invalid("the rule is not valid").details(json!({ "problems": e.problems }))
     })?;
     if state.storage.is_some() {
@@ -463,6 +501,7 @@ async fn create_rule(
     Json(spec): Json<RuleSpec>,
 ) -> Result {
     auth.require(&[Role::Analyst, Role::Admin])?;
+    auth.unscoped()?;
     let _guard = state.rule_edits.lock().await;
     let mut all = specs(&state);
     if all.iter().any(|s| s.id == spec.id) {
@@ -483,6 +522,7 @@ async fn replace_rule(
     Json(spec): Json<RuleSpec>,
 ) -> Result {
     auth.require(&[Role::Analyst, Role::Admin])?;
+    auth.unscoped()?;
     if spec.id != id {
         return Err(ApiError::invalid(format!(
             "the body's id {:?} is not the path's {id:?}",
@@ -503,6 +543,7 @@ async fn replace_rule(
 
 async fn delete_rule(auth: Auth, State(state): State<ApiState>, Path(id): Path<String>) -> Result {
     auth.require(&[Role::Analyst, Role::Admin])?;
+    auth.unscoped()?;
     let _guard = state.rule_edits.lock().await;
     let mut all = specs(&state);
     let before = all.len();
@@ -533,6 +574,7 @@ struct TryRule {
 async fn try_rule(auth: Auth, State(state): State<ApiState>, Json(body): Json<TryRule>) -> Result {
     use crate::engine::sql::TrialError;
     auth.require(&[Role::Analyst, Role::Admin])?;
+    auth.unscoped()?;
     let sample = body.sample.as_deref().map(parse_sample).transpose()?;
     // Validated and run on a thread of its own, not this one.
     let trial = state.engine.sql.trial(body.rule, sample).await;
@@ -696,7 +738,7 @@ async fn assign_device(
             .await?
             .assign_device(&device, Some(&patient), &auth.0.sub)
             .await
-            .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+            .map_err(ApiError::storage)?;
     }
     (state.engine).assign_device(device.clone(), Some(patient.clone()), &auth.0.sub);
     Ok(Reply::ok(
@@ -722,7 +764,7 @@ async fn release_device(
             .await?
             .assign_device(&id, None, &auth.0.sub)
             .await
-            .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+            .map_err(ApiError::storage)?;
     }
     (state.engine).assign_device(id.as_str().into(), None, &auth.0.sub);
     Ok(Reply::ok(
@@ -775,6 +817,9 @@ async fn notify(
         return Err(ApiError::invalid(
             "`to` must be user:<id>, role:<role> or patient:<id>",
         ));
+    }
+    if let Some(patient) = notice.to.strip_prefix("patient:") {
+        auth.may_see(Some(patient))?;
     }
     notice.id = format!("ntf-{:016x}", fastrand::u64(..));
     notice.created_at = crate::model::now_millis();
@@ -951,6 +996,6 @@ async fn patient_vitals(
     let buckets = db
         .vitals(&id, range.from, range.to, bucket)
         .await
-        .map_err(|e| ApiError::unavailable(format!("database: {e}")))?;
+        .map_err(ApiError::storage)?;
     Ok(Reply::ok(format!("{} buckets", buckets.len()), buckets))
 }

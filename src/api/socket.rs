@@ -7,8 +7,10 @@
 //!   emits `auth:expired` and disconnects the socket; the client reconnects with a new token.
 //! - Rooms: `user:{sub}` and `role:{role}` on connect (the role room only for tokens without
 //!   a `patients` list, since it carries every patient's alerts); `subscribe:patient` /
-//!   `unsubscribe:patient` (`{patient_id}`) join or leave `patient:{id}` when the token
-//!   covers that patient, answering with an ack `{ok, error?}`.
+//!   `unsubscribe:patient` (`{patient_id}`) join or leave `patient:{id}` when the token's
+//!   role reads patients (admin, clinician, service), the token covers that patient and the
+//!   id is valid, up to [`MAX_ROOMS_PER_SOCKET`] rooms, answering with an ack `{ok, error?}`.
+//!   Each socket's events are rate limited (a burst of 20, then 5 a second).
 //! - Events out: `alert:critical` (a high-priority alert raised) and `alert:updated` (any
 //!   other transition: lower-priority raises, acknowledgements, resolutions), to the
 //!   patient's room and `role:clinician`, each socket once.
@@ -24,7 +26,7 @@ use serde::Deserialize;
 use serde_json::json;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
-use socketioxide::extract::{AckSender, Data, Extension, SocketRef, State, TryData};
+use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide_redis::{RedisAdapter, RedisAdapterCtr};
 use std::sync::Arc;
@@ -191,43 +193,144 @@ async fn on_connect<A: Adapter>(s: SocketRef<A>, Extension(claims): Extension<Cl
     if claims.patients.is_none() {
         s.join(format!("role:{}", role_name(claims.role)));
     }
+    s.extensions
+        .insert(Arc::new(std::sync::Mutex::new(PerSocket::new())));
     s.on(
         "subscribe:patient",
         async |s: SocketRef<A>,
                Extension(claims): Extension<Claims>,
+               Extension(mine): Extension<Arc<std::sync::Mutex<PerSocket>>>,
                TryData(req): TryData<PatientRequest>,
                ack: AckSender<A>| {
-            let answer = match req {
-                Err(_) => json!({ "ok": false, "error": "expected {patient_id}" }),
-                Ok(r) if claims.may_see(Some(&r.patient_id)) => {
-                    s.join(format!("patient:{}", r.patient_id));
+            let answer = {
+                let mut mine = mine.lock().unwrap_or_else(|e| e.into_inner());
+                match req {
+                    Err(_) => Err("expected {patient_id}"),
+                    Ok(r) => mine
+                        .subscribe(&claims, &r.patient_id)
+                        .map(|()| r.patient_id),
+                }
+            };
+            let answer = match answer {
+                Ok(id) => {
+                    s.join(format!("patient:{id}"));
                     json!({ "ok": true })
                 }
-                Ok(_) => json!({ "ok": false, "error": "this token does not cover that patient" }),
+                Err(e) => json!({ "ok": false, "error": e }),
             };
             let _ = ack.send(&answer);
         },
     );
     s.on(
         "unsubscribe:patient",
-        async |s: SocketRef<A>, Data(req): Data<PatientRequest>, ack: AckSender<A>| {
-            s.leave(format!("patient:{}", req.patient_id));
-            let _ = ack.send(&json!({ "ok": true }));
+        async |s: SocketRef<A>,
+               Extension(mine): Extension<Arc<std::sync::Mutex<PerSocket>>>,
+               TryData(req): TryData<PatientRequest>,
+               ack: AckSender<A>| {
+            let answer = {
+                let mut mine = mine.lock().unwrap_or_else(|e| e.into_inner());
+                match req {
+                    Err(_) => Err("expected {patient_id}"),
+                    Ok(r) => mine.unsubscribe(&r.patient_id).map(|()| r.patient_id),
+                }
+            };
+            let answer = match answer {
+                Ok(id) => {
+                    s.leave(format!("patient:{id}"));
+                    json!({ "ok": true })
+                }
+                Err(e) => json!({ "ok": false, "error": e }),
+            };
+            let _ = ack.send(&answer);
         },
     );
     s.on(
         "alert:acknowledge",
         async |Extension(claims): Extension<Claims>,
+               Extension(mine): Extension<Arc<std::sync::Mutex<PerSocket>>>,
                State(state): State<ApiState>,
                TryData(req): TryData<AlertRequest>,
                ack: AckSender<A>| {
-            let answer = match req {
-                Err(_) => json!({ "ok": false, "error": "expected {alert_id}" }),
-                Ok(r) => acknowledge(&state, &claims, &r.alert_id),
+            let admitted = (mine.lock().unwrap_or_else(|e| e.into_inner())).admit();
+            let answer = match (admitted, req) {
+                (Err(e), _) => json!({ "ok": false, "error": e }),
+                (Ok(()), Err(_)) => json!({ "ok": false, "error": "expected {alert_id}" }),
+                (Ok(()), Ok(r)) => acknowledge(&state, &claims, &r.alert_id),
             };
             let _ = ack.send(&answer);
         },
     );
+}
+
+/// Patients' rooms one socket may be in at once.
+pub const MAX_ROOMS_PER_SOCKET: usize = 64;
+/// Events a socket may send in a burst, and a second after that.
+const EVENT_BURST: f64 = 20.0;
+const EVENTS_PER_SECOND: f64 = 5.0;
+
+/// What one socket has asked for: the patients' rooms it joined, and its event budget.
+pub struct PerSocket {
+    rooms: std::collections::HashSet<String>,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Default for PerSocket {
+    fn default() -> Self {
+        PerSocket::new()
+    }
+}
+
+impl PerSocket {
+    pub fn new() -> PerSocket {
+        PerSocket {
+            rooms: std::collections::HashSet::new(),
+            tokens: EVENT_BURST,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one event from the socket's budget.
+    pub fn admit(&mut self) -> Result<(), &'static str> {
+        let now = std::time::Instant::now();
+        let refilled =
+            self.tokens + now.duration_since(self.last).as_secs_f64() * EVENTS_PER_SECOND;
+        self.tokens = refilled.min(EVENT_BURST);
+        self.last = now;
+        if self.tokens < 1.0 {
+            return Err("too many events from this socket: slow down");
+        }
+        self.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Whether `claims` may join `patient:{id}`: a role that reads patients, a token that
+    /// covers the patient, a valid id, and fewer than [`MAX_ROOMS_PER_SOCKET`] rooms.
+    pub fn subscribe(&mut self, claims: &Claims, id: &str) -> Result<(), &'static str> {
+        self.admit()?;
+        if !super::routes::PATIENT_READERS.contains(&claims.role) {
+            return Err("this role may not read patients' data");
+        }
+        if crate::parse::valid_id(id).is_none() {
+            return Err("patient_id is not a valid id");
+        }
+        if !claims.may_see(Some(id)) {
+            return Err("this token does not cover that patient");
+        }
+        if !self.rooms.contains(id) {
+            if self.rooms.len() >= MAX_ROOMS_PER_SOCKET {
+                return Err("too many patients on this socket: unsubscribe from some first");
+            }
+            self.rooms.insert(id.to_string());
+        }
+        Ok(())
+    }
+
+    pub fn unsubscribe(&mut self, id: &str) -> Result<(), &'static str> {
+        self.admit()?;
+        self.rooms.remove(id);
+        Ok(())
+    }
 }
 
 fn acknowledge(state: &ApiState, claims: &Claims, alert_id: &str) -> serde_json::Value {
@@ -295,5 +398,50 @@ pub async fn push_alerts<A: Adapter>(
         if let Err(e) = io.to(rooms).emit(name, &*event).await {
             tracing::warn!(error = %e, alert_id = %event.alert.alert_id, "socket.io emit failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn claims(role: Role, patients: Option<&[&str]>) -> Claims {
+        Claims::issue(
+            "u",
+            role,
+            patients.map(|p| p.iter().map(|s| s.to_string()).collect()),
+            Duration::from_secs(60),
+        )
+    }
+
+    #[test]
+    fn subscribing_checks_role_scope_id_rooms_and_rate() {
+        let mut s = PerSocket::new();
+        assert!(s.subscribe(&claims(Role::Analyst, None), "p1").is_err());
+        let mut s = PerSocket::new();
+        let scoped = claims(Role::Clinician, Some(&["p1"]));
+        assert!(s.subscribe(&scoped, "p1").is_ok());
+        assert!(s.subscribe(&scoped, "p2").is_err());
+        let mut s = PerSocket::new();
+        let all = claims(Role::Clinician, None);
+        assert!(s.subscribe(&all, &"x".repeat(100_000)).is_err());
+        // The room cap (the rate limit refilled by hand, to test the cap alone).
+        let mut s = PerSocket::new();
+        for n in 0..MAX_ROOMS_PER_SOCKET {
+            s.tokens = EVENT_BURST;
+            assert!(s.subscribe(&all, &format!("p{n}")).is_ok(), "{n}");
+        }
+        s.tokens = EVENT_BURST;
+        assert!(s.subscribe(&all, "one-more").is_err());
+        s.tokens = EVENT_BURST;
+        assert!(s.subscribe(&all, "p0").is_ok(), "already in: fine");
+        s.tokens = EVENT_BURST;
+        s.unsubscribe("p0").unwrap();
+        assert!(s.subscribe(&all, "one-more").is_ok());
+        // The event rate limit.
+        let mut s = PerSocket::new();
+        let refused = (0..100).filter(|_| s.admit().is_err()).count();
+        assert!(refused >= 70, "{refused}");
     }
 }

@@ -261,7 +261,7 @@ pub async fn try_rule_until(
     for r in readings {
         panes.entry(pane_of(rule, r.ts)).or_default().push(r);
     }
-    let mut out = Vec::new();
+    let (mut out, mut total) = (Vec::new(), 0);
     let mut next = Millis::MIN;
     while let Some((&first, _)) = panes.first_key_value() {
         let start = next_window(rule, first, next);
@@ -277,6 +277,13 @@ pub async fn try_rule_until(
         let matches = evaluator
             .run_until(&rule.sql, vec![batch], deadline)
             .await?;
+        total += matches.len();
+        if total > crate::rules::sql::MAX_RESULT_ROWS {
+            return Err(SqlError::new(format!(
+                "the trial returned more than {} rows (the limit) and was stopped",
+                crate::rules::sql::MAX_RESULT_ROWS
+            )));
+        }
         out.push((start, end, matches));
         next = start + rule.slide;
         panes = panes.split_off(&next);
@@ -651,9 +658,12 @@ impl SqlStage {
             .map(|pane| with_bounds(&pane.table().batch, start, end))
             .collect();
         let started = Instant::now();
-        let result = self
-            .runtime
-            .block_on(self.evaluator.run(&rt.sql.sql, batches));
+        // A panic inside DataFusion fails this rule, not the stage.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.runtime
+                .block_on(self.evaluator.run(&rt.sql.sql, batches))
+        }))
+        .unwrap_or_else(|panic| Err(panicked(panic)));
         let took = started.elapsed();
         match result {
             Ok(matches) => {
@@ -820,6 +830,14 @@ fn signal(
             quiet,
         });
     }
+}
+
+/// A panic caught in an evaluation, as the error that disables its rule.
+pub(crate) fn panicked(panic: Box<dyn std::any::Any + Send>) -> SqlError {
+    let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    SqlError::new(format!("the evaluation failed inside DataFusion: {what}"))
 }
 
 #[cfg(test)]

@@ -334,6 +334,17 @@ fn compile_sql(spec: &RuleSpec, problem: &mut impl FnMut(String)) -> sql::SqlRul
 /// Validates a list of rule specs into a rule set, or every problem found.
 pub fn compile(specs: &[RuleSpec]) -> Result<RuleSet, PipelineError> {
     let mut problems = Vec::new();
+    let sql_rules = (specs.iter())
+        .filter(|s| s.kind == RuleKindName::Sql)
+        .count();
+    if sql_rules > sql::max_rules() {
+        // Refused before any is planned: validating each costs time too.
+        problems.push(format!(
+            "{sql_rules} SQL rules, over the limit of {} for one rule set",
+            sql::max_rules()
+        ));
+        return Err(PipelineError { problems });
+    }
     let mut rules = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         if specs[..i].iter().any(|s| s.id == spec.id) {
@@ -473,6 +484,24 @@ mod tests {
         assert!(all.contains("id used more than once"), "{all}");
         assert!(all.contains("at position 4"), "{all}");
         assert_eq!(err.problems.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn sql_rules_past_their_limit_are_refused() {
+        let rule = |i: usize| {
+            format!(
+                "[[rule]]\nid='s{i}'\nkind='sql'\npriority='high'\nmessage='m'\nwindow='10s'\n\
+                 sql=\"SELECT device_id FROM vitals WHERE hr > {i}\"\n"
+            )
+        };
+        let text: String = (0..sql::DEFAULT_MAX_RULES + 1).map(rule).collect();
+        let err = parse_pipeline(&text).unwrap_err();
+        assert!(
+            err.problems[0].contains("33 SQL rules, over the limit of 32"),
+            "{err}"
+        );
+        let text: String = (0..sql::DEFAULT_MAX_RULES).map(rule).collect();
+        parse_pipeline(&text).unwrap();
     }
 
     #[test]

@@ -16,8 +16,13 @@
 //!   `concat`, `||`, …) are replaced in every plan by bounded ones that refuse, before
 //!   allocating, a result over [`Limits::result_bytes`]; a call with literal arguments that
 //!   would is refused at validation.
+//!   All of them in one evaluation share one budget, its memory limit ([`Spent`]).
+//! - **Unbounded values.** Lists, maps, structs, `unnest`, growing aggregates over a window
+//!   and super-linear functions are refused at validation ([`check_unbounded`]); CTE
+//!   references are counted as expanded ([`SHAPE`]); an evaluation returns at most
+//!   [`MAX_RESULT_ROWS`] rows.
 //! - **Windows.** [`Policy`]: at most `engine.sql_max_window`, sliding at least
-//!   `engine.sql_min_slide`.
+//!   `engine.sql_min_slide`; at most [`max_rules`] SQL rules in a rule set.
 
 use crate::model::{Id, Millis, Sample, Vital};
 use datafusion::arrow::array::{
@@ -52,18 +57,19 @@ use datafusion::logical_expr::{
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, collect,
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, execute_stream,
 };
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{
-    BinaryOperator, Expr as SqlExpr, ObjectName, Select, Statement, Visit, Visitor,
+    BinaryOperator, Expr as SqlExpr, ObjectName, Query, Select, Statement, Visit, Visitor,
 };
 use futures_util::StreamExt;
 use serde::Serialize;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -79,6 +85,10 @@ pub struct SqlRule {
     /// Advance between windows, ms; divides `size`.
     pub slide: Millis,
 }
+
+/// The most rows one evaluation may return: more is a statement gone wrong (a cross join),
+/// and every row is held until the window's evaluation ends.
+pub const MAX_RESULT_ROWS: usize = 10_000;
 
 /// What one evaluation may use.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -154,6 +164,22 @@ impl Default for Policy {
 }
 
 static POLICY: RwLock<Policy> = RwLock::new(Policy::DEFAULT);
+
+/// The most SQL rules one rule set may hold unless [`set_max_rules`] says otherwise: each
+/// has its own engine time budget, and together they share the SQL stage's one thread.
+pub const DEFAULT_MAX_RULES: usize = 32;
+
+static MAX_RULES: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_RULES);
+
+/// The most SQL rules a rule set may hold.
+pub fn max_rules() -> usize {
+    MAX_RULES.load(Relaxed)
+}
+
+/// Sets the most SQL rules a rule set may hold, for every validation that follows.
+pub fn set_max_rules(n: usize) {
+    MAX_RULES.store(n, Relaxed);
+}
 
 /// The window policy rules are validated against.
 pub fn policy() -> Policy {
@@ -239,6 +265,8 @@ struct ShapeCheck {
     depth: usize,
     exprs: usize,
     tables: usize,
+    /// CTE name (lower case) → the table references it expands to.
+    ctes: HashMap<String, u64>,
 }
 
 impl ShapeCheck {
@@ -288,6 +316,53 @@ impl Visitor for ShapeCheck {
 
     fn pre_visit_select(&mut self, _: &Select) -> ControlFlow<String> {
         self.table()
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<String> {
+        let Some(with) = &query.with else {
+            return ControlFlow::Continue(());
+        };
+        // Each CTE weighs the tables it reads, a CTE named among them its own weight: what
+        // planning it inlines.
+        for cte in &with.cte_tables {
+            let weight = self.weight_of(&cte.query);
+            (self.ctes).insert(cte.alias.name.value.to_lowercase(), weight);
+            if weight > SHAPE.max_tables as u64 {
+                return ControlFlow::Break(format!(
+                    "CTE `{}` expands to more than {} table references, each reference to a \
+                     CTE counting all of the CTE's (the limit): reference CTEs fewer times",
+                    cte.alias.name.value, SHAPE.max_tables
+                ));
+            }
+        }
+        if self.weight_of(&query.body) > SHAPE.max_tables as u64 {
+            return ControlFlow::Break(format!(
+                "the statement expands to more than {} table references, each reference to a \
+                 CTE counting all of the CTE's (the limit): reference CTEs fewer times",
+                SHAPE.max_tables
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl ShapeCheck {
+    /// The table references `node` expands to, a CTE's name counting as the CTE's weight.
+    fn weight_of<V: Visit>(&self, node: &V) -> u64 {
+        struct Weigh<'a>(&'a HashMap<String, u64>, u64);
+        impl Visitor for Weigh<'_> {
+            type Break = ();
+            fn pre_visit_relation(&mut self, name: &ObjectName) -> ControlFlow<()> {
+                let key = name.to_string().trim_matches('"').to_lowercase();
+                self.1 = self
+                    .1
+                    .saturating_add(self.0.get(&key).copied().unwrap_or(1));
+                ControlFlow::Continue(())
+            }
+        }
+        let mut weigh = Weigh(&self.ctes, 0);
+        let _ = node.visit(&mut weigh);
+        weigh.1
     }
 }
 
@@ -662,14 +737,69 @@ struct Bounded {
     inner: Arc<ScalarUDF>,
     growth: Growth,
     limit: usize,
+    /// What every bounded call of the evaluation has produced so far.
+    spent: Spent,
+}
+
+/// The bytes the bounded calls of one evaluation have produced together, shared by all of
+/// an [`Evaluator`]'s bounded functions and reset when an evaluation starts: many calls,
+/// each within its own bound, may not together pass the evaluation's memory limit.
+#[derive(Debug, Clone)]
+struct Spent {
+    bytes: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Spent {
+    fn new(limit: usize) -> Spent {
+        Spent {
+            bytes: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    fn reset(&self) {
+        self.bytes.store(0, Relaxed);
+    }
+
+    /// Charges `bytes` (`made`: produced; else about to be), refusing past the limit.
+    fn charge(&self, name: &str, bytes: usize, made: bool) -> DfResult<()> {
+        let total = match made {
+            true => self.bytes.fetch_add(bytes, Relaxed).saturating_add(bytes),
+            false => self.bytes.load(Relaxed).saturating_add(bytes),
+        };
+        if total <= self.limit {
+            return Ok(());
+        }
+        Err(DataFusionError::ResourcesExhausted(format!(
+            "{name}() would bring the text the statement's functions produced to {total} bytes, \
+             over the limit of {} bytes for one evaluation (engine.sql_memory_mb)",
+            self.limit
+        )))
+    }
+}
+
+impl PartialEq for Spent {
+    fn eq(&self, other: &Spent) -> bool {
+        Arc::ptr_eq(&self.bytes, &other.bytes)
+    }
+}
+
+impl Eq for Spent {}
+
+impl std::hash::Hash for Spent {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.bytes).hash(state)
+    }
 }
 
 impl Bounded {
-    fn udf(inner: Arc<ScalarUDF>, growth: Growth, limit: usize) -> Arc<ScalarUDF> {
+    fn udf(inner: Arc<ScalarUDF>, growth: Growth, limit: usize, spent: &Spent) -> Arc<ScalarUDF> {
         Arc::new(ScalarUDF::new_from_impl(Bounded {
             inner,
             growth,
             limit,
+            spent: spent.clone(),
         }))
     }
 
@@ -691,7 +821,10 @@ impl Bounded {
 
     /// Refuses a call over `rows` rows of `args` that could pass the limit.
     fn check(&self, args: &[ColumnarValue], rows: usize) -> DfResult<()> {
-        self.within_limit(self.growth.estimate(args, rows)?, "could produce")
+        let estimate = self.growth.estimate(args, rows)?;
+        self.within_limit(estimate, "could produce")?;
+        self.spent
+            .charge(self.inner.name(), estimate as usize, false)
     }
 }
 
@@ -742,6 +875,7 @@ impl ScalarUDFImpl for Bounded {
             ColumnarValue::Scalar(s) => s.size(),
         };
         self.within_limit(made as u128, "produced")?;
+        self.spent.charge(self.inner.name(), made, true)?;
         Ok(out)
     }
 
@@ -928,6 +1062,108 @@ fn check_literal_calls(plan: &LogicalPlan) -> Result<(), SqlError> {
     refused.map_or(Ok(()), Err)
 }
 
+/// Scalar functions whose cost grows faster than their arguments (`levenshtein` is
+/// quadratic in its strings): one call could run past any deadline, which is only checked
+/// between batches, so they are refused.
+const SUPER_LINEAR: &[&str] = &["levenshtein"];
+
+/// Aggregates whose result grows with their input: over a window (`OVER (…)`) every row gets
+/// its own copy, rows × rows in all, outside the memory pool.
+const GROWING_AGGREGATES: &[&str] = &["array_agg", "string_agg", "listagg", "group_concat"];
+
+/// Whether a value of type `t` can hold an unbounded number of values (lists, maps,
+/// structs of them).
+fn nested(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::List(_)
+            | DataType::LargeList(_)
+            | DataType::FixedSizeList(..)
+            | DataType::ListView(_)
+            | DataType::LargeListView(_)
+            | DataType::Map(..)
+            | DataType::Struct(_)
+            | DataType::Union(..)
+    )
+}
+
+/// Refuses what could produce results of unbounded size outside the memory pool or run
+/// without interruption: a list, map or struct anywhere in the plan (every node's output,
+/// subqueries too), `unnest`, a growing aggregate over a window, a [`SUPER_LINEAR`]
+/// function. Checked before the optimizer runs (it folds constant calls).
+fn check_unbounded(plan: &LogicalPlan) -> Result<(), SqlError> {
+    let mut refused: Option<String> = None;
+    plan.apply_with_subqueries(|node| {
+        if matches!(node, LogicalPlan::Unnest(_)) {
+            refused = Some("`unnest` is not allowed in a SQL rule".into());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        if let Some(f) = (node.schema().fields().iter()).find(|f| nested(f.data_type())) {
+            refused = Some(format!(
+                "`{}` is a {}: lists, maps and structs are not allowed in a SQL rule \
+                 (their size is unbounded)",
+                f.name(),
+                f.data_type()
+            ));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                refused = match e {
+                    Expr::ScalarFunction(call)
+                        if SUPER_LINEAR.contains(&call.func.name().to_lowercase().as_str()) =>
+                    {
+                        Some(format!(
+                            "{}() is not allowed in a SQL rule (its cost grows with the square \
+                             of its arguments)",
+                            call.func.name()
+                        ))
+                    }
+                    Expr::WindowFunction(w)
+                        if GROWING_AGGREGATES.contains(&w.fun.name().to_lowercase().as_str()) =>
+                    {
+                        Some(format!(
+                            "{}() is not allowed over a window (`OVER (…)`): every row would \
+                             hold a copy of the whole aggregate",
+                            w.fun.name()
+                        ))
+                    }
+                    _ => None,
+                };
+                Ok(match refused {
+                    Some(_) => TreeNodeRecursion::Stop,
+                    None => TreeNodeRecursion::Continue,
+                })
+            })
+        })
+    })?;
+    refused.map_or(Ok(()), |why| Err(SqlError::new(why)))
+}
+
+/// The most nodes a planned statement may have, every reference to a CTE counted with
+/// the CTE's own nodes (each is planned, optimized and run in full): a chain of CTEs each
+/// joining the one before to itself a few times is small to write and exponential to run.
+pub const MAX_PLAN_NODES: usize = 4096;
+
+/// Refuses a plan of more than [`MAX_PLAN_NODES`] nodes, counting no further.
+fn check_size(plan: &LogicalPlan) -> Result<(), SqlError> {
+    let mut nodes = 0usize;
+    plan.apply_with_subqueries(|_| {
+        nodes += 1;
+        Ok(match nodes > MAX_PLAN_NODES {
+            true => TreeNodeRecursion::Stop,
+            false => TreeNodeRecursion::Continue,
+        })
+    })?;
+    if nodes > MAX_PLAN_NODES {
+        return Err(SqlError::new(format!(
+            "the statement plans to more than {MAX_PLAN_NODES} steps, each reference to a CTE \
+             counting all of the CTE's (the limit): reference CTEs fewer times"
+        )));
+    }
+    Ok(())
+}
+
 /// Runs statements over windows, in one DataFusion session with its limits. Use it on a
 /// thread of [`on_sql_stack`] or [`spawn_sql_thread`].
 pub struct Evaluator {
@@ -935,6 +1171,8 @@ pub struct Evaluator {
     limits: Limits,
     /// Growing function → its bounded twin.
     bounded: HashMap<&'static str, Arc<ScalarUDF>>,
+    /// What the bounded functions of the current evaluation have produced.
+    spent: Spent,
 }
 
 impl Evaluator {
@@ -958,7 +1196,8 @@ impl Evaluator {
         let concat = ScalarUDF::new_from_impl(ConcatOperator {
             signature: Signature::user_defined(Volatility::Immutable),
         });
-        let concat = Bounded::udf(Arc::new(concat), Growth::Sum(1), result_bytes);
+        let spent = Spent::new(limits.memory_bytes);
+        let concat = Bounded::udf(Arc::new(concat), Growth::Sum(1), result_bytes, &spent);
         let mut planners: Vec<Arc<dyn ExprPlanner>> = vec![Arc::new(ConcatPlanner { concat })];
         planners.extend(SessionStateDefaults::default_expr_planners());
         let state = SessionStateBuilder::new()
@@ -971,13 +1210,14 @@ impl Evaluator {
         let bounded = (GROWING.iter())
             .filter_map(|&(name, growth)| {
                 let udf = functions.get(name)?.clone();
-                Some((name, Bounded::udf(udf, growth, result_bytes)))
+                Some((name, Bounded::udf(udf, growth, result_bytes, &spent)))
             })
             .collect();
         Evaluator {
             ctx: SessionContext::new_with_state(state),
             limits,
             bounded,
+            spent,
         }
     }
 
@@ -1006,6 +1246,7 @@ impl Evaluator {
             }
         }
         let plan = state.statement_to_plan(statement).await?;
+        check_size(&plan)?;
         SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -1039,6 +1280,7 @@ impl Evaluator {
     /// Checks a statement without data: it must plan over `vitals` and return a string
     /// column `patient_id` or `device_id`; `value` must be numeric and `message` text.
     pub async fn validate(&self, sql: &str) -> Result<(), SqlError> {
+        self.spent.reset();
         let plan = self.plan(sql, Vec::new()).await?;
         let out = plan.schema();
         let column = |name: &str| {
@@ -1076,7 +1318,10 @@ impl Evaluator {
                 "column `message` must be text, not {t}"
             )));
         }
-        check_literal_calls(&self.ctx.state().optimize(&plan)?)
+        check_unbounded(&plan)?;
+        let optimized = self.ctx.state().optimize(&plan)?;
+        check_unbounded(&optimized)?;
+        check_literal_calls(&optimized)
     }
 
     /// Runs `sql` over one window's readings (batches of [`schema`]); every row it returns
@@ -1099,12 +1344,29 @@ impl Evaluator {
             self.limits.time
         );
         let work = async {
+            self.spent.reset();
             let plan = self.plan(sql, batches).await?;
             let frame = self.ctx.execute_logical_plan(plan).await?;
             let task = frame.task_ctx();
             let physical = frame.create_physical_plan().await?;
             let physical = with_deadline(physical, deadline, &overrun)?;
-            Ok::<_, SqlError>(collect(physical, Arc::new(task)).await?)
+            let mut stream = execute_stream(physical, Arc::new(task))?;
+            // The result is held outside the memory pool: it is counted as it comes.
+            let (mut rows, mut bytes, mut out) = (0usize, 0usize, Vec::new());
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                rows += batch.num_rows();
+                bytes += batch.get_array_memory_size();
+                if rows > MAX_RESULT_ROWS || bytes > self.limits.memory_bytes {
+                    return Err(SqlError::new(format!(
+                        "the statement returned more than {MAX_RESULT_ROWS} rows or {} bytes \
+                         (the limits for one window) and was stopped",
+                        self.limits.memory_bytes
+                    )));
+                }
+                out.push(batch);
+            }
+            Ok::<_, SqlError>(out)
         };
         // The timer stops a statement that waits; the deadline on every operator stops one
         // that computes without ever waiting.
@@ -1511,6 +1773,138 @@ mod tests {
                 "{sql}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn growing_functions_share_one_budget_per_evaluation() {
+        let limits = Limits {
+            memory_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        // Each call makes about 100 KB, within its own bound of 256 KB; 20 make 2 MB.
+        let columns: String = (0..20)
+            .map(|i| format!(", repeat(device_id, {}) AS c{i}", 2000 + i))
+            .collect();
+        let sql = format!("SELECT device_id{columns} FROM vitals");
+        validate(&sql).unwrap();
+        let e = run(limits, &sql, window(10)).unwrap_err();
+        assert!(e.message.contains("for one evaluation"), "{e}");
+        // Each evaluation starts afresh.
+        let sql = "SELECT device_id, repeat(device_id, 2000) AS message FROM vitals";
+        let evaluator = Evaluator::new(limits);
+        on_sql_stack(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            for _ in 0..30 {
+                assert_eq!(
+                    runtime
+                        .block_on(evaluator.run(sql, vec![window(10)]))
+                        .unwrap()
+                        .len(),
+                    10
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn results_of_unbounded_size_are_refused() {
+        for (sql, expected) in [
+            (
+                "SELECT device_id, array_agg(hr) OVER () AS l FROM vitals",
+                "lists, maps and structs",
+            ),
+            (
+                "SELECT device_id, array_agg(hr) OVER (ORDER BY ts ROWS UNBOUNDED PRECEDING) \
+                 AS l FROM vitals",
+                "lists, maps and structs",
+            ),
+            (
+                "SELECT device_id, length(string_agg(device_id, ',') OVER ()) AS value \
+                 FROM vitals",
+                "not allowed over a window",
+            ),
+            (
+                "SELECT device_id, string_agg(device_id, ',') OVER (ORDER BY ts) AS message \
+                 FROM vitals",
+                "not allowed over a window",
+            ),
+            (
+                "SELECT v.device_id FROM vitals v, \
+                 (SELECT unnest(l) AS x FROM (SELECT array_agg(hr) AS l FROM vitals)) u",
+                "not allowed",
+            ),
+            (
+                "SELECT device_id, named_struct('a', hr) AS s FROM vitals",
+                "lists, maps and structs",
+            ),
+        ] {
+            let e = refused(sql);
+            assert!(e.message.contains(expected), "{sql}: {e}");
+        }
+        // Aggregates of bounded size stay allowed over a window, and lists in GROUP BY
+        // results are not needed by any rule.
+        validate(
+            "SELECT device_id, avg(hr) OVER (PARTITION BY device_id) AS value, \
+             first_value(device_id) OVER (ORDER BY ts) AS message FROM vitals",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn functions_of_super_linear_cost_are_refused() {
+        let started = Instant::now();
+        for sql in [
+            "SELECT device_id, levenshtein(repeat('a', 100000), repeat('b', 100000)) AS value \
+             FROM vitals",
+            "SELECT device_id, levenshtein(device_id, ward) AS value FROM vitals",
+            "SELECT device_id FROM vitals WHERE LEVENSHTEIN(device_id, 'x') > 1",
+        ] {
+            let e = refused(sql);
+            assert!(
+                e.message.contains("levenshtein() is not allowed"),
+                "{sql}: {e}"
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn exponential_cte_references_are_refused() {
+        let sql = format!(
+            "WITH s0 AS (SELECT device_id FROM vitals){} SELECT device_id FROM s12",
+            (1..=12)
+                .map(|i| {
+                    let p = i - 1;
+                    format!(", s{i} AS (SELECT a.device_id FROM s{p} a, s{p} b, s{p} c, s{p} d)")
+                })
+                .collect::<String>()
+        );
+        let started = Instant::now();
+        let e = refused(&sql);
+        assert!(e.message.contains("reference CTEs fewer times"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A CTE used a few times is fine.
+        validate(
+            "WITH h AS (SELECT device_id, hr FROM vitals) \
+             SELECT a.device_id FROM h a JOIN h b ON a.device_id = b.device_id",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_result_past_its_row_limit_fails() {
+        let sql = "SELECT a.device_id FROM vitals a, vitals b";
+        let started = Instant::now();
+        let e = run(Limits::default(), sql, window(1000)).unwrap_err();
+        assert!(e.message.contains("more than 10000 rows"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            run(Limits::default(), sql, window(100)).unwrap().len(),
+            10_000
+        );
     }
 
     #[test]
