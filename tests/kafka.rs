@@ -1205,7 +1205,7 @@ fn readiness_follows_the_brokers() {
     };
     assert_eq!(
         ready(),
-        (503, Value::from("not connected")),
+        (503, Value::from("unavailable")),
         "not yet in the group"
     );
 
