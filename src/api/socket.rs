@@ -211,14 +211,7 @@ async fn on_connect<A: Adapter>(s: SocketRef<A>, Extension(claims): Extension<Cl
                         .map(|()| r.patient_id),
                 }
             };
-            let answer = match answer {
-                Ok(id) => {
-                    s.join(format!("patient:{id}"));
-                    json!({ "ok": true })
-                }
-                Err(e) => json!({ "ok": false, "error": e }),
-            };
-            let _ = ack.send(&answer);
+            let _ = ack.send(&room_answer(answer, |room| s.join(room)));
         },
     );
     s.on(
@@ -234,14 +227,7 @@ async fn on_connect<A: Adapter>(s: SocketRef<A>, Extension(claims): Extension<Cl
                     Ok(r) => mine.unsubscribe(&r.patient_id).map(|()| r.patient_id),
                 }
             };
-            let answer = match answer {
-                Ok(id) => {
-                    s.leave(format!("patient:{id}"));
-                    json!({ "ok": true })
-                }
-                Err(e) => json!({ "ok": false, "error": e }),
-            };
-            let _ = ack.send(&answer);
+            let _ = ack.send(&room_answer(answer, |room| s.leave(room)));
         },
     );
     s.on(
@@ -398,6 +384,18 @@ pub async fn push_alerts<A: Adapter>(
         if let Err(e) = io.to(rooms).emit(name, &*event).await {
             tracing::warn!(error = %e, alert_id = %event.alert.alert_id, "socket.io emit failed");
         }
+    }
+}
+
+/// The answer to a patient-room request: on success, `change` joins or leaves the patient's
+/// room.
+fn room_answer(result: Result<String, &str>, change: impl FnOnce(String)) -> serde_json::Value {
+    match result {
+        Ok(id) => {
+            change(format!("patient:{id}"));
+            json!({ "ok": true })
+        }
+        Err(e) => json!({ "ok": false, "error": e }),
     }
 }
 
